@@ -1,0 +1,410 @@
+"""Files, URLs and batches for lamo: the one downloader, D4RL trajectories, the language corpus.
+
+Read top to bottom: (1) errors and the downloader, (2) the D4RL table and scores, (3) loading and
+splitting trajectories, (4) seeded --frac subsets, (5) the Decision Transformer batch sampler,
+(6) the WikiText-103 corpus, (7) `python data.py collect`, which writes small D4RL-layout datasets.
+No `d4rl` package: its hdf5 files are read with h5py, and evaluation uses Gymnasium's MuJoCo v4 envs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import requests
+import torch
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------- errors, downloads
+class LamoError(Exception):
+    """A problem the user can fix (bad flag, bad file, no network). The CLIs print it on one line."""
+
+
+def cache_dir() -> Path:
+    """Where downloads live: $LAMO_CACHE, default ~/.cache/lamo (read at call time, so tests can move it)."""
+    return Path(os.environ.get("LAMO_CACHE", "~/.cache/lamo")).expanduser()
+
+
+# wikitext.smerity.com refuses Python's default User-Agent (REFERENCE §5); a browser-like one is accepted.
+USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) lamo-downloader"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
+             sha256: str | None = None) -> Path:
+    """Fetch `url` into `dest` once. Streams into `dest.part` with a progress bar, resumes a partial
+    `.part` with an HTTP Range request, checks size and sha256 when known, and renames only a
+    verified file to `dest` -- so a file under the final name is always complete, and an interrupted
+    download costs only what is left. `local_hint` tells the user how to bring the file themselves."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})}
+    try:
+        r = requests.get(url, headers=headers, stream=True, timeout=30)
+    except requests.RequestException as e:
+        raise LamoError(f"could not download {url} ({type(e).__name__}); without network, fetch it "
+                        f"elsewhere and {local_hint}") from None
+    with r:
+        if have and r.status_code == 416:          # the .part already holds every byte
+            pass
+        elif r.status_code not in (200, 206):
+            raise LamoError(f"download of {url} failed with HTTP {r.status_code}; {local_hint}")
+        else:
+            if r.status_code == 200:               # server ignored Range: start again from byte 0
+                have = 0
+            total = have + int(r.headers.get("Content-Length", 0)) or None
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    got = part.stat().st_size
+    if size is not None and got != size:
+        if got < size:
+            raise LamoError(f"download of {url} stopped at {got} of {size} bytes; run again to resume "
+                            f"from {part}")
+        part.unlink()
+        raise LamoError(f"{url} gave {got} bytes, expected {size}; removed it, run again or {local_hint}")
+    if sha256 is not None and (digest := sha256_of(part)) != sha256:
+        part.unlink()
+        raise LamoError(f"{url} has sha256 {digest[:16]}..., expected {sha256[:16]}...; the file is "
+                        f"corrupt and was removed: run again or {local_hint}")
+    part.rename(dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- the D4RL table
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}.hdf5"
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    gym_id: str                    # Gymnasium evaluation env (same model files as gym v3, which D4RL v2 used)
+    obs_dim: int
+    act_dim: int
+    ref_min: float                 # D4RL's random-policy return
+    ref_max: float                 # D4RL's expert return
+    targets: tuple[float, ...]     # the paper's evaluation returns-to-go (REFERENCE §2)
+    max_ep_len: int = 1000
+    rtg_scale: float = 1000.0
+
+
+ENVS = {
+    "hopper": EnvSpec("Hopper-v4", 11, 3, -20.272305, 3234.3, (3600, 2600, 2200, 1800)),
+    "walker2d": EnvSpec("Walker2d-v4", 17, 6, 1.629008, 4592.3, (5000, 4000, 3000, 2500)),
+    "halfcheetah": EnvSpec("HalfCheetah-v4", 17, 6, -280.178953, 12135.0, (12000, 8000, 6000, 4500)),
+}
+DATASETS = ("medium", "medium-replay", "medium-expert", "expert")
+D4RL = {f"{e}-{d}-v2": ENVS[e] for e in ENVS for d in DATASETS}   # the 12 locomotion datasets
+
+
+def env_spec(env_name: str) -> EnvSpec:
+    if env_name not in D4RL:
+        raise LamoError(f"unknown env {env_name!r}; known: {', '.join(D4RL)}")
+    return D4RL[env_name]
+
+
+def d4rl_url(env_name: str) -> str:
+    env_spec(env_name)
+    base, dataset = env_name[:-3].split("-", 1)                    # hopper-medium-replay-v2
+    return D4RL_URL.format(name=f"{base}_{dataset.replace('-', '_')}-v2")
+
+
+def normalized_score(env_name: str, raw_return):
+    """D4RL's normalised score, x100: 0 is a random policy, 100 an expert."""
+    s = env_spec(env_name)
+    return 100.0 * (np.asarray(raw_return) - s.ref_min) / (s.ref_max - s.ref_min)
+
+
+def dataset_path(env_name: str, data: str = "") -> Path:
+    """`data` if given, else the cached download of the env's D4RL file."""
+    if data:
+        if not Path(data).exists():
+            raise LamoError(f"--data {data}: no such file")
+        return Path(data)
+    url = d4rl_url(env_name)
+    return download(url, cache_dir() / "d4rl" / url.rsplit("/", 1)[1],
+                    local_hint=f"pass it with --data PATH (a D4RL hdf5 or a DT-layout pickle)")
+
+
+# ----------------------------------------------------------------------------- trajectories
+KEYS = ("observations", "actions", "rewards", "terminals")
+
+
+def load_trajectories(path, spec: EnvSpec | None = None) -> list[dict]:
+    """A D4RL hdf5 file or a Decision Transformer pickle -> a list of per-trajectory dicts
+    {observations (T, obs), actions (T, act), rewards (T,), terminals (T,)}."""
+    path = Path(path)
+    if path.suffix in (".pkl", ".pickle"):
+        with open(path, "rb") as f:
+            raw = pickle.load(f)
+        if not isinstance(raw, list) or not all(isinstance(t, dict) and set(KEYS) <= t.keys() for t in raw):
+            raise LamoError(f"{path}: expected a list of dicts with keys {', '.join(KEYS)} (DT layout)")
+        trajs = [{k: np.asarray(t[k]) for k in KEYS} for t in raw]
+        for t in trajs:
+            _check(path, t, spec)
+    else:
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [k for k in KEYS if k not in f]
+                if missing:
+                    raise LamoError(f"{path}: missing key(s) {', '.join(missing)}; not a D4RL dataset")
+                arrays = {k: f[k][()] for k in KEYS}      # read only what we use: no next_observations, infos
+                # D4RL v2 files all carry timeouts; without them an episode cut by the time limit would merge
+                # with the next one, so a file lacking them is refused rather than silently mis-split.
+                if "timeouts" not in f:
+                    raise LamoError(f"{path}: no 'timeouts' key, so time-limit episode ends are unknown")
+                timeouts = f["timeouts"][()]
+        except OSError as e:
+            raise LamoError(f"{path}: not a readable hdf5 file ({e})") from None
+        _check(path, {**arrays, "timeouts": timeouts}, spec)
+        # Split after step i when the episode ended for either reason (REFERENCE §3).
+        ends = np.flatnonzero(arrays["terminals"].astype(bool) | timeouts.astype(bool))
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        tail = len(arrays["rewards"]) - (ends[-1] + 1 if len(ends) else 0)
+        if tail:
+            print(f"{path.name}: dropped an unterminated tail of {tail} steps (a partial episode)")
+        trajs = [{k: v[s:e + 1] for k, v in arrays.items()} for s, e in zip(starts, ends)]
+    if not trajs:
+        raise LamoError(f"{path}: holds no complete trajectory")
+    return [{"observations": t["observations"].astype(np.float32), "actions": t["actions"].astype(np.float32),
+             "rewards": t["rewards"].astype(np.float32).reshape(-1), "terminals": t["terminals"].astype(bool).reshape(-1)}
+            for t in trajs]
+
+
+def _check(path, arrays: dict, spec: EnvSpec | None):
+    n = len(arrays["observations"])
+    for k, v in arrays.items():
+        if len(v) != n:
+            raise LamoError(f"{path}: '{k}' has {len(v)} rows but 'observations' has {n}")
+    if spec is not None:
+        for k, dim in (("observations", spec.obs_dim), ("actions", spec.act_dim)):
+            shape = np.shape(arrays[k])
+            if len(shape) != 2 or shape[1] != dim:
+                raise LamoError(f"{path}: '{k}' has shape {shape}, expected (N, {dim}) for {spec.gym_id}")
+
+
+def trajectory_returns(trajs) -> np.ndarray:
+    return np.array([t["rewards"].sum() for t in trajs])
+
+
+# ----------------------------------------------------------------------------- --frac subsets
+def subset_indices(n_traj: int, frac: float, seed: int) -> np.ndarray:
+    """A seeded sample of max(1, floor(frac * n)) whole trajectories (sorted indices). The official
+    LaMo subsets came from unseeded random.sample; ours can be rebuilt from (frac, seed)."""
+    if not 0 < frac <= 1:
+        raise LamoError(f"--frac must be in (0, 1], got {frac}")
+    k = max(1, int(np.floor(frac * n_traj + 1e-9)))       # + 1e-9: 0.3 * 10 must give 3, not 2
+    return np.sort(np.random.default_rng(seed).choice(n_traj, size=k, replace=False))
+
+
+def describe(trajs) -> str:
+    r = trajectory_returns(trajs)
+    steps = sum(len(t["rewards"]) for t in trajs)
+    return (f"{len(trajs)} trajectories, {steps} steps, return mean {r.mean():.1f} "
+            f"min {r.min():.1f} max {r.max():.1f}")
+
+
+# ----------------------------------------------------------------------------- batches
+class TrajectoryBatcher:
+    """Decision Transformer batches (kzl DT convention, REFERENCE §1): a trajectory chosen with
+    probability proportional to its length, a uniform start, a K-step window left-padded with
+    states 0, actions -10, rtg 0, timesteps 0, mask 0. All trajectories are concatenated once into
+    flat arrays that end in one extra row holding those pad values, so a batch is one numpy gather
+    per field, padding included, with no per-sample Python loop."""
+
+    def __init__(self, trajs, K: int, max_ep_len: int, rtg_scale: float, seed: int, device="cpu"):
+        self.K, self.device = K, torch.device(device)
+        obs = np.concatenate([t["observations"] for t in trajs])            # (N, obs)
+        self.state_mean = obs.mean(0)
+        self.state_std = obs.std(0) + 1e-6
+        rtg = np.concatenate([np.cumsum(t["rewards"][::-1])[::-1] for t in trajs])   # gamma = 1
+        ts = np.concatenate([np.arange(len(t["rewards"])) for t in trajs])
+        acts = np.concatenate([t["actions"] for t in trajs])
+        with_pad = lambda a, pad: np.concatenate([a, np.full((1, *a.shape[1:]), pad, a.dtype)])
+        self.states = with_pad(((obs - self.state_mean) / self.state_std).astype(np.float32), 0)  # (N+1, obs)
+        self.actions = with_pad(acts.astype(np.float32), -10)                                    # (N+1, act)
+        self.rtg = with_pad((rtg / rtg_scale).astype(np.float32)[:, None], 0)                    # (N+1, 1)
+        self.timesteps = with_pad(np.minimum(ts, max_ep_len - 1), 0)                             # (N+1,)
+        self.pad_row = len(obs)
+        self.lengths = np.array([len(t["rewards"]) for t in trajs])
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        self.cdf = np.cumsum(self.lengths) / self.lengths.sum()                 # P(trajectory) ∝ length
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, B: int):
+        traj = np.minimum(np.searchsorted(self.cdf, self.rng.random(B), side="right"), len(self.cdf) - 1)
+        start = self.rng.integers(0, self.lengths[traj])                  # uniform in [0, len)
+        return self.window(traj, start)
+
+    def window(self, traj, start):
+        """The batch for explicit (trajectory, start) pairs; `sample` draws them at random."""
+        K = self.K
+        n_real = np.minimum(K, self.lengths[traj] - start)                  # (B,) steps before the end
+        pos = np.arange(K) - (K - n_real)[:, None]                         # (B, K), negative = padding
+        valid = pos >= 0
+        idx = np.where(valid, self.offsets[traj][:, None] + start[:, None] + pos, self.pad_row)  # (B, K)
+        to = lambda a: torch.from_numpy(a).to(self.device)
+        return (to(self.states[idx]), to(self.actions[idx]), to(self.rtg[idx]),  # (B,K,obs) (B,K,act) (B,K,1)
+                to(self.timesteps[idx]), to(valid.astype(np.float32)))          # (B,K) (B,K)
+
+
+# ----------------------------------------------------------------------------- language corpus
+WIKITEXT_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
+WIKITEXT_MEMBER = "wikitext-103-raw/wiki.train.raw"
+
+
+def gpt2_tokenizer():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:   # tiktoken downloads vocab.bpe/encoder.json on first use
+        raise LamoError(f"tiktoken could not load the GPT-2 BPE ({type(e).__name__}); offline, put vocab.bpe "
+                        f"and encoder.json in $TIKTOKEN_CACHE_DIR under tiktoken's cache names") from None
+
+
+def lm_tokens(corpus: str = "") -> np.ndarray:
+    """GPT-2 tokens of the language corpus as a uint16 memmap, tokenised once and cached.
+    `corpus`: any UTF-8 text file; empty = WikiText-103 raw (train split), downloaded as the zip."""
+    if corpus:
+        src = Path(corpus)
+        if not src.exists():
+            raise LamoError(f"--lm-corpus {corpus}: no such file")
+        st = src.stat()
+        key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        out = cache_dir() / "tokens" / f"{src.stem}-{key}.u16"
+    else:
+        out = cache_dir() / "tokens" / "wikitext-103-train.u16"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if corpus:
+            text = Path(corpus).read_text(encoding="utf-8")
+        else:
+            zpath = download(WIKITEXT_URL, cache_dir() / "wikitext-103-raw-v1.zip",
+                             local_hint="pass any UTF-8 text file with --lm-corpus PATH")
+            with zipfile.ZipFile(zpath) as z:
+                text = z.read(WIKITEXT_MEMBER).decode("utf-8")
+        tok = gpt2_tokenizer()
+        tmp = out.with_name(out.name + ".part")
+        with open(tmp, "wb") as f:
+            for ids in tqdm(encode_chunked(tok, text), desc=f"tokenising {out.stem}", unit="MB"):
+                f.write(ids.astype(np.uint16).tobytes())
+        tmp.rename(out)
+    return np.memmap(out, dtype=np.uint16, mode="r")
+
+
+def encode_chunked(tok, text: str, chunk_chars: int = 1 << 20):
+    """encode_ordinary(text) in ~1 MB pieces (flat memory, a progress bar), equal to encoding it whole.
+    A piece ends only between a non-space and a space character: GPT-2's pre-tokeniser never joins
+    those two into one token, and at a string's end it would merge a trailing whitespace run such as
+    WikiText's " \n" that it splits inside a longer text."""
+    start = 0
+    while start < len(text):
+        end = min(start + chunk_chars, len(text))
+        while end < len(text) and (text[end - 1].isspace() or not text[end].isspace()):
+            end += 1
+        yield np.asarray(tok.encode_ordinary(text[start:end]), dtype=np.int64)
+        start = end
+
+
+class LMBatcher:
+    """Random (B, T+1) blocks of corpus tokens: inputs are [:, :-1], targets [:, 1:]."""
+
+    def __init__(self, tokens: np.ndarray, B: int, T: int, seed: int, device="cpu"):
+        if len(tokens) < T + 2:
+            raise LamoError(f"language corpus has {len(tokens)} tokens, fewer than one block of {T + 1}")
+        self.tokens, self.B, self.T, self.device = tokens, B, T, torch.device(device)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> torch.Tensor:
+        starts = self.rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
+        block = np.stack([self.tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        return torch.from_numpy(block).to(self.device)
+
+
+# ----------------------------------------------------------------------------- python data.py collect
+def noisy_controller(obs, act_dim: int, noise: float, rng) -> np.ndarray:
+    """A PD controller that pushes every joint back to 0 (keeping the hopper/walker upright for a
+    while), mixed with uniform noise: noise=0 is the controller, noise=1 a random policy."""
+    n = act_dim
+    angles, vels = obs[2:2 + n], obs[-n:]
+    pd = np.clip(-2.0 * angles - 0.2 * vels, -1, 1)
+    return ((1 - noise) * pd + noise * rng.uniform(-1, 1, n)).astype(np.float32)
+
+
+def make_env(gym_id: str, max_steps: int):
+    """A Gymnasium MuJoCo env with D4RL's time limit. We use v4 on purpose (same model files and
+    observation layout as the gym v3 envs D4RL v2 was recorded in); Gymnasium's advice to move to v5
+    is silenced here and nowhere else."""
+    import warnings
+    import gymnasium as gym
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        return gym.make(gym_id, max_episode_steps=max_steps)
+
+
+def collect(env_id: str, policy: str, episodes: int, out: Path, seed: int = 0, max_steps: int = 1000):
+    """Roll out episodes in a Gymnasium MuJoCo env and write them in D4RL's hdf5 layout.
+    `noisy`: each episode draws its own noise level in [0, 1], so returns vary across episodes."""
+    env = make_env(env_id, max_steps)
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    for ep in tqdm(range(episodes), desc=f"collect {env_id}"):
+        obs, _ = env.reset(seed=seed + ep)
+        noise = 1.0 if policy == "random" else rng.uniform(0, 1)
+        done = False
+        while not done:
+            a = noisy_controller(obs, env.action_space.shape[0], noise, rng)
+            nxt, r, term, trunc, _ = env.step(a)
+            for k, v in zip(cols, (obs, a, r, term, trunc and not term, nxt)):
+                cols[k].append(v)
+            obs, done = nxt, term or trunc
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(out, "w") as f:
+        for k, v in cols.items():
+            f[k] = np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32)
+    r = np.asarray(cols["rewards"])
+    print(f"wrote {out}: {episodes} episodes, {len(r)} steps, mean return {r.sum() / episodes:.1f}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="data.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect", help="write a small D4RL-layout hdf5 from a simple policy")
+    c.add_argument("--env", default="Hopper-v4", help="Gymnasium MuJoCo env id")
+    c.add_argument("--policy", choices=("random", "noisy"), default="noisy",
+                   help="random: uniform actions; noisy: PD controller + per-episode noise in [0, 1]")
+    c.add_argument("--episodes", type=int, default=10)
+    c.add_argument("--max-steps", type=int, default=1000, help="episode time limit")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    try:
+        collect(a.env, a.policy, a.episodes, Path(a.out), a.seed, a.max_steps)
+    except LamoError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
