@@ -144,14 +144,31 @@ def resolve(cfg: Config, given=()) -> Config:
     if idle:
         raise LamoError(f"--{idle[0].replace('_', '-')} has no effect with --finetune {cfg.finetune}, "
                         f"--lm-coef {cfg.lm_coef}; drop it or turn that part on")
+    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every", "lm_batch",
+              "lm_seq_len", "warmup"):
+        if getattr(cfg, k) < 1:
+            raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
+    if cfg.lm_coef < 0:
+        raise LamoError(f"--lm-coef must be >= 0, got {cfg.lm_coef}")
     cfg.targets = cfg.targets or ",".join(str(int(t)) for t in spec.targets)
+    try:
+        [float(t) for t in cfg.targets.split(",")]
+    except ValueError:
+        raise LamoError(f"--targets {cfg.targets!r}: expected comma-separated returns, e.g. 3600,1800") from None
     return cfg
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":               # TF32 for the fp32 matmuls that autocast leaves alone
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32; matmuls run in bf16); a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ============================================================================ 2. GPT-2 and LoRA
@@ -387,6 +404,8 @@ def build_model(cfg: Config, spec) -> DecisionTransformer:
         gpt = GPT2.from_pretrained(cfg.pretrained, lora_rank=lora, lora_alpha=cfg.lora_alpha, dropout=cfg.dropout)
     if cfg.lm_coef and gpt.config.vocab_size != 50257:
         raise LamoError(f"--lm-coef needs GPT-2's 50257-token vocabulary; {cfg.pretrained} has {gpt.config.vocab_size}")
+    if cfg.lm_coef and cfg.lm_seq_len > gpt.config.n_positions:
+        raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's {gpt.config.n_positions} positions")
     model = DecisionTransformer(gpt, spec.obs_dim, spec.act_dim, spec.max_ep_len, cfg.embed)
     # What trains (REFERENCE §1): embeddings and heads always; of the GPT-2 body, LoRA + c_attn bias
     # (lora), everything (full; wte/wpe only get gradients from the LM loss), or nothing (frozen).
@@ -396,7 +415,7 @@ def build_model(cfg: Config, spec) -> DecisionTransformer:
 
 
 # ============================================================================ 4. batched evaluation
-@torch.no_grad()
+@torch.inference_mode()
 def rollout(model, spec, episodes, state_mean, state_std, K: int, device) -> tuple[np.ndarray, np.ndarray]:
     """Run every (target, seed) episode at once: one model forward per env step for all live
     episodes. All episodes start together, so at step t they share one K-step window of a
@@ -417,11 +436,10 @@ def rollout(model, spec, episodes, state_mean, state_std, K: int, device) -> tup
     R[:, P, 0] = torch.tensor([tgt / spec.rtg_scale for tgt, _ in episodes], device=device)
     returns, lengths = np.zeros(N), np.zeros(N, dtype=int)
     live = np.arange(N)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for t in range(T):
         w, idx, n = slice(t, t + K), torch.as_tensor(live, device=device), len(live)   # window ends at step t
         mask = real[w].expand(n, -1).float() if t < P else None         # (n, K); no mask once the window is full
-        with autocast:
+        with autocast(device):
             a = model(S[idx, w], A[idx, w], R[idx, w], ts[w].expand(n, -1), mask)[:, -1].float()  # (n, act)
         A[idx, P + t] = a
         steps = [envs[i].step(act) for i, act in zip(live, a.cpu().numpy())]   # one host sync per env step
@@ -483,6 +501,27 @@ def load_trainable(model, ckpt):
     model.load_state_dict(ckpt["trainable"], strict=False)
 
 
+def restore(run_dir: Path, model, opt, batcher, lm, subset, device) -> tuple[int, list]:
+    """Load ckpt.pt into a freshly built model, optimizer and samplers (RNG states included), and cut
+    metrics.jsonl back to the checkpoint's step. -> (step, evaluation history)."""
+    ckpt = torch.load(run_dir / "ckpt.pt", map_location=device, weights_only=False)
+    if json.loads((run_dir / "subset.json").read_text())["indices"] != subset.tolist():
+        raise LamoError(f"the dataset changed since {run_dir} started: its --frac subset differs")
+    load_trainable(model, ckpt)
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    batcher.rng.bit_generator.state = ckpt["rng"]["batches"]
+    if lm:
+        lm.rng.bit_generator.state = ckpt["rng"]["lm"]
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["step"] <= ckpt["step"]]          # drop what came after the checkpoint
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"resuming {run_dir} at step {ckpt['step']}")
+    return ckpt["step"], [r for r in rows if "eval" in r]
+
+
 def summarize(history: list[dict], steps: int) -> dict:
     """Per target: final, best and the paper's metric, the mean over evaluations in the last 20% of
     training (the last 8 of 40 in the paper's protocol); headline = the best target's last-20% mean."""
@@ -520,10 +559,30 @@ def plot_curve(history, path: Path):
     plt.close(fig)
 
 
+def train_step(fwd, model, opt, params, batch, lm_block, cfg: Config, device) -> torch.Tensor:
+    """One gradient step on L = L_action + lambda * L_LM. -> (action loss, LM loss, grad norm,
+    non-finite flag) as one device tensor: no .item() here, so the GPU never waits for the host."""
+    states, actions, rtg, timesteps, mask = batch                       # (B,K,obs) (B,K,act) (B,K,1) (B,K) (B,K)
+    with autocast(device):
+        loss_a = action_loss(fwd(states, actions, rtg, timesteps, mask), actions, mask)
+        loss_lm = lm_loss(model.gpt, lm_block) if lm_block is not None else torch.zeros((), device=actions.device)
+    loss = loss_a + cfg.lm_coef * loss_lm
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return torch.stack([loss_a.detach(), loss_lm.detach(), gnorm, (~torch.isfinite(loss)).float()])
+
+
+def make_optimizer(model, cfg: Config, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    # One lr for every trainable parameter: the official code's separate LM lr never takes effect.
+    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6,
+                                     fused=device.type == "cuda")   # fused: one kernel for the whole update
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     device = pick_device(cfg.device)
-    if device.type == "cuda":        # TF32 for the fp32 matmuls that autocast leaves alone
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     spec = env_spec(cfg.env)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, spec).to(device)      # before the data: a bad --pretrained fails in seconds
@@ -534,31 +593,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lm = (LMBatcher(lm_tokens(cfg.lm_corpus), cfg.lm_batch, cfg.lm_seq_len, cfg.seed + 1, device)
           if cfg.lm_coef > 0 else None)   # lambda = 0: no corpus, no LM forward (the official code runs it anyway)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6,
-                            fused=device.type == "cuda")   # fused: one kernel for the whole update
-    subset_file = run_dir / "subset.json"
+    params, opt = make_optimizer(model, cfg, device)
     step, history = 0, []
     if resume:
-        ckpt = torch.load(run_dir / "ckpt.pt", map_location=device, weights_only=False)
-        if json.loads(subset_file.read_text())["indices"] != subset.tolist():
-            raise LamoError(f"the dataset for {cfg.env} changed since {run_dir} started: the subset differs")
-        load_trainable(model, ckpt)
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        batcher.rng.bit_generator.state = ckpt["rng"]["batches"]
-        if lm:
-            lm.rng.bit_generator.state = ckpt["rng"]["lm"]
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()   # drop what came after the checkpoint
-        lines = [ln for ln in lines if json.loads(ln)["step"] <= step]
-        (run_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-        history = [json.loads(ln) for ln in lines if "eval" in json.loads(ln)]
-        print(f"resuming {run_dir} at step {step}")
+        step, history = restore(run_dir, model, opt, batcher, lm, subset, device)
     else:
-        subset_file.write_text(json.dumps({"frac": cfg.frac, "frac_seed": cfg.frac_seed,
+        (run_dir / "subset.json").write_text(json.dumps({"frac": cfg.frac, "frac_seed": cfg.frac_seed,
                                            "n_trajectories": int(len(subset)), "indices": subset.tolist()}))
     print(f"data     {cfg.data or cfg.env}: subset frac={cfg.frac} (seed {cfg.frac_seed}): {describe(trajs)}\n"
           f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | embed {cfg.embed} | "
@@ -566,7 +606,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
           f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
           f"device   {device} | run folder {run_dir}")
     fwd = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     metrics = open(run_dir / "metrics.jsonl", "a")
     sums = torch.zeros(4, device=device)     # action loss, LM loss, grad norm, non-finite count: summed on device
     t_log, last_eval = time.time(), (history[-1]["eval"] if history else None)
@@ -591,21 +630,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         while step < cfg.steps:
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)   # linear warm-up, then constant
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)   # linear warm-up, then constant (LambdaLR in the official code)
             for g in opt.param_groups:
                 g["lr"] = lr
-            states, actions, rtg, timesteps, mask = batcher.sample(cfg.batch_size)   # (B,K,obs) ... (B,K)
-            with autocast:
-                loss_a = action_loss(fwd(states, actions, rtg, timesteps, mask), actions, mask)
-                loss_lm = lm_loss(model.gpt, lm.sample()) if lm else torch.zeros((), device=device)
-            loss = loss_a + cfg.lm_coef * loss_lm
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            sums += train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
+                               lm.sample() if lm else None, cfg, device)
             step += 1
-            # Accumulate on the device: no .item() (a host sync) inside the step.
-            sums += torch.stack([loss_a.detach(), loss_lm.detach(), gnorm, (~torch.isfinite(loss)).float()])
             if step % cfg.log_every == 0 or step == cfg.steps:
                 check_finite()
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every

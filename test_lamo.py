@@ -441,12 +441,12 @@ def test_batched_eval_equals_sequential():
     with torch.no_grad():
         m.predict_action[0].weight.mul_(0.1)           # small actions: the hopper stands a while
     episodes = [(tgt, 100 + i) for tgt in (3600, 1800) for i in range(8)]
-    args = (HOPPER, np.zeros(11), np.ones(11), 20, torch.device("cpu"))
+    run = lambda eps: lamo.rollout(m, HOPPER, eps, np.zeros(11), np.ones(11), 20, torch.device("cpu"))
     t0 = time.perf_counter()
-    batched, lengths = lamo.rollout(m, episodes=episodes, **dict(zip(("spec", "state_mean", "state_std", "K", "device"), args)))
+    batched, lengths = run(episodes)
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
-    one = [lamo.rollout(m, HOPPER, [e], *args[1:])[0][0] for e in episodes]
+    one = [run([e])[0][0] for e in episodes]
     t_seq = time.perf_counter() - t0
     print(f"{len(episodes)} episodes, {lengths.sum()} env steps: batched {t_batched:.2f}s, one at a time {t_seq:.2f}s")
     assert lengths.min() > 20                          # long enough to pass the K-step padded phase
@@ -479,7 +479,7 @@ def test_trainable_sets_and_lambda_zero(hf_tiny, tiny_hdf5, monkeypatch, tmp_pat
     _, folder = hf_tiny
 
     def trainable(**kw):
-        m = lamo.build_model(lamo.resolve(lamo.Config(pretrained=str(folder), **kw)), HOPPER)
+        m = lamo.build_model(lamo.resolve(lamo.Config(pretrained=str(folder), lm_seq_len=64, **kw)), HOPPER)
         return {n for n, p in m.named_parameters() if p.requires_grad}, {n for n, _ in m.named_parameters()}
 
     lora, names = trainable(finetune="lora")

@@ -1,0 +1,183 @@
+"""Speed of lamo's hot paths, all on one device, against the way the official code does them.
+
+    python bench.py                 # CPU: a reduced run, under 3 minutes on 2 cores
+    python bench.py --device cuda   # GPU: more steps, the LaMo model in the evaluation too
+
+(a) training steps/s for LaMo on GPT-2 small (B=64, K=20), with and without the (2, 1024) LM batch;
+(b) evaluation env-steps/s: the same episodes batched vs one at a time (the official code's way);
+(c) batch sampling: our vectorised gather vs a per-sample loop in the style of kzl DT's get_batch;
+(d) peak memory. Random weights and a synthetic dataset of hopper-medium's size: nothing downloaded.
+Prints a table and writes it as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import lamo
+from data import ENVS, TrajectoryBatcher
+
+HOPPER = ENVS["hopper"]
+
+
+def synthetic_hopper(n_traj=2186, n_steps=999_906, seed=0) -> list[dict]:
+    """Random trajectories with hopper-medium-v2's count, total steps and dimensions."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, n_steps), n_traj - 1, replace=False))
+    lengths = np.diff(np.concatenate([[0], cuts, [n_steps]]))
+    return [{"observations": rng.standard_normal((n, HOPPER.obs_dim), dtype=np.float32),
+             "actions": rng.uniform(-1, 1, (n, HOPPER.act_dim)).astype(np.float32),
+             "rewards": rng.uniform(0, 3, n).astype(np.float32), "terminals": np.zeros(n, bool)} for n in lengths]
+
+
+def kzl_get_batch(trajs, B, K, max_ep_len, scale, mean, std, rng):
+    """The official code's batch builder, condensed: one Python iteration per sample, each re-summing
+    the returns-to-go over the rest of its trajectory and concatenating the padding."""
+    lengths = np.array([len(t["rewards"]) for t in trajs])
+    picks = rng.choice(len(trajs), size=B, p=lengths / lengths.sum())
+    s, a, r, ts, m = [], [], [], [], []
+    for i in picks:
+        t = trajs[i]
+        si = rng.integers(0, len(t["rewards"]))
+        obs, act = t["observations"][si:si + K], t["actions"][si:si + K]
+        n = len(obs)
+        rtg = np.cumsum(t["rewards"][si:][::-1])[::-1][:n]
+        s.append(np.concatenate([np.zeros((K - n, obs.shape[1])), (obs - mean) / std]))
+        a.append(np.concatenate([np.full((K - n, act.shape[1]), -10.0), act]))
+        r.append(np.concatenate([np.zeros(K - n), rtg / scale])[:, None])
+        ts.append(np.concatenate([np.zeros(K - n), np.minimum(np.arange(si, si + n), max_ep_len - 1)]))
+        m.append(np.concatenate([np.zeros(K - n), np.ones(n)]))
+    return [torch.tensor(np.stack(x), dtype=torch.float32) for x in (s, a, r, ts, m)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, n, device, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def bench_train(cfg, device, batcher, steps) -> dict:
+    """Steps/s of lamo.train_step: LaMo (GPT-2 small shape, LoRA r=16, MLP embeddings). A GPU gets
+    warm-up steps (cuBLAS start-up, compilation); a CPU none: at ~15-50 s a step there, one more
+    step each would push the whole benchmark past 3 minutes, and a CPU step has little to warm up."""
+    out = {}
+    for lm_coef in (0.0, 0.1):
+        torch.manual_seed(0)
+        c = replace(cfg, lm_coef=lm_coef)
+        model = lamo.build_model(c, HOPPER).to(device)
+        fwd = torch.compile(model) if c.compile else model
+        params, opt = lamo.make_optimizer(model, c, device)
+        lm_block = torch.randint(0, 50257, (c.lm_batch, c.lm_seq_len + 1), device=device) if lm_coef else None
+        step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(c.batch_size), lm_block, c, device)
+        warmup = out["train_warmup_steps"] = (2 if c.compile else 1) if device.type == "cuda" else 0
+        out["train_steps_per_s" + ("_with_lm" if lm_coef else "")] = 1 / timed(step, steps, device, warmup=warmup)
+        del model, opt, params
+    return out
+
+
+def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
+    """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
+    action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
+    torch.manual_seed(0)
+    model = lamo.build_model(cfg, HOPPER).to(device).eval()
+    with torch.no_grad():
+        for p in model.predict_action[-2 if cfg.embed == "linear" else -1].parameters():
+            p.zero_()
+    model.gpt.merge()
+    spec = replace(HOPPER, max_ep_len=max_steps)
+    targets = [float(t) for t in HOPPER.targets]
+    episodes = [(targets[i % len(targets)], 10_000 + i) for i in range(n_episodes)]
+    zeros, ones = np.zeros(spec.obs_dim), np.ones(spec.obs_dim)
+    run = lambda eps: lamo.rollout(model, spec, eps, zeros, ones, cfg.context_len, device)
+    t0 = time.perf_counter()
+    returns, lengths = run(episodes)
+    t_batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seq = [run([e])[0][0] for e in tqdm(episodes, desc="eval one at a time")]
+    t_seq = time.perf_counter() - t0
+    assert np.array_equal(returns, np.array(seq)), "batched and one-at-a-time evaluation disagree"
+    steps = int(lengths.sum())
+    return {"eval_episodes": n_episodes, "eval_env_steps": steps, "eval_batched_env_steps_per_s": steps / t_batched,
+            "eval_sequential_env_steps_per_s": steps / t_seq}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="timed steps per training variant (default: cpu 1, gpu 50 after warm-up)")
+    p.add_argument("--eval-model", choices=("lamo", "dt"), default=None,
+                   help="model in the evaluation benchmark (default: cpu dt, gpu lamo; GPT-2 small is ~10 s per "
+                        "batched forward on 2 CPU cores)")
+    p.add_argument("--eval-episodes", type=int, default=80)
+    p.add_argument("--eval-max-steps", type=int, default=None, help="time limit of the episodes (default: cpu 100, gpu 1000)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--out", default="bench.json")
+    a = p.parse_args(argv)
+    device = lamo.pick_device(a.device)
+    gpu = device.type == "cuda"
+    steps = a.train_steps or (50 if gpu else 1)
+    max_steps = a.eval_max_steps or (1000 if gpu else 100)
+    lamo_cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", compile=a.compile))  # GPT-2 small shape, LoRA
+    eval_cfg = lamo_cfg if (a.eval_model or ("lamo" if gpu else "dt")) == "lamo" else lamo.resolve(lamo.Config(model="dt"))
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    print(f"device {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'} ({device}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    trajs = synthetic_hopper()
+    batcher = TrajectoryBatcher(trajs, 20, 1000, 1000.0, seed=0, device=device)
+    res = {"device": torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "train_steps_timed": steps, "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt",
+           "eval_max_steps": max_steps}
+    # (c) sampling, B=64, K=20
+    rng = np.random.default_rng(0)
+    t_loop = timed(lambda: [x.to(device) for x in kzl_get_batch(trajs, 64, 20, 1000, 1000.0, batcher.state_mean,
+                                                                 batcher.state_std, rng)], 20, device)
+    t_vec = timed(lambda: batcher.sample(64), 200, device)
+    res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
+    # (b) evaluation, then (a) training
+    res.update(bench_eval(eval_cfg, device, a.eval_episodes, max_steps))
+    res.update(bench_train(lamo_cfg, device, batcher, steps))
+    # (d) peak memory
+    res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
+    res["ratio_sampling_vectorised_vs_loop"] = t_loop / t_vec
+    cold = " (first step, no warm-up)" if res["train_warmup_steps"] == 0 else ""
+    rows = [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0{cold}", f"{res['train_steps_per_s']:.3f}"),
+            ("training steps/s, same + (2, 1024) LM batch", f"{res['train_steps_per_s_with_lm']:.3f}"),
+            (f"eval env-steps/s, {a.eval_episodes} episodes batched ({res['eval_model']})", f"{res['eval_batched_env_steps_per_s']:.0f}"),
+            ("eval env-steps/s, same episodes one at a time", f"{res['eval_sequential_env_steps_per_s']:.0f}"),
+            ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
+            ("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
+            ("batch sampling ms, vectorised", f"{res['sample_vectorised_ms']:.3f}"),
+            ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
+            ("peak GPU memory GB", f"{res['peak_gpu_mem_gb']:.2f}" if gpu else "n/a"),
+            ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
+    print(f"\n{'':-<86}\n" + "\n".join(f"{k:<72}{v:>14}" for k, v in rows) + f"\n{'':-<86}")
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"written to {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
