@@ -33,7 +33,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAMO_CACHE", "~/.cache/lamo")).expanduser()
 
 
-# wikitext.smerity.com refuses Python's default User-Agent (REFERENCE §5); a browser-like one is accepted.
+# wikitext.smerity.com is reported to refuse Python's default User-Agent; a browser-like one is accepted.
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) lamo-downloader"
 
 
@@ -63,6 +63,7 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
     except requests.RequestException as e:
         raise LamoError(f"could not download {url} ({type(e).__name__}); without network, fetch it "
                         f"elsewhere and {local_hint}") from None
+    total = None
     with r:
         if have and r.status_code == 416:          # the .part already holds every byte
             pass
@@ -78,6 +79,8 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
                     f.write(chunk)
                     bar.update(len(chunk))
     got = part.stat().st_size
+    if total is not None and got < total:                 # the connection dropped: keep the .part
+        raise LamoError(f"download of {url} stopped at {got} of {total} bytes; run again to resume")
     if size is not None and got != size:
         if got < size:
             raise LamoError(f"download of {url} stopped at {got} of {size} bytes; run again to resume "
@@ -103,7 +106,7 @@ class EnvSpec:
     act_dim: int
     ref_min: float                 # D4RL's random-policy return
     ref_max: float                 # D4RL's expert return
-    targets: tuple[float, ...]     # the paper's evaluation returns-to-go (REFERENCE §2)
+    targets: tuple[float, ...]     # evaluation returns-to-go of the paper and the official scripts
     max_ep_len: int = 1000
     rtg_scale: float = 1000.0
 
@@ -177,7 +180,8 @@ def load_trajectories(path, spec: EnvSpec | None = None) -> list[dict]:
         except OSError as e:
             raise LamoError(f"{path}: not a readable hdf5 file ({e})") from None
         _check(path, {**arrays, "timeouts": timeouts}, spec)
-        # Split after step i when the episode ended for either reason (REFERENCE §3).
+        # Split after step i when the episode ended for either reason. Splitting on terminals alone would
+        # merge every timed-out episode into the next one.
         ends = np.flatnonzero(arrays["terminals"].astype(bool) | timeouts.astype(bool))
         starts = np.concatenate([[0], ends[:-1] + 1])
         tail = len(arrays["rewards"]) - (ends[-1] + 1 if len(ends) else 0)
@@ -213,7 +217,7 @@ def subset_indices(n_traj: int, frac: float, seed: int) -> np.ndarray:
     LaMo subsets came from unseeded random.sample; ours can be rebuilt from (frac, seed)."""
     if not 0 < frac <= 1:
         raise LamoError(f"--frac must be in (0, 1], got {frac}")
-    k = max(1, int(np.floor(frac * n_traj + 1e-9)))       # + 1e-9: 0.3 * 10 must give 3, not 2
+    k = max(1, int(np.floor(frac * n_traj + 1e-9)))       # + 1e-9: 0.29 * 100 is 28.999999999999996
     return np.sort(np.random.default_rng(seed).choice(n_traj, size=k, replace=False))
 
 
@@ -226,7 +230,7 @@ def describe(trajs) -> str:
 
 # ----------------------------------------------------------------------------- batches
 class TrajectoryBatcher:
-    """Decision Transformer batches (kzl DT convention, REFERENCE §1): a trajectory chosen with
+    """Decision Transformer batches, in the convention of kzl's DT code: a trajectory chosen with
     probability proportional to its length, a uniform start, a K-step window left-padded with
     states 0, actions -10, rtg 0, timesteps 0, mask 0. All trajectories are concatenated once into
     flat arrays that end in one extra row holding those pad values, so a batch is one numpy gather

@@ -14,7 +14,7 @@ import torch
 from data import LamoError, cache_dir, download
 
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
-SIZES = {  # n_layer, n_head, n_embd (REFERENCE §4); all have head dim 64, vocab 50257, context 1024
+SIZES = {  # n_layer, n_head, n_embd (OpenAI's hparams.json); all have head dim 64, vocab 50257, context 1024
     "gpt2": (12, 12, 768),
     "gpt2-medium": (24, 16, 1024),
     "gpt2-large": (36, 20, 1280),

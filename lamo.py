@@ -89,7 +89,7 @@ class Config:
     eval_only: str = opt("", "evaluate this ckpt.pt and exit")
 
 
-PRESETS = {  # REFERENCE §1 (LaMo) and §2 (the paper's DT baseline)
+PRESETS = {  # LaMo: paper App. B and the official scripts; DT: the paper's baseline (kzl DT's settings)
     "lamo": dict(pretrained="gpt2", finetune="lora", lm_coef=0.1, lr=1e-4, weight_decay=1e-5, warmup=2500),
     "dt": dict(pretrained="none", finetune="full", lm_coef=0.0, lr=1e-4, weight_decay=1e-4, warmup=10_000,
                embed="linear", n_layer=3, n_head=1, n_embd=128),
@@ -241,7 +241,7 @@ class CausalSelfAttention(nn.Module):
         B, T, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)                            # 3 x (B, T, d)
         q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        # is_causal cannot be combined with attn_mask (REFERENCE §6): a padded batch passes one full mask.
+        # is_causal cannot be combined with attn_mask: a padded batch passes one full (causal & padding) mask.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.p if self.training else 0.0)  # (B, nh, T, hd)
         return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, d)))
@@ -374,7 +374,7 @@ class DecisionTransformer(nn.Module):
             keys = mask.bool().repeat_interleave(3, dim=1)                           # (B, 3K)
             causal = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()
             # Each token may also see itself, so a left-padded row is never fully masked: a fully
-            # masked softmax row is NaN, and NaN leaks into real rows in backward (REFERENCE §6).
+            # masked softmax row is NaN, and NaN leaks into real rows through 0 * NaN in backward.
             # Real rows see only real keys, so padding cannot change them.
             attn = ((causal & keys[:, None, :]) | torch.eye(3 * K, dtype=torch.bool, device=x.device))[:, None]
         h = self.gpt.body(x, attn).view(B, K, 3, -1)                                 # (B, K, 3, d)
@@ -407,7 +407,7 @@ def build_model(cfg: Config, spec) -> DecisionTransformer:
     if cfg.lm_coef and cfg.lm_seq_len > gpt.config.n_positions:
         raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's {gpt.config.n_positions} positions")
     model = DecisionTransformer(gpt, spec.obs_dim, spec.act_dim, spec.max_ep_len, cfg.embed)
-    # What trains (REFERENCE §1): embeddings and heads always; of the GPT-2 body, LoRA + c_attn bias
+    # What trains (official code: mark_only_lora_as_trainable(bias='lora_only') + --adapt_embed): embeddings and heads always; of the GPT-2 body, LoRA + c_attn bias
     # (lora), everything (full; wte/wpe only get gradients from the LM loss), or nothing (frozen).
     heads = (r"^embed_", r"^predict_")
     mark_trainable(model, {"lora": LORA_TRAINABLE + heads, "full": (r"",), "frozen": heads}[cfg.finetune])
