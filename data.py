@@ -58,26 +58,27 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})}
-    try:
-        r = requests.get(url, headers=headers, stream=True, timeout=30)
-    except requests.RequestException as e:
-        raise LamoError(f"could not download {url} ({type(e).__name__}); without network, fetch it "
-                        f"elsewhere and {local_hint}") from None
     total = None
-    with r:
-        if have and r.status_code == 416:          # the .part already holds every byte
-            pass
-        elif r.status_code not in (200, 206):
-            raise LamoError(f"download of {url} failed with HTTP {r.status_code}; {local_hint}")
-        else:
-            if r.status_code == 200:               # server ignored Range: start again from byte 0
-                have = 0
-            total = have + int(r.headers.get("Content-Length", 0)) or None
-            with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=30) as r:
+            if have and r.status_code == 416:      # the .part already holds every byte
+                pass
+            elif r.status_code not in (200, 206):
+                raise LamoError(f"download of {url} failed with HTTP {r.status_code}; {local_hint}")
+            else:
+                if r.status_code == 200:           # server ignored Range: start again from byte 0
+                    have = 0
+                total = have + int(r.headers.get("Content-Length", 0)) or None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                    for chunk in r.iter_content(1 << 16):    # a dropped connection loses < 64 KiB
+                        f.write(chunk)
+                        bar.update(len(chunk))
+    except requests.RequestException as e:
+        kept = part.stat().st_size if part.exists() else 0
+        raise LamoError(f"download of {url} failed ({type(e).__name__})" +
+                        (f" after {kept} bytes, kept in {part}: run again to resume, or " if kept else
+                         "; without network, fetch it elsewhere and ") + local_hint) from None
     got = part.stat().st_size
     if total is not None and got < total:                 # the connection dropped: keep the .part
         raise LamoError(f"download of {url} stopped at {got} of {total} bytes; run again to resume")

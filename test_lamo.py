@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ class Server:
     """A loopback HTTP server over an in-memory {path: bytes}, honouring Range, recording requests."""
 
     def __init__(self):
-        self.files, self.requests = {}, []
+        self.files, self.requests, self.cut_after = {}, [], None   # cut_after: drop the connection early
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -52,7 +53,7 @@ class Server:
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                self.wfile.write(body[start:])
+                self.wfile.write(body[start:][:owner.cut_after])
 
             def log_message(self, *args):
                 pass
@@ -149,10 +150,9 @@ def test_config_inferred_without_config_json(tmp_path):
     assert (logits(ours, IDX) - logits(hf, IDX)).abs().max() < 1e-5
 
 
-def test_download_cache_resume_and_corruption(server, cache, monkeypatch, capsys):
+def test_download_cache_resume_and_corruption(server, cache, capsys):
     blob = bytes(range(256)) * 4000
     server.files["/gpt2/model.safetensors"] = blob
-    server.files["/gpt2/config.json"] = b"{}"
     url = server.url + "/gpt2/model.safetensors"
     dest = cache / "x" / "model.safetensors"
     kw = dict(local_hint="pass it yourself", size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
@@ -166,6 +166,15 @@ def test_download_cache_resume_and_corruption(server, cache, monkeypatch, capsys
     dest.with_name(dest.name + ".part").write_bytes(blob[:1000])
     assert data.download(url, dest, **kw).read_bytes() == blob
     assert server.requests[-1][1].get("Range") == "bytes=1000-"
+    # A connection dropped mid-file keeps the .part and says how to go on; the next call resumes it.
+    dest.unlink()
+    server.cut_after = 300_000
+    with pytest.raises(LamoError, match=r"after (\d+) bytes.*run again to resume") as e:
+        data.download(url, dest, **kw)
+    kept = int(re.search(r"after (\d+) bytes", str(e.value)).group(1))
+    assert not dest.exists() and 0 < kept == dest.with_name(dest.name + ".part").stat().st_size <= 300_000
+    server.cut_after = None
+    assert data.download(url, dest, **kw).read_bytes() == blob
     # A corrupted file (right size, wrong bytes) is refused and leaves nothing under the final name.
     dest.unlink()
     server.files["/gpt2/model.safetensors"] = blob[:-1] + b"\x00"
