@@ -350,10 +350,9 @@ class LMBatcher:
 def noisy_controller(obs, act_dim: int, noise: float, rng) -> np.ndarray:
     """A PD controller that pushes every joint back to 0 (keeping the hopper/walker upright for a
     while), mixed with uniform noise: noise=0 is the controller, noise=1 a random policy."""
-    n = act_dim
-    angles, vels = obs[2:2 + n], obs[-n:]
+    angles, vels = obs[2:2 + act_dim], obs[-act_dim:]
     pd = np.clip(-2.0 * angles - 0.2 * vels, -1, 1)
-    return ((1 - noise) * pd + noise * rng.uniform(-1, 1, n)).astype(np.float32)
+    return ((1 - noise) * pd + noise * rng.uniform(-1, 1, act_dim)).astype(np.float32)
 
 
 def make_env(gym_id: str, max_steps: int):
@@ -364,7 +363,10 @@ def make_env(gym_id: str, max_steps: int):
     import gymnasium as gym
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is out of date.*")
-        return gym.make(gym_id, max_episode_steps=max_steps)
+        try:
+            return gym.make(gym_id, max_episode_steps=max_steps)
+        except gym.error.Error as e:
+            raise LamoError(f"cannot make Gymnasium env {gym_id!r}: {e}") from None
 
 
 def collect(env_id: str, policy: str, episodes: int, out: Path, seed: int = 0, max_steps: int = 1000):

@@ -594,6 +594,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     lm = (LMBatcher(lm_tokens(cfg.lm_corpus), cfg.lm_batch, cfg.lm_seq_len, cfg.seed + 1, device)
           if cfg.lm_coef > 0 else None)   # lambda = 0: no corpus, no LM forward (the official code runs it anyway)
     params, opt = make_optimizer(model, cfg, device)
+    # The run folder appears only now, so a run that fails while loading leaves nothing behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     step, history = 0, []
     if resume:
         step, history = restore(run_dir, model, opt, batcher, lm, subset, device)
@@ -723,8 +726,6 @@ def main(argv=None):
             if run_dir.exists() and any(run_dir.iterdir()):
                 raise LamoError(f"run folder {run_dir} exists and is not empty; continue it with --resume {run_dir} "
                                 f"or choose another --out")
-            run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
         print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(cfg).items()), width=110,
                             initial_indent="config   ", subsequent_indent=" " * 9))
         return train(cfg, run_dir, resume=bool(given.get("resume")))
