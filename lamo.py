@@ -407,8 +407,9 @@ def build_model(cfg: Config, spec) -> DecisionTransformer:
     if cfg.lm_coef and cfg.lm_seq_len > gpt.config.n_positions:
         raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's {gpt.config.n_positions} positions")
     model = DecisionTransformer(gpt, spec.obs_dim, spec.act_dim, spec.max_ep_len, cfg.embed)
-    # What trains (official code: mark_only_lora_as_trainable(bias='lora_only') + --adapt_embed): embeddings and heads always; of the GPT-2 body, LoRA + c_attn bias
-    # (lora), everything (full; wte/wpe only get gradients from the LM loss), or nothing (frozen).
+    # What trains: embeddings and heads always; of the GPT-2 body, LoRA + c_attn bias (lora; the official
+    # code's mark_only_lora_as_trainable(bias='lora_only') + --adapt_embed), everything (full; wte and
+    # wpe get gradients only from the LM loss), or nothing (frozen).
     heads = (r"^embed_", r"^predict_")
     mark_trainable(model, {"lora": LORA_TRAINABLE + heads, "full": (r"",), "frozen": heads}[cfg.finetune])
     return model
