@@ -79,13 +79,10 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
         raise LamoError(f"download of {url} failed ({type(e).__name__})" +
                         (f" after {kept} bytes, kept in {part}: run again to resume, or " if kept else
                          "; without network, fetch it elsewhere and ") + local_hint) from None
-    got = part.stat().st_size
-    if total is not None and got < total:                 # the connection dropped: keep the .part
-        raise LamoError(f"download of {url} stopped at {got} of {total} bytes; run again to resume")
-    if size is not None and got != size:
-        if got < size:
-            raise LamoError(f"download of {url} stopped at {got} of {size} bytes; run again to resume "
-                            f"from {part}")
+    got, expected = part.stat().st_size, size if size is not None else total
+    if expected is not None and got < expected:           # the transfer ended early: keep the .part
+        raise LamoError(f"download of {url} stopped at {got} of {expected} bytes; run again to resume from {part}")
+    if size is not None and got > size:
         part.unlink()
         raise LamoError(f"{url} gave {got} bytes, expected {size}; removed it, run again or {local_hint}")
     if sha256 is not None and (digest := sha256_of(part)) != sha256:

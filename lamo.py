@@ -151,11 +151,16 @@ def resolve(cfg: Config, given=()) -> Config:
     if cfg.lm_coef < 0:
         raise LamoError(f"--lm-coef must be >= 0, got {cfg.lm_coef}")
     cfg.targets = cfg.targets or ",".join(str(int(t)) for t in spec.targets)
-    try:
-        [float(t) for t in cfg.targets.split(",")]
-    except ValueError:
-        raise LamoError(f"--targets {cfg.targets!r}: expected comma-separated returns, e.g. 3600,1800") from None
+    parse_targets(cfg.targets)
     return cfg
+
+
+def parse_targets(targets: str) -> list[float]:
+    """--targets "3600,1800" -> [3600.0, 1800.0]; checked here for a new run and again for --eval-only."""
+    try:
+        return [float(t) for t in targets.split(",")]
+    except ValueError:
+        raise LamoError(f"--targets {targets!r}: expected comma-separated returns, e.g. 3600,1800") from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -462,7 +467,7 @@ def rollout(model, spec, episodes, state_mean, state_std, K: int, device) -> tup
 
 def evaluate(model, cfg: Config, spec, state_mean, state_std, device) -> dict:
     """All targets x episodes in one batched rollout, LoRA merged. -> {target: score statistics}."""
-    targets = [float(t) for t in cfg.targets.split(",")]
+    targets = parse_targets(cfg.targets)
     episodes = [(tgt, cfg.eval_seed + i) for tgt in targets for i in range(cfg.eval_episodes)]
     model.eval()
     model.gpt.merge()
