@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import lamo
-from data import ENVS, TrajectoryBatcher
+from data import ENVS, TrajectoryBatcher, make_env
 
 HOPPER = ENVS["hopper"]
 
@@ -114,9 +114,36 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     seq = [run([e])[0][0] for e in tqdm(episodes, desc="eval one at a time")]
     t_seq = time.perf_counter() - t0
     assert np.array_equal(returns, np.array(seq)), "batched and one-at-a-time evaluation disagree"
+    t_env, env_returns = time_env_alone(spec, episodes, lengths)
+    assert np.allclose(env_returns, returns), "the env-alone run did not replay the same episodes"
     steps = int(lengths.sum())
     return {"eval_episodes": n_episodes, "eval_env_steps": steps, "eval_batched_env_steps_per_s": steps / t_batched,
-            "eval_sequential_env_steps_per_s": steps / t_seq}
+            "eval_sequential_env_steps_per_s": steps / t_seq, "eval_env_alone_env_steps_per_s": steps / t_env,
+            "forward_ms_per_episode_batch_1": time_forward(model, 1, cfg.context_len, device) * 1e3,
+            f"forward_ms_per_episode_batch_{n_episodes}": time_forward(model, n_episodes, cfg.context_len, device) * 1e3}
+
+
+@torch.inference_mode()
+def time_forward(model, n, K, device) -> float:
+    """Seconds per episode of one evaluation forward over n full K-step windows: what batching amortises."""
+    s, a, r = torch.randn(n, K, HOPPER.obs_dim), torch.randn(n, K, HOPPER.act_dim), torch.randn(n, K, 1)
+    args = [x.to(device) for x in (s, a, r, torch.arange(K).expand(n, -1))]
+    reps = max(3, 200 // n)
+    with lamo.autocast(device):
+        return timed(lambda: model(*args), reps, device) / n
+
+
+def time_env_alone(spec, episodes, lengths) -> tuple[float, np.ndarray]:
+    """Seconds to step the same episodes with the same (zero) actions and no model: the MuJoCo floor
+    under any evaluation, and so the ceiling on what batching the model can gain. -> (s, returns)"""
+    envs = [make_env(spec.gym_id, spec.max_ep_len) for _ in episodes]
+    zero, returns = np.zeros(spec.act_dim, np.float32), np.zeros(len(episodes))
+    t0 = time.perf_counter()
+    for i, (env, (_, seed), n) in enumerate(zip(envs, episodes, lengths)):
+        env.reset(seed=seed)
+        for _ in range(n):
+            returns[i] += env.step(zero)[1]
+    return time.perf_counter() - t0, returns
 
 
 def main(argv=None):
@@ -160,6 +187,7 @@ def main(argv=None):
     res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
+    res["ratio_eval_ceiling"] = res["eval_env_alone_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
     res["ratio_sampling_vectorised_vs_loop"] = t_loop / t_vec
     cold = " (first step, no warm-up)" if res["train_warmup_steps"] == 0 else ""
     rows = [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0{cold}", f"{res['train_steps_per_s']:.3f}"),
@@ -167,12 +195,18 @@ def main(argv=None):
             (f"eval env-steps/s, {a.eval_episodes} episodes batched ({res['eval_model']})", f"{res['eval_batched_env_steps_per_s']:.0f}"),
             ("eval env-steps/s, same episodes one at a time", f"{res['eval_sequential_env_steps_per_s']:.0f}"),
             ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
+            ("  model forward ms per episode, batch of 1", f"{res['forward_ms_per_episode_batch_1']:.2f}"),
+            (f"  model forward ms per episode, batch of {a.eval_episodes}",
+             f"{res[f'forward_ms_per_episode_batch_{a.eval_episodes}']:.2f}"),
+            ("eval env-steps/s, env stepping alone, no model (MuJoCo's floor)", f"{res['eval_env_alone_env_steps_per_s']:.0f}"),
+            ("  ceiling on that ratio: one at a time / env alone", f"{res['ratio_eval_ceiling']:.1f}x"),
             ("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
             ("batch sampling ms, vectorised", f"{res['sample_vectorised_ms']:.3f}"),
             ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
             ("peak GPU memory GB", f"{res['peak_gpu_mem_gb']:.2f}" if gpu else "n/a"),
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
-    print(f"\n{'':-<86}\n" + "\n".join(f"{k:<72}{v:>14}" for k, v in rows) + f"\n{'':-<86}")
+    w = max(len(k) for k, _ in rows) + 2
+    print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"written to {a.out}")

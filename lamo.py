@@ -614,6 +614,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
           f"layers {model.gpt.config.n_layer}, d {model.gpt.config.n_embd} | lambda {cfg.lm_coef}\n"
           f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
           f"device   {device} | run folder {run_dir}")
+    # --compile: the training forward as fused kernels; the first steps pay the compilation. With
+    # dropout, compiled runs draw other random masks than eager ones, so the two are not bit-identical.
     fwd = torch.compile(model) if cfg.compile else model
     metrics = open(run_dir / "metrics.jsonl", "a")
     sums = torch.zeros(4, device=device)     # action loss, LM loss, grad norm, non-finite count: summed on device
