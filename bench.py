@@ -4,7 +4,9 @@
     python bench.py --device cuda   # GPU: more steps, the LaMo model in the evaluation too
 
 (a) training steps/s for LaMo on GPT-2 small (B=64, K=20), with and without the (2, 1024) LM batch;
-(b) evaluation env-steps/s: the same episodes batched vs one at a time (the official code's way);
+(b) evaluation env-steps/s: the same episodes batched vs one at a time (the official code's way),
+    with what bounds the gain: the model forward per episode at both batch sizes, and the same env
+    steps taken with no model at all;
 (c) batch sampling: our vectorised gather vs a per-sample loop in the style of kzl DT's get_batch;
 (d) peak memory. Random weights and a synthetic dataset of hopper-medium's size: nothing downloaded.
 Prints a table and writes it as JSON.

@@ -510,7 +510,7 @@ def test_trainable_sets_and_lambda_zero(hf_tiny, tiny_hdf5, monkeypatch, tmp_pat
 
 @pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")   # raised inside torch's compiler
 def test_compile_flag_compiles_and_matches_eager(tiny_hdf5, tmp_path):
-    """--compile really compiles (dynamo captures a graph) and, without dropout, trains exactly as eager."""
+    """--compile really compiles (dynamo captures a graph) and, without dropout, gives eager's losses."""
     from torch._dynamo.utils import counters    # private, but the plainest proof that a graph was built
     base = ["--model", "dt", "--n-layer", "1", "--n-embd", "32", "--dropout", "0", "--data", str(tiny_hdf5),
             "--steps", "4", "--log-every", "2", "--eval-every", "4", "--eval-episodes", "1", "--targets", "100"]
