@@ -15,6 +15,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -227,6 +228,15 @@ def describe(trajs) -> str:
 
 
 # ----------------------------------------------------------------------------- batches
+class Batch(NamedTuple):
+    """One training batch of B windows of K timesteps; mask is 1 on real steps, 0 on padding."""
+    states: torch.Tensor       # (B, K, *obs_shape) float32
+    actions: torch.Tensor      # (B, K, act_dim) float32, or (B, K) int64 for discrete actions
+    rtg: torch.Tensor          # (B, K, 1) returns-to-go / rtg_scale
+    timesteps: torch.Tensor    # (B, K) int64
+    mask: torch.Tensor         # (B, K) float32
+
+
 class TrajectoryBatcher:
     """Decision Transformer batches, in the convention of kzl's DT code: a trajectory chosen with
     probability proportional to its length, a uniform start, a K-step window left-padded with
@@ -266,8 +276,8 @@ class TrajectoryBatcher:
         valid = pos >= 0
         idx = np.where(valid, self.offsets[traj][:, None] + start[:, None] + pos, self.pad_row)  # (B, K)
         to = lambda a: torch.from_numpy(a).to(self.device)
-        return (to(self.states[idx]), to(self.actions[idx]), to(self.rtg[idx]),  # (B,K,obs) (B,K,act) (B,K,1)
-                to(self.timesteps[idx]), to(valid.astype(np.float32)))          # (B,K) (B,K)
+        return Batch(to(self.states[idx]), to(self.actions[idx]), to(self.rtg[idx]),
+                     to(self.timesteps[idx]), to(valid.astype(np.float32)))
 
 
 # ----------------------------------------------------------------------------- language corpus

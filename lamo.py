@@ -568,10 +568,10 @@ def plot_curve(history, path: Path):
 def train_step(fwd, model, opt, params, batch, lm_block, cfg: Config, device) -> torch.Tensor:
     """One gradient step on L = L_action + lambda * L_LM. -> (action loss, LM loss, grad norm,
     non-finite flag) as one device tensor: no .item() here, so the GPU never waits for the host."""
-    states, actions, rtg, timesteps, mask = batch                       # (B,K,obs) (B,K,act) (B,K,1) (B,K) (B,K)
     with autocast(device):
-        loss_a = action_loss(fwd(states, actions, rtg, timesteps, mask), actions, mask)
-        loss_lm = lm_loss(model.gpt, lm_block) if lm_block is not None else torch.zeros((), device=actions.device)
+        pred = fwd(batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask)
+        loss_a = action_loss(pred, batch.actions, batch.mask)
+        loss_lm = lm_loss(model.gpt, lm_block) if lm_block is not None else torch.zeros((), device=device)
     loss = loss_a + cfg.lm_coef * loss_lm
     opt.zero_grad(set_to_none=True)
     loss.backward()
