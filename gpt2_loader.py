@@ -14,7 +14,9 @@ import torch
 from data import LamoError, cache_dir, download
 
 HF_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
-SIZES = {  # n_layer, n_head, n_embd (OpenAI's hparams.json); all have head dim 64, vocab 50257, context 1024
+VOCAB_SIZE = 50257       # GPT-2's BPE vocabulary, the same for every size
+N_POSITIONS = 1024       # GPT-2's context, the same for every size
+SIZES = {  # n_layer, n_head, n_embd (OpenAI's hparams.json); all have head dim 64
     "gpt2": (12, 12, 768),
     "gpt2-medium": (24, 16, 1024),
     "gpt2-large": (36, 20, 1280),
@@ -103,7 +105,7 @@ def load_gpt2(name_or_path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     V, d = tensors["wte.weight"][0].shape
     layers = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
     config = {"n_layer": max(layers) + 1 if layers else 0, "n_embd": d, "n_head": d // 64,  # head dim 64
-              "vocab_size": V, "n_positions": tensors["wpe.weight"][0].shape[0] if "wpe.weight" in tensors else 1024,
+              "vocab_size": V, "n_positions": tensors["wpe.weight"][0].shape[0] if "wpe.weight" in tensors else N_POSITIONS,
               "layer_norm_epsilon": 1e-5}
     if cfg_path is not None:
         hf = json.loads(Path(cfg_path).read_text())

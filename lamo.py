@@ -9,12 +9,14 @@ LaMo is a Decision Transformer whose body is OpenAI's GPT-2, with four changes:
 
     python lamo.py --env hopper-medium-v2 --frac 0.1      # train on a seeded 10% of the trajectories
 
-Sections: 1 config and CLI, 2 GPT-2 and LoRA, 3 Decision Transformer and loss, 4 batched evaluation,
-5 training, checkpoints and the summary, 6 entry point. "Official code" below means srzer/LaMo-2023.
+Sections: 1 config, 2 GPT-2 and LoRA, 3 Decision Transformer and loss, 4 batched evaluation,
+5 training, 6 run folder (checkpoints, summary, curve), 7 command line. Per-task values live in
+tasks.py. "Official code" below means srzer/LaMo-2023.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,158 +35,98 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (LMBatcher, LamoError, TrajectoryBatcher, dataset_path, describe, env_spec, lm_tokens,
-                  load_trajectories, make_env, normalized_score, subset_indices)
-from gpt2_loader import SIZES, load_gpt2
+from data import LamoError, LMBatcher, lm_tokens, sha256_of
+from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
+from tasks import PAPER, Recipe, Task, get_task
 
 
-# ============================================================================ 1. config and CLI
-def opt(default, help: str):
+# ============================================================================ 1. config
+def flag(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
+    """Every knob of a run; each field is a --flag. None = from the --model preset (PRESETS below),
+    then from the task's recipe in tasks.py."""
     # data
-    env: str = opt("hopper-medium-v2", "D4RL dataset: {hopper,walker2d,halfcheetah}-{medium,medium-replay,medium-expert,expert}-v2")
-    data: str = opt("", "local D4RL hdf5 or DT-layout pickle instead of downloading the env's file")
-    frac: float = opt(1.0, "train on this fraction of whole trajectories (paper App. C)")
-    frac_seed: int = opt(0, "seed of the --frac subset; fixed across --seed, as the paper used one subset per ratio")
-    # model (None = from the --model preset, then the env)
-    model: str = opt("lamo", "preset: lamo | dt (DT baseline: 3 layers, 1 head, d=128, linear, full training)")
-    pretrained: Optional[str] = opt(None, "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH | none (random init)")
-    finetune: Optional[str] = opt(None, "lora | full | frozen: what of the GPT-2 body trains")
-    lora_rank: int = opt(16, "LoRA rank r (paper: 16 for MuJoCo)")
-    lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
-    embed: Optional[str] = opt(None, "mlp | linear embeddings and action head (linear adds tanh); default per env")
-    n_layer: Optional[int] = opt(None, "layers, only with --pretrained none")
-    n_head: Optional[int] = opt(None, "heads, only with --pretrained none")
-    n_embd: Optional[int] = opt(None, "width, only with --pretrained none")
-    dropout: float = opt(0.1, "dropout of GPT-2 (embeddings, attention, residual) and of the LoRA input")
+    env: str = flag("hopper-medium-v2", "task, e.g. hopper-medium-v2, kitchen-complete-v2 (tasks.py lists them)")
+    data: str = flag("", "local dataset instead of the download: a D4RL hdf5/DT pickle, a Minari id or folder")
+    frac: float = flag(1.0, "train on this fraction of whole trajectories (paper App. C)")
+    frac_seed: int = flag(0, "seed of the --frac subset; fixed across --seed, as the paper used one subset per ratio")
+    # model
+    model: str = flag("lamo", "preset: lamo | dt (DT baseline: 3 layers, 1 head, d=128, ReLU, linear, full training)")
+    pretrained: Optional[str] = flag(None, "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH | none (random init)")
+    finetune: Optional[str] = flag(None, "lora | full | frozen: what of the GPT-2 body trains")
+    lora_rank: Optional[int] = flag(None, "LoRA rank r (paper: 16 for MuJoCo and Kitchen)")
+    lora_alpha: Optional[float] = flag(None, "LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: Optional[float] = flag(None, "dropout on the LoRA input")
+    lora_bias: Optional[bool] = flag(None, "train c_attn's bias along with LoRA (loralib's bias='lora_only')")
+    embed: Optional[str] = flag(None, "mlp | linear embeddings and action head (linear adds tanh)")
+    activation: Optional[str] = flag(None, "gelu_tanh (GPT-2's) | relu (kzl DT's) in the MLP blocks")
+    n_layer: Optional[int] = flag(None, "layers, only with --pretrained none")
+    n_head: Optional[int] = flag(None, "heads, only with --pretrained none")
+    n_embd: Optional[int] = flag(None, "width, only with --pretrained none")
+    dropout: float = flag(0.1, "dropout of GPT-2's embeddings, attention and residual branches")
     # loss
-    lm_coef: Optional[float] = opt(None, "lambda, weight of the language-model loss; 0 skips the LM batch")
-    lm_corpus: str = opt("", "UTF-8 text file for the LM loss instead of WikiText-103")
-    lm_batch: int = opt(2, "LM sequences per step")
-    lm_seq_len: int = opt(1024, "tokens per LM sequence")
+    lm_coef: Optional[float] = flag(None, "lambda, weight of the language-model loss; 0 skips the LM batch")
+    lm_corpus: str = flag("", "UTF-8 text file for the LM loss instead of WikiText-103")
+    lm_batch: int = flag(2, "LM sequences per step")
+    lm_seq_len: int = flag(N_POSITIONS, "tokens per LM sequence")
     # optimisation
-    steps: int = opt(100_000, "gradient steps")
-    batch_size: int = opt(64, "trajectory windows per step")
-    context_len: int = opt(20, "K, timesteps per window")
-    lr: Optional[float] = opt(None, "AdamW learning rate")
-    weight_decay: Optional[float] = opt(None, "AdamW weight decay")
-    warmup: Optional[int] = opt(None, "linear warm-up steps, then constant")
-    grad_clip: float = opt(0.25, "global gradient-norm clip")
-    seed: int = opt(0, "training seed (init, batches, dropout)")
+    steps: Optional[int] = flag(None, "gradient steps")
+    batch_size: Optional[int] = flag(None, "trajectory windows per step")
+    context_len: Optional[int] = flag(None, "K, timesteps per window")
+    lr: Optional[float] = flag(None, "AdamW learning rate")
+    weight_decay: Optional[float] = flag(None, "AdamW weight decay")
+    adam_eps: Optional[float] = flag(None, "AdamW eps (official: 1e-6 for a pre-trained body, else 1e-8)")
+    warmup: Optional[int] = flag(None, "linear warm-up steps, then constant")
+    grad_clip: Optional[float] = flag(None, "global gradient-norm clip")
+    seed: int = flag(0, "training seed (init, batches, dropout)")
     # evaluation
-    eval_every: int = opt(2500, "evaluate (and checkpoint) every this many steps")
-    eval_episodes: int = opt(20, "episodes per target")
-    targets: str = opt("", "comma-separated target returns; default: the paper's for the env")
-    eval_seed: int = opt(10_000, "episode i of every evaluation resets its env with seed eval_seed + i")
+    eval_every: Optional[int] = flag(None, "evaluate (and checkpoint) every this many steps")
+    eval_episodes: Optional[int] = flag(None, "episodes per target")
+    targets: str = flag("", "comma-separated target returns; default: the paper's for the task")
+    eval_seed: int = flag(10_000, "episode i of every evaluation resets its env with seed eval_seed + i")
     # run
-    log_every: int = opt(100, "log losses every this many steps")
-    device: str = opt("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
-    compile: bool = opt(False, "torch.compile the training forward")
-    out: str = opt("", "run folder; default runs/<env>-f<frac>-s<seed>-<time>")
-    resume: str = opt("", "continue the run in this folder from its ckpt.pt")
-    eval_only: str = opt("", "evaluate this ckpt.pt and exit")
+    log_every: int = flag(100, "log losses every this many steps")
+    device: str = flag("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
+    precision: str = flag("auto", "auto (bf16 on CUDA, else fp32) | bf16 | fp32: the transformer body's matmuls")
+    compile: bool = flag(False, "torch.compile the training forward")
+    out: str = flag("", "run folder; default runs/<env>-f<frac>-<model>-s<seed>-<time>")
+    resume: str = flag("", "continue the run in this folder from its ckpt.pt")
+    eval_only: str = flag("", "evaluate this ckpt.pt and exit")
+    wandb: str = flag("", "log config and metrics to this Weights & Biases project")
+    wandb_group: str = flag("", "W&B group of this run (sweep.py passes the table cell)")
 
 
-PRESETS = {  # LaMo: paper App. B and the official scripts; DT: the paper's baseline (kzl DT's settings)
-    "lamo": dict(pretrained="gpt2", finetune="lora", lm_coef=0.1, lr=1e-4, weight_decay=1e-5, warmup=2500),
-    "dt": dict(pretrained="none", finetune="full", lm_coef=0.0, lr=1e-4, weight_decay=1e-4, warmup=10_000,
-               embed="linear", n_layer=3, n_head=1, n_embd=128),
+# The two models of the paper. What differs by task (lr, embedding, lambda, ...) is in tasks.py.
+PRESETS = {
+    "lamo": dict(pretrained="gpt2", finetune="lora", activation="gelu_tanh"),
+    # kzl DT, as the official code builds its baseline: GPT-2 blocks with --activation_function relu
+    # (experiment.py's default), 3 layers, 1 head, d=128, every weight trained.
+    "dt": dict(pretrained="none", finetune="full", activation="relu", n_layer=3, n_head=1, n_embd=128),
 }
-EMBED_BY_ENV = {"hopper": "linear", "walker2d": "mlp", "halfcheetah": "mlp"}   # the official run_*.sh scripts
-CHOICES = {"model": PRESETS, "finetune": ("lora", "full", "frozen"), "embed": ("mlp", "linear")}
-RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile"}
-EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "device"}
-
-
-def parse_args(argv=None) -> tuple[Config, dict]:
-    """The CLI is generated from Config: --field-name per field. Returns the config and the flags given."""
-    p = argparse.ArgumentParser(prog="lamo.py", description=__doc__.split("\n\n")[0],
-                                argument_default=argparse.SUPPRESS)
-    hints = get_type_hints(Config)
-    for f in fields(Config):
-        t = hints[f.name]
-        t = next(a for a in t.__args__ if a is not type(None)) if getattr(t, "__args__", None) else t
-        help = f"{f.metadata['help']} (default: {f.default})"
-        if t is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=help)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=t, help=help, metavar=t.__name__.upper())
-    given = vars(p.parse_args(argv))   # unknown flags are an argparse error
-    return Config(**given), given
-
-
-def resolve(cfg: Config, given=()) -> Config:
-    """Fill every None from the --model preset, then the env; check the choices, and refuse flags
-    (among `given`) that would do nothing in this configuration."""
-    for k, allowed in CHOICES.items():
-        v = getattr(cfg, k)
-        if v is not None and v not in allowed:
-            raise LamoError(f"--{k.replace('_', '-')} {v!r}: choose one of {', '.join(allowed)}")
-    spec = env_spec(cfg.env)
-    preset = {**PRESETS[cfg.model], "embed": PRESETS[cfg.model].get("embed", EMBED_BY_ENV[cfg.env.split("-")[0]])}
-    for k, v in preset.items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    shape = dict(zip(("n_layer", "n_head", "n_embd"), SIZES["gpt2"]))
-    for k in shape:
-        if cfg.pretrained != "none" and getattr(cfg, k) is not None:
-            raise LamoError(f"--{k.replace('_', '-')} only applies with --pretrained none; a pretrained model fixes its shape")
-        if cfg.pretrained == "none" and getattr(cfg, k) is None:
-            setattr(cfg, k, shape[k])   # "LaMo w/o pre-training": GPT-2 small's shape, random weights
-    if cfg.model == "dt" and cfg.lm_coef:
-        raise LamoError("--model dt has no language head (vocab 1, as in kzl DT); use --model lamo for --lm-coef")
-    if cfg.finetune == "lora" and cfg.lora_rank < 1:
-        raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
-    idle = [k for k in ("lora_rank", "lora_alpha") if k in given and cfg.finetune != "lora"]
-    idle += [k for k in ("lm_corpus", "lm_batch", "lm_seq_len") if k in given and not cfg.lm_coef]
-    if idle:
-        raise LamoError(f"--{idle[0].replace('_', '-')} has no effect with --finetune {cfg.finetune}, "
-                        f"--lm-coef {cfg.lm_coef}; drop it or turn that part on")
-    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every", "lm_batch",
-              "lm_seq_len", "warmup"):
-        if getattr(cfg, k) < 1:
-            raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
-    if cfg.lm_coef < 0:
-        raise LamoError(f"--lm-coef must be >= 0, got {cfg.lm_coef}")
-    cfg.targets = cfg.targets or ",".join(str(int(t)) for t in spec.targets)
-    parse_targets(cfg.targets)
-    return cfg
-
-
-def parse_targets(targets: str) -> list[float]:
-    """--targets "3600,1800" -> [3600.0, 1800.0]; checked here for a new run and again for --eval-only."""
-    try:
-        return [float(t) for t in targets.split(",")]
-    except ValueError:
-        raise LamoError(f"--targets {targets!r}: expected comma-separated returns, e.g. 3600,1800") from None
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":               # TF32 for the fp32 matmuls that autocast leaves alone
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (weights stay fp32; matmuls run in bf16); a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+CHOICES = {"model": PRESETS, "finetune": ("lora", "full", "frozen"), "embed": ("mlp", "linear"),
+           "activation": ("gelu_tanh", "relu"), "precision": ("auto", "bf16", "fp32")}
 
 
 # ============================================================================ 2. GPT-2 and LoRA
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),   # GPT-2's GELU is the tanh approximation
+    "relu": F.relu,
+}
+
+
 @dataclass
 class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    n_positions: int = 1024
+    n_layer: int = SIZES["gpt2"][0]
+    n_head: int = SIZES["gpt2"][1]
+    n_embd: int = SIZES["gpt2"][2]
+    vocab_size: int = VOCAB_SIZE
+    n_positions: int = N_POSITIONS
     layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"
     dropout: float = 0.1
     lora_rank: int = 0          # 0 = no adapters
     lora_alpha: float = 32.0
@@ -200,7 +142,9 @@ class LoRAQKV(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(3 * d, d))                  # frozen, from GPT-2
         self.bias = nn.Parameter(torch.zeros(3 * d))
-        self.r, self.scale, self.merged_from = r, alpha / max(r, 1), None
+        self.r = r
+        self.scale = alpha / max(r, 1)
+        self.merged_from = None
         if r:
             self.lora_A = nn.Parameter(torch.empty(3, r, d))                # (q|k|v, r, in)
             self.lora_B = nn.Parameter(torch.zeros(3, d, r))                # zero: the adapted model starts as GPT-2
@@ -237,7 +181,8 @@ class LoRAQKV(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.n_head, self.p = c.n_head, c.dropout
+        self.n_head = c.n_head
+        self.p = c.dropout
         self.c_attn = LoRAQKV(c.n_embd, c.lora_rank, c.lora_alpha, c.lora_dropout)
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
         self.resid_drop = nn.Dropout(c.dropout)
@@ -255,18 +200,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.c_fc, self.c_proj = nn.Linear(c.n_embd, 4 * c.n_embd), nn.Linear(4 * c.n_embd, c.n_embd)
+        self.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd)
+        self.c_proj = nn.Linear(4 * c.n_embd, c.n_embd)
+        self.act = ACTIVATIONS[c.activation]
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x):                                                   # (B, T, d)
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))   # GPT-2's GELU is the tanh one
+        return self.drop(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(c.n_embd, c.layer_norm_epsilon), nn.LayerNorm(c.n_embd, c.layer_norm_epsilon)
-        self.attn, self.mlp = CausalSelfAttention(c), MLP(c)
+        self.ln_1 = nn.LayerNorm(c.n_embd, c.layer_norm_epsilon)
+        self.ln_2 = nn.LayerNorm(c.n_embd, c.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(c)
+        self.mlp = MLP(c)
 
     def forward(self, x, mask=None):                                        # pre-LN residual block
         x = x + self.attn(self.ln_1(x), mask)
@@ -277,7 +226,8 @@ class GPT2(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.config = c
-        self.wte, self.wpe = nn.Embedding(c.vocab_size, c.n_embd), nn.Embedding(c.n_positions, c.n_embd)
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.n_positions, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd, c.layer_norm_epsilon)
@@ -288,8 +238,8 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
     def body(self, x, mask=None):
-        """The transformer on input embeddings x (B, T, d), adding no position embedding: the Decision
-        Transformer path, whose timestep embedding replaces wpe. -> hidden states (B, T, d) after ln_f."""
+        """The transformer on input embeddings x (B, T, d), adding no position embedding (the caller
+        does, if it wants one). -> hidden states (B, T, d) after ln_f."""
         x = self.drop(x)
         for block in self.h:
             x = block(x, mask)
@@ -301,13 +251,12 @@ class GPT2(nn.Module):
         return F.linear(h, self.wte.weight)                                 # (B, T, V): head tied to wte
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, lora_rank: int = 0, lora_alpha: float = 32.0,
-                        dropout: float = 0.1) -> "GPT2":
+    def from_pretrained(cls, name_or_path: str, **config) -> "GPT2":
         """gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once), a model.safetensors file, or a
-        folder holding one. The loader transposes GPT-2's Conv1D weights and checks every shape."""
-        config, state = load_gpt2(name_or_path)
-        model = cls(GPTConfig(**config, dropout=dropout, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                              lora_dropout=dropout))
+        folder holding one; `config`: GPTConfig fields beyond the shape (dropout, LoRA, ...). The
+        loader transposes GPT-2's Conv1D weights and checks every shape."""
+        shape, state = load_gpt2(name_or_path)
+        model = cls(GPTConfig(**shape, **config))
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all("lora_" in k for k in missing), (missing, unexpected)
         return model
@@ -338,166 +287,444 @@ def mark_trainable(model: nn.Module, patterns=LORA_TRAINABLE, verbose=True) -> t
     return n_train, n_total
 
 
-# ============================================================================ 3. Decision Transformer and loss
-class MLPEmbed(nn.Module):
-    """LaMo's embedding: fc2(GELU(fc1 x)) + fc1 x (official code's ResidualBlock)."""
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (weights stay fp32; matmuls run in bf16) for precision 'bf16', else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def __init__(self, n_in: int, d: int):
+
+# ============================================================================ 3. Decision Transformer and loss
+class Residual(nn.Module):
+    """LaMo's MLP embedding: h = first(x); fc2(GELU(h)) + h. The official code's ResidualBlock
+    (first = Linear) and ResidualEmbedBlock (first = Embedding, for discrete actions)."""
+
+    def __init__(self, first: nn.Module, d: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(n_in, d), nn.Linear(d, d)
+        self.fc1 = first
+        self.fc2 = nn.Linear(d, d)
 
     def forward(self, x):
         h = self.fc1(x)
         return self.fc2(F.gelu(h)) + h
 
 
+class NatureCNN(nn.Module):
+    """The Nature-DQN encoder (Mnih et al. 2015) of the official Atari code: frames / 255, three
+    convolutions with ReLU, then a Linear to d."""
+
+    def __init__(self, frames: int, d: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(frames, 32, 8, stride=4), nn.ReLU(),
+                                 nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                                 nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+                                 nn.Flatten(), nn.Linear(64 * 7 * 7, d))
+
+    def forward(self, x):                                                   # (N, frames, 84, 84) in 0..255
+        return self.net(x / 255.0)                                          # (N, d)
+
+
+def make_embedding(kind: str, source: str, n_in: int, d: int) -> nn.Module:
+    """The one table of embedding kinds. kind: linear (DT) | mlp (LaMo); source: vector (n_in
+    floats), discrete (one of n_in actions) or pixels (n_in stacked 84x84 frames)."""
+    if source == "pixels":   # official Atari: the CNN ends in a Linear to d; mlp adds a residual block
+        cnn = NatureCNN(n_in, d)
+        return cnn if kind == "linear" else nn.Sequential(cnn, Residual(nn.Linear(d, d), d))
+    first = nn.Embedding(n_in, d) if source == "discrete" else nn.Linear(n_in, d)
+    return first if kind == "linear" else Residual(first, d)
+
+
+def make_action_head(kind: str, d: int, n_out: int, discrete: bool, tanh_logits: bool) -> nn.Module:
+    if discrete and tanh_logits:   # Deviation kept from the official Atari LaMo: tanh bounds the logits
+        return nn.Sequential(nn.Linear(d, n_out), nn.Tanh())
+    if discrete:                   # kzl DT's Atari head
+        return nn.Linear(d, n_out, bias=False)
+    if kind == "mlp":              # LaMo's MLPBlock; no tanh, as in the official code
+        return nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, n_out))
+    return nn.Sequential(nn.Linear(d, n_out), nn.Tanh())                   # DT's head
+
+
 class DecisionTransformer(nn.Module):
     """Tokens (R_t, s_t, a_t) per timestep through a GPT-2 body; a_t is predicted from the s_t token
-    (Chen et al. 2021)."""
+    (Chen et al. 2021). How the tokens are built follows the official code of the task's domain."""
 
-    def __init__(self, gpt: GPT2, obs_dim: int, act_dim: int, max_ep_len: int, embed: str):
+    def __init__(self, gpt: GPT2, task: Task, embed: str, tanh_logits: bool, precision: str = "fp32"):
         super().__init__()
         d = gpt.config.n_embd
-        make = (lambda n: MLPEmbed(n, d)) if embed == "mlp" else (lambda n: nn.Linear(n, d))
+        pixels = len(task.obs_shape) == 3
         self.gpt = gpt
-        self.embed_timestep = nn.Embedding(max_ep_len, d)
-        self.embed_return, self.embed_state, self.embed_action = make(1), make(obs_dim), make(act_dim)
+        self.embed_timestep = nn.Embedding(task.max_timestep, d)
+        self.embed_return = make_embedding(embed, "vector", 1, d)
+        self.embed_state = make_embedding(embed, "pixels" if pixels else "vector", task.obs_shape[0], d)
+        self.embed_action = make_embedding(embed, "discrete" if task.discrete else "vector", task.act_dim, d)
         self.embed_ln = nn.LayerNorm(d)
-        if embed == "mlp":   # LaMo's MLPBlock head; no tanh, as in the official code
-            self.predict_action = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, act_dim))
-        else:                # DT's head
-            self.predict_action = nn.Sequential(nn.Linear(d, act_dim), nn.Tanh())
+        self.predict_action = make_action_head(embed, d, task.act_dim, task.discrete, tanh_logits)
+        self.add_wpe = task.wpe
+        self.timestep_before_ln = task.timestep_before_ln
+        self.pad_right = task.pad_right
+        self.precision = precision
 
-    def forward(self, states, actions, rtg, timesteps, mask=None):  # (B,K,obs) (B,K,act) (B,K,1) (B,K) (B,K)
-        B, K, _ = states.shape
-        tok = torch.stack([self.embed_return(rtg), self.embed_state(states), self.embed_action(actions)], 2)  # (B, K, 3, d)
-        # LaMo's order: LayerNorm the stacked tokens, then add the timestep embedding (kzl DT adds before LN).
-        x = self.embed_ln(tok.flatten(1, 2))                                         # (B, 3K, d): R1 s1 a1 R2 ...
-        x = x + self.embed_timestep(timesteps).repeat_interleave(3, dim=1)          # (B, 3K, d)
+    def embed(self, states, actions, rtg, timesteps):                  # (B,K,*obs) (B,K[,act]) (B,K,1) (B,K)
+        """The token sequence, always in fp32: under bf16, return-to-go / 1000 in [2, 4) has a step of
+        1/64 (16 units of return), so the embedding layers never see rounded inputs."""
+        B, K = timesteps.shape
+        time = self.embed_timestep(timesteps)                                        # (B, K, d)
+        tokens = [self.embed_return(rtg),                                            # (B, K, d) each
+                  self.embed_state(states.flatten(0, 1)).view(B, K, -1),
+                  self.embed_action(actions)]
+        if self.timestep_before_ln:    # official Atari (and kzl DT): time added to each token before LN
+            tokens = [t + time for t in tokens]
+        x = self.embed_ln(torch.stack(tokens, 2).flatten(1, 2))                      # (B, 3K, d): R1 s1 a1 R2 ...
+        if not self.timestep_before_ln:   # official MuJoCo/Kitchen LaMo: LayerNorm first, then time
+            x = x + time.repeat_interleave(3, dim=1)
+        if self.add_wpe:   # official Atari runs HF's GPT2Model on inputs_embeds, which adds wpe
+            x = x + self.gpt.wpe(torch.arange(3 * K, device=x.device))
+        return x
+
+    def forward(self, states, actions, rtg, timesteps, mask=None):    # mask (B, K): 1 real, 0 padding
+        B, K = timesteps.shape
+        x = self.embed(states, actions, rtg, timesteps)                             # (B, 3K, d)
         attn = None
-        if mask is not None:
+        if mask is not None and not self.pad_right:   # right padding: causality already hides it
             keys = mask.bool().repeat_interleave(3, dim=1)                           # (B, 3K)
             causal = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()
             # Each token may also see itself, so a left-padded row is never fully masked: a fully
             # masked softmax row is NaN, and NaN leaks into real rows through 0 * NaN in backward.
             # Real rows see only real keys, so padding cannot change them.
             attn = ((causal & keys[:, None, :]) | torch.eye(3 * K, dtype=torch.bool, device=x.device))[:, None]
-        h = self.gpt.body(x, attn).view(B, K, 3, -1)                                 # (B, K, 3, d)
+        with autocast(x.device, self.precision):
+            h = self.gpt.body(x, attn)                                               # (B, 3K, d)
+        h = h.float().view(B, K, 3, -1)                                              # (B, K, 3, d)
         return self.predict_action(h[:, :, 1])                                       # (B, K, act) from s_t
 
 
-def action_loss(pred, target, mask):                                  # (B, K, act), (B, K, act), (B, K)
-    """MSE over the real (unpadded) steps, as DT and LaMo."""
-    se = (pred.float() - target).pow(2).mean(-1)                     # (B, K)
-    return (se * mask).sum() / mask.sum()
+def action_loss(pred, target, mask, discrete: bool = False):          # (B,K,act) (B,K[,act]) (B,K)
+    """Over the real (unpadded) steps: MSE for continuous actions (DT, LaMo), cross-entropy over
+    the logits for discrete ones (official Atari)."""
+    if discrete:
+        per_step = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view(mask.shape)
+    else:
+        per_step = (pred - target).pow(2).mean(-1)                   # (B, K)
+    return (per_step * mask).sum() / mask.sum()
 
 
-def lm_loss(gpt: GPT2, block):                                        # (B, T+1) token ids
+def lm_loss(gpt: GPT2, block, precision: str = "fp32"):              # (B, T+1) token ids
     """Next-token cross-entropy through the same GPT-2, with wpe: a real GPT-2 forward.
     Deviation: the official code runs its LM batch without wpe too; GPT-2 was trained with it."""
-    logits = gpt(block[:, :-1])                                      # (B, T, V)
+    with autocast(block.device, precision):
+        logits = gpt(block[:, :-1])                                  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten())
 
 
-def build_model(cfg: Config, spec) -> DecisionTransformer:
-    lora = cfg.lora_rank if cfg.finetune == "lora" else 0
+def build_model(cfg: Config, task: Task, precision: str = "fp32") -> DecisionTransformer:
+    body = dict(dropout=cfg.dropout, activation=cfg.activation, lora_alpha=cfg.lora_alpha,
+                lora_rank=cfg.lora_rank if cfg.finetune == "lora" else 0, lora_dropout=cfg.lora_dropout)
     if cfg.pretrained == "none":
-        gpt = GPT2(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
-                             vocab_size=1 if cfg.model == "dt" else 50257, lora_rank=lora,
-                             lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout))
+        gpt = GPT2(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                             vocab_size=1 if cfg.model == "dt" else VOCAB_SIZE, **body))
     else:
-        gpt = GPT2.from_pretrained(cfg.pretrained, lora_rank=lora, lora_alpha=cfg.lora_alpha, dropout=cfg.dropout)
-    if cfg.lm_coef and gpt.config.vocab_size != 50257:
-        raise LamoError(f"--lm-coef needs GPT-2's 50257-token vocabulary; {cfg.pretrained} has {gpt.config.vocab_size}")
+        gpt = GPT2.from_pretrained(cfg.pretrained, **body)
+    if cfg.lm_coef and gpt.config.vocab_size != VOCAB_SIZE:
+        raise LamoError(f"--lm-coef needs GPT-2's {VOCAB_SIZE}-token vocabulary; {cfg.pretrained} has {gpt.config.vocab_size}")
     if cfg.lm_coef and cfg.lm_seq_len > gpt.config.n_positions:
         raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's {gpt.config.n_positions} positions")
-    model = DecisionTransformer(gpt, spec.obs_dim, spec.act_dim, spec.max_ep_len, cfg.embed)
-    # What trains: embeddings and heads always; of the GPT-2 body, LoRA + c_attn bias (lora; the official
-    # code's mark_only_lora_as_trainable(bias='lora_only') + --adapt_embed), everything (full; wte and
-    # wpe get gradients only from the LM loss), or nothing (frozen).
+    if task.wpe and 3 * cfg.context_len > gpt.config.n_positions:
+        raise LamoError(f"--context-len {cfg.context_len}: 3K tokens exceed the model's {gpt.config.n_positions} positions")
+    model = DecisionTransformer(gpt, task, cfg.embed, tanh_logits=cfg.model == "lamo", precision=precision)
+    # What trains: embeddings and heads always; of the GPT-2 body, LoRA (+ c_attn bias with --lora-bias:
+    # the official MuJoCo code's mark_only_lora_as_trainable(bias='lora_only'); its Atari code's PEFT
+    # freezes it), everything (full; wte and wpe get gradients only from the LM loss), or nothing (frozen).
     heads = (r"^embed_", r"^predict_")
-    mark_trainable(model, {"lora": LORA_TRAINABLE + heads, "full": (r"",), "frozen": heads}[cfg.finetune])
+    lora = LORA_TRAINABLE if cfg.lora_bias else LORA_TRAINABLE[:1]
+    mark_trainable(model, {"lora": lora + heads, "full": (r"",), "frozen": heads}[cfg.finetune])
     return model
 
 
 # ============================================================================ 4. batched evaluation
 @torch.inference_mode()
-def rollout(model, spec, episodes, state_mean, state_std, K: int, device) -> tuple[np.ndarray, np.ndarray]:
+def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
+            max_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run every (target, seed) episode at once: one model forward per env step for all live
-    episodes. All episodes start together, so at step t they share one K-step window of a
-    pre-allocated context buffer: no history is re-concatenated. The buffer starts with K-1 masked
-    padding slots, as the official code left-pads the first K-1 steps, so every forward has the same
-    shape (B, K): a row's result then does not depend on how many episodes share the batch (tiny
-    matmuls take other kernels and round differently), and batched returns equal one-at-a-time ones.
+    episodes, over a rolling K-step window per episode (a finished episode's row is dropped).
+    Left-padded tasks (DT's MuJoCo convention) start with K-1 masked padding slots, as the official
+    code left-pads the first K-1 steps, so every forward has the same shape (B, K): a row's result
+    then does not depend on how many episodes share the batch, and batched returns equal
+    one-at-a-time ones. Right-padded tasks (official Atari, with wpe) fill the window from slot 0 and
+    read the newest slot, so positions match training. Continuous actions are clipped to the action
+    space before env.step, as D4RL's NormalizedBoxEnv does; discrete ones are the argmax.
     Deviation: the official code evaluates one episode at a time. -> (returns, lengths) per episode."""
-    N, T, P = len(episodes), spec.max_ep_len, K - 1
-    envs = [make_env(spec.gym_id, T) for _ in range(N)]
-    S = torch.zeros(N, P + T, spec.obs_dim, device=device)               # normalised states
-    A = torch.zeros(N, P + T, spec.act_dim, device=device)               # actions; step t's slot is 0 until taken
-    R = torch.zeros(N, P + T, 1, device=device)                          # returns-to-go / scale
-    ts = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(T)]).to(device)   # (P + T,)
-    real = torch.arange(P + T, device=device) >= P                       # (P + T,) False on the padding
+    N, T = len(episodes), max_steps or task.episode_len
+    envs = [task.make_env(T) for _ in range(N)]
     obs = np.stack([env.reset(seed=seed)[0] for env, (_, seed) in zip(envs, episodes)])
-    S[:, P] = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
-    R[:, P, 0] = torch.tensor([tgt / spec.rtg_scale for tgt, _ in episodes], device=device)
+    normalise = (lambda o: o) if state_mean is None else (lambda o: (o - state_mean) / state_std)
+    S = torch.zeros(N, K, *task.obs_shape, device=device)                   # states
+    A = torch.zeros(N, K, *(() if task.discrete else (task.act_dim,)), device=device,
+                    dtype=torch.long if task.discrete else torch.float32)   # actions; step t's slot is 0 until taken
+    R = torch.zeros(N, K, 1, device=device)                                 # returns-to-go / scale
+    TS = torch.zeros(N, K, dtype=torch.long, device=device)                 # timesteps
+    rtg = torch.tensor([tgt / task.rtg_scale for tgt, _ in episodes], device=device)   # (N,)
+    space = envs[0].action_space
     returns, lengths = np.zeros(N), np.zeros(N, dtype=int)
-    live = np.arange(N)
+    live = np.arange(N)                                                     # episode of each row
     for t in range(T):
-        w, idx, n = slice(t, t + K), torch.as_tensor(live, device=device), len(live)   # window ends at step t
-        mask = real[w].expand(n, -1).float() if t < P else None         # (n, K); no mask once the window is full
-        with autocast(device):
-            a = model(S[idx, w], A[idx, w], R[idx, w], ts[w].expand(n, -1), mask)[:, -1].float()  # (n, act)
-        A[idx, P + t] = a
-        steps = [envs[i].step(act) for i, act in zip(live, a.cpu().numpy())]   # one host sync per env step
+        slot = t if task.pad_right and t < K else K - 1
+        if t and slot == K - 1:                                             # drop the oldest step
+            for buf in (S, A, R, TS):
+                buf[:, :-1] = buf[:, 1:].clone()
+            A[:, -1] = 0
+        S[:, slot] = torch.as_tensor(normalise(obs), dtype=torch.float32, device=device)
+        R[:, slot, 0] = rtg
+        TS[:, slot] = min(t, task.max_timestep - 1)
+        left_pad = not task.pad_right and t < K - 1
+        mask = (torch.arange(K, device=device) >= K - 1 - t).float().expand(len(live), -1) if left_pad else None
+        out = model(S, A, R, TS, mask)[:, slot]                              # (n, act)
+        action = out.argmax(-1) if task.discrete else out
+        A[:, slot] = action
+        action = action.cpu().numpy()                                        # one host sync per env step
+        if not task.discrete:
+            action = np.clip(action, space.low, space.high)
+        steps = [envs[i].step(a) for i, a in zip(live, action)]
         r = np.array([s[1] for s in steps])
         returns[live] += r
         lengths[live] += 1
         going = np.array([not (s[2] or s[3]) for s in steps])
-        live, r = live[going], r[going]
+        rtg = rtg - torch.as_tensor(r / task.rtg_scale, dtype=torch.float32, device=device)
+        live = live[going]
         if len(live) == 0 or t + 1 == T:
             break
+        keep = torch.as_tensor(going, device=device)
+        S, A, R, TS, rtg = S[keep], A[keep], R[keep], TS[keep], rtg[keep]
         obs = np.stack([s[0] for s, g in zip(steps, going) if g])
-        idx = torch.as_tensor(live, device=device)
-        S[idx, P + t + 1] = torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32, device=device)
-        R[idx, P + t + 1] = R[idx, P + t] - torch.as_tensor(r[:, None] / spec.rtg_scale, dtype=torch.float32, device=device)
     for env in envs:
         env.close()
     return returns, lengths
 
 
-def evaluate(model, cfg: Config, spec, state_mean, state_std, device) -> dict:
-    """All targets x episodes in one batched rollout, LoRA merged. -> {target: score statistics}."""
+def evaluate(model, cfg: Config, task: Task, state_mean, state_std, device) -> dict:
+    """All targets x episodes in one batched rollout, LoRA merged. -> {target: return and score
+    statistics over the episodes}."""
     targets = parse_targets(cfg.targets)
     episodes = [(tgt, cfg.eval_seed + i) for tgt in targets for i in range(cfg.eval_episodes)]
     model.eval()
     model.gpt.merge()
     try:
-        returns, _ = rollout(model, spec, episodes, state_mean, state_std, cfg.context_len, device)
+        returns, _ = rollout(model, task, episodes, state_mean, state_std, cfg.context_len, device)
     finally:
         model.gpt.unmerge()
         model.train()
     out = {}
     for j, tgt in enumerate(targets):
         r = returns[j * cfg.eval_episodes:(j + 1) * cfg.eval_episodes]
-        s = normalized_score(cfg.env, r)
+        s = task.score(r)
         out[f"{tgt:g}"] = {"return_mean": r.mean(), "return_std": r.std(), "score_mean": s.mean(), "score_std": s.std()}
     return {k: {m: float(v) for m, v in d.items()} for k, d in out.items()}
 
 
 # ============================================================================ 5. training
+def make_optimizer(model, cfg: Config, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    # One lr for every trainable parameter: the official code's separate LM lr never takes effect.
+    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                                     fused=device.type == "cuda")   # fused: one kernel for the whole update
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Linear warm-up over cfg.warmup steps, then constant (LambdaLR in the official code)."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+
+
+def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, discrete: bool) -> torch.Tensor:
+    """One gradient step on L = L_action + lambda * L_LM. -> (action loss, LM loss, grad norm,
+    non-finite flag) as one device tensor: no .item() here, so the GPU never waits for the host."""
+    pred = fwd(batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask)
+    loss_action = action_loss(pred, batch.actions, batch.mask, discrete)
+    loss_lm = (lm_loss(model.gpt, lm_block, model.precision) if lm_block is not None
+               else torch.zeros((), device=loss_action.device))
+    loss = loss_action + cfg.lm_coef * loss_lm
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm, (~torch.isfinite(loss)).float()])
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; checkpointed whole, so --resume continues bit for bit."""
+    cfg: Config
+    task: Task
+    folder: Path
+    device: torch.device
+    model: DecisionTransformer
+    params: list
+    optimizer: torch.optim.Optimizer
+    batcher: object
+    lm: Optional[LMBatcher]
+    subset: np.ndarray
+    data_files: dict
+    step: int = 0
+    history: list = field(default_factory=list)   # every evaluation: {"step", "eval"}
+
+
+def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
+    device = pick_device(cfg.device)
+    task = get_task(cfg.env)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, task, resolve_precision(cfg, device)).to(device)   # before the data: a bad --pretrained fails in seconds
+    trajectories, files = task.load(cfg.data)
+    subset = task.subset(trajectories, cfg.frac, cfg.frac_seed)
+    batcher = task.batcher(trajectories, subset, cfg.context_len, task.max_timestep, task.rtg_scale,
+                           cfg.seed, device)
+    lm = (LMBatcher(lm_tokens(cfg.lm_corpus), cfg.lm_batch, cfg.lm_seq_len, cfg.seed + 1, device)
+          if cfg.lm_coef > 0 else None)   # lambda = 0: no corpus, no LM forward (the official code runs it anyway)
+    params, optimizer = make_optimizer(model, cfg, device)
+    run = Run(cfg, task, folder, device, model, params, optimizer, batcher, lm, subset,
+              {str(f): sha256_of(f) for f in files})
+    # The run folder appears only now, so a run that fails while loading leaves nothing behind.
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if resume:
+        restore(run)
+    else:
+        (folder / "subset.json").write_text(json.dumps({"frac": cfg.frac, "frac_seed": cfg.frac_seed,
+                                            "n_trajectories": int(len(subset)), "indices": subset.tolist()}))
+    n_train = sum(p.numel() for p in params)
+    body = model.gpt.config
+    print(f"data     {cfg.data or task.source}: subset frac={cfg.frac} (seed {cfg.frac_seed}): {batcher.describe()}\n"
+          f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | embed {cfg.embed} | "
+          f"layers {body.n_layer}, d {body.n_embd}, {cfg.activation} | lambda {cfg.lm_coef} | {model.precision}\n"
+          f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
+          f"device   {device} | run folder {folder}")
+    return run
+
+
+def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
+    run = start_run(cfg, folder, resume)
+    model, discrete = run.model, run.task.discrete
+    # --compile: the training forward as fused kernels; the first steps pay the compilation. With
+    # dropout, compiled runs draw other random masks than eager ones, so the two are not bit-identical.
+    fwd = torch.compile(model) if cfg.compile else model
+    log = MetricsLog(run)
+    sums = torch.zeros(4, device=run.device)   # action loss, LM loss, grad norm, non-finite count: summed on device
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
+    model.train()
+    with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log):
+        while run.step < cfg.steps:
+            lr = learning_rate(cfg, run.step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            sums += train_step(fwd, model, run.optimizer, run.params, run.batcher.sample(cfg.batch_size),
+                               run.lm.sample() if run.lm else None, cfg, discrete)
+            run.step += 1
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                log.losses(sums, lr)
+                sums.zero_()
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                log.check_finite(sums)
+                evaluation = evaluate(model, cfg, run.task, run.batcher.state_mean, run.batcher.state_std, run.device)
+                run.history.append({"step": run.step, "eval": evaluation})
+                log.evaluation(run.history[-1])
+                save_checkpoint(run)
+            bar.update(1)
+            bar.set_postfix_str(log.status)
+            if stop:
+                bar.close()
+                log.check_finite(sums)
+                save_checkpoint(run)
+                print(f"interrupted at step {run.step}; checkpoint saved. Continue with: python lamo.py --resume {folder}")
+                raise SystemExit(130)
+    bar.close()
+    return finish(run)
+
+
+def eval_only(cfg: Config, ckpt_path: Path) -> dict:
+    device = pick_device(cfg.device)
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    task = get_task(cfg.env)
+    model = build_model(cfg, task, resolve_precision(cfg, device)).to(device)
+    load_trainable(model, ckpt)
+    ev = evaluate(model, cfg, task, ckpt["state_mean"], ckpt["state_std"], device)
+    print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} episodes per target):")
+    if ckpt["last_eval"] is not None:
+        same = ev == ckpt["last_eval"]
+        print("identical to the evaluation stored in the checkpoint" if same else
+              "differs from the evaluation stored in the checkpoint (other episodes, targets or device?)")
+    return ev
+
+
+# ============================================================================ 6. run folder
+class MetricsLog:
+    """metrics.jsonl (one JSON row per log step and per evaluation) and, with --wandb, W&B."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.file = open(run.folder / "metrics.jsonl", "a")
+        self.t_last = time.time()
+        self.status = ""
+        self.wandb = None
+        if run.cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise LamoError("--wandb needs the wandb package: pip install wandb") from None
+            # One W&B run per run folder, its id kept in the folder, so --resume continues the same run.
+            id_file = run.folder / "wandb_id"
+            run_id = id_file.read_text() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=run.cfg.wandb, group=run.cfg.wandb_group or None, id=run_id,
+                                    name=run.folder.name, config=asdict(run.cfg), dir=str(run.folder),
+                                    resume="allow")
+
+    def write(self, row: dict):
+        self.file.write(json.dumps(row) + "\n")
+        if self.wandb:
+            flat = {k: v for k, v in row.items() if k not in ("step", "eval")}
+            for tgt, e in row.get("eval", {}).items():
+                flat.update({f"eval/{tgt}/{k}": v for k, v in e.items()})
+            self.wandb.log(flat, step=row["step"])
+
+    def check_finite(self, sums):
+        if sums[3].item() > 0:
+            raise LamoError(f"loss became NaN/inf before step {self.run.step}; stopped. The last good checkpoint "
+                            f"{self.run.folder / 'ckpt.pt'} is intact: resume it with a lower --lr, or check the data")
+
+    def losses(self, sums, lr: float):
+        self.check_finite(sums)
+        step, every = self.run.step, self.run.cfg.log_every
+        n = every if step % every == 0 else step % every
+        loss_action, loss_lm, grad_norm, _ = (sums / n).tolist()
+        now = time.time()
+        self.write({"step": step, "action_loss": loss_action, "lm_loss": loss_lm, "lr": lr,
+                    "grad_norm": grad_norm, "steps_per_s": n / (now - self.t_last)})
+        self.t_last = now
+        self.status = f"loss {loss_action:.4f} lm {loss_lm:.3f} lr {lr:.1e}"
+
+    def evaluation(self, row: dict):
+        self.write(row)
+        self.file.flush()
+        self.status = f"score {max(e['score_mean'] for e in row['eval'].values()):.1f}"
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
 def save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)              # a crash mid-write leaves the previous checkpoint intact
 
 
-def checkpoint(model, opt, step, batcher, lm, cfg, last_eval) -> dict:
-    return {"step": step, "config": asdict(cfg), "last_eval": last_eval,
-            "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "state_mean": batcher.state_mean, "state_std": batcher.state_std, "optimizer": opt.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "batches": batcher.rng.bit_generator.state,
-                    "lm": lm.rng.bit_generator.state if lm else None,
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+def save_checkpoint(run: Run):
+    batcher = run.batcher
+    save_atomic({"step": run.step, "config": asdict(run.cfg),
+                 "last_eval": run.history[-1]["eval"] if run.history else None,
+                 "trainable": {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad},
+                 "state_mean": batcher.state_mean, "state_std": batcher.state_std,
+                 "optimizer": run.optimizer.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "batches": batcher.rng.bit_generator.state,
+                         "lm": run.lm.rng.bit_generator.state if run.lm else None,
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                run.folder / "ckpt.pt")
 
 
 def load_trainable(model, ckpt):
@@ -507,38 +734,64 @@ def load_trainable(model, ckpt):
     model.load_state_dict(ckpt["trainable"], strict=False)
 
 
-def restore(run_dir: Path, model, opt, batcher, lm, subset, device) -> tuple[int, list]:
-    """Load ckpt.pt into a freshly built model, optimizer and samplers (RNG states included), and cut
-    metrics.jsonl back to the checkpoint's step. -> (step, evaluation history)."""
-    ckpt = torch.load(run_dir / "ckpt.pt", map_location=device, weights_only=False)
-    if json.loads((run_dir / "subset.json").read_text())["indices"] != subset.tolist():
-        raise LamoError(f"the dataset changed since {run_dir} started: its --frac subset differs")
-    load_trainable(model, ckpt)
-    opt.load_state_dict(ckpt["optimizer"])
+def restore(run: Run):
+    """Load ckpt.pt into the freshly built run (RNG states included), and cut metrics.jsonl back to
+    the checkpoint's step."""
+    ckpt = torch.load(run.folder / "ckpt.pt", map_location=run.device, weights_only=False)
+    if json.loads((run.folder / "subset.json").read_text())["indices"] != run.subset.tolist():
+        raise LamoError(f"the dataset changed since {run.folder} started: its --frac subset differs")
+    load_trainable(run.model, ckpt)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    batcher.rng.bit_generator.state = ckpt["rng"]["batches"]
-    if lm:
-        lm.rng.bit_generator.state = ckpt["rng"]["lm"]
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run.batcher.rng.bit_generator.state = ckpt["rng"]["batches"]
+    if run.lm:
+        run.lm.rng.bit_generator.state = ckpt["rng"]["lm"]
+    metrics = run.folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     rows = [r for r in rows if r["step"] <= ckpt["step"]]          # drop what came after the checkpoint
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"resuming {run_dir} at step {ckpt['step']}")
-    return ckpt["step"], [r for r in rows if "eval" in r]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.step = ckpt["step"]
+    run.history = [r for r in rows if "eval" in r]
+    print(f"resuming {run.folder} at step {run.step}")
 
 
 def summarize(history: list[dict], steps: int) -> dict:
     """Per target: final, best and the paper's metric, the mean over evaluations in the last 20% of
-    training (the last 8 of 40 in the paper's protocol); headline = the best target's last-20% mean."""
+    training (the last 8 of 40 in the paper's protocol); headline = the best target's last-20% mean.
+    Deviation: the paper picks the target per task over its 3 seeds; one run can only pick its own
+    (sweep.py picks per table cell, as the paper does)."""
     out = {}
     for tgt in history[-1]["eval"]:
-        scores = [(h["step"], h["eval"][tgt]["score_mean"]) for h in history]
-        last = [s for step, s in scores if step > 0.8 * steps] or [scores[-1][1]]
-        out[tgt] = {"final": scores[-1][1], "best": max(s for _, s in scores), "last20": float(np.mean(last)),
-                    "n_last20": len(last)}
+        late = [h["eval"][tgt] for h in history if h["step"] > 0.8 * steps] or [history[-1]["eval"][tgt]]
+        scores = [h["eval"][tgt]["score_mean"] for h in history]
+        out[tgt] = {"final": scores[-1], "best": max(scores),
+                    "last20": float(np.mean([e["score_mean"] for e in late])),
+                    "last20_return": float(np.mean([e["return_mean"] for e in late])), "n_last20": len(late)}
     best = max(out, key=lambda t: out[t]["last20"])
     return {"targets": out, "headline": out[best]["last20"], "headline_target": best}
+
+
+def finish(run: Run) -> dict:
+    """summary.json (self-describing), the printed table, curve.png."""
+    cfg, task = run.cfg, run.task
+    summary = summarize(run.history, cfg.steps)
+    paper = PAPER.get((task.name, cfg.frac, cfg.model))
+    (run.folder / "summary.json").write_text(json.dumps({
+        "task": task.name, "env": cfg.env, "model": cfg.model, "frac": cfg.frac, "seed": cfg.seed,
+        "step": run.step, "metric": f"{task.score_name} (x100; 'return' keys are raw returns)",
+        "evaluation_env": task.gym_id, "data": run.data_files, **summary,
+        "paper": dict(zip(("mean", "std", "table"), paper)) if paper else None}, indent=2))
+    print_eval(run.history[-1]["eval"], f"\nfinal evaluation at step {run.step} ({cfg.eval_episodes} episodes per target):")
+    print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   {task.score_name}, mean over episodes")
+    for tgt, s in summary["targets"].items():
+        print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   ({s['n_last20']} evaluations in the last 20%)")
+    print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
+          f"at target {summary['headline_target']}" + (f"; the paper's {paper[2]}: {paper[0]} ± {paper[1]}" if paper else "")
+          + f"\nrun folder: {run.folder}")
+    plot_curve(run, paper, run.folder / "curve.png")
+    return summary
 
 
 def print_eval(ev: dict, header: str):
@@ -547,7 +800,9 @@ def print_eval(ev: dict, header: str):
         print(f"  {tgt:>8} {e['return_mean']:>9.1f} ± {e['return_std']:<6.1f} {e['score_mean']:>9.1f} ± {e['score_std']:<6.1f}")
 
 
-def plot_curve(history, path: Path):
+def plot_curve(run: Run, paper, path: Path):
+    """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this cell
+    as dashed lines, and the training losses beside it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -555,81 +810,122 @@ def plot_curve(history, path: Path):
     except ImportError:
         print("matplotlib is not installed: no learning-curve PNG")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    cfg, history = run.cfg, run.history
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.array([h["step"] for h in history])
     for tgt in history[-1]["eval"]:
-        ax.plot([h["step"] for h in history], [h["eval"][tgt]["score_mean"] for h in history], "o-", label=f"target {tgt}")
-    ax.set(xlabel="gradient step", ylabel="D4RL normalised score", title=path.parent.name)
-    ax.legend()
+        mean = np.array([h["eval"][tgt]["score_mean"] for h in history])
+        std = np.array([h["eval"][tgt]["score_std"] for h in history])
+        line, = left.plot(steps, mean, "o-", ms=3, label=f"target {tgt}")
+        left.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for model, style in (("lamo", "k--"), ("dt", "k:")):
+        cell = PAPER.get((run.task.name, cfg.frac, model))
+        if cell:
+            left.axhline(cell[0], color="k", ls=style[1:], lw=1, label=f"paper {model.upper() if model == 'dt' else 'LaMo'} "
+                                                                         f"({cell[2]}): {cell[0]}")
+    left.set(xlabel="gradient step", ylabel=run.task.score_name, title="evaluation (±std over episodes)")
+    left.legend(fontsize=7)
+    rows = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "action_loss" in r]
+    right.plot([r["step"] for r in rows], [r["action_loss"] for r in rows], label="action loss")
+    if cfg.lm_coef:
+        right.plot([r["step"] for r in rows], [r["lm_loss"] for r in rows], label="LM loss")
+    right.set(xlabel="gradient step", ylabel="loss", yscale="log", title="training losses")
+    right.legend(fontsize=7)
+    fig.suptitle(f"{run.task.name}, {cfg.frac:g} of the data, {cfg.model} ({cfg.pretrained}), seed {cfg.seed}")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def train_step(fwd, model, opt, params, batch, lm_block, cfg: Config, device) -> torch.Tensor:
-    """One gradient step on L = L_action + lambda * L_LM. -> (action loss, LM loss, grad norm,
-    non-finite flag) as one device tensor: no .item() here, so the GPU never waits for the host."""
-    with autocast(device):
-        pred = fwd(batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask)
-        loss_a = action_loss(pred, batch.actions, batch.mask)
-        loss_lm = lm_loss(model.gpt, lm_block) if lm_block is not None else torch.zeros((), device=device)
-    loss = loss_a + cfg.lm_coef * loss_lm
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
-    return torch.stack([loss_a.detach(), loss_lm.detach(), gnorm, (~torch.isfinite(loss)).float()])
+# ============================================================================ 7. command line
+RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "wandb", "wandb_group"}
+EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "device", "precision"}
 
 
-def make_optimizer(model, cfg: Config, device):
-    params = [p for p in model.parameters() if p.requires_grad]
-    # One lr for every trainable parameter: the official code's separate LM lr never takes effect.
-    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=1e-6,
-                                     fused=device.type == "cuda")   # fused: one kernel for the whole update
+def parse_args(argv=None) -> tuple[Config, dict]:
+    """The CLI is generated from Config: --field-name per field. Returns the config and the flags given."""
+    parser = argparse.ArgumentParser(prog="lamo.py", description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    hints = get_type_hints(Config)
+    for f in fields(Config):
+        t = hints[f.name]
+        t = next(a for a in t.__args__ if a is not type(None)) if getattr(t, "__args__", None) else t
+        help = f"{f.metadata['help']} (default: {f.default})"
+        name = "--" + f.name.replace("_", "-")
+        if t is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            parser.add_argument(name, type=t, help=help, metavar=t.__name__.upper())
+    given = vars(parser.parse_args(argv))   # unknown flags are an argparse error
+    return Config(**given), given
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
-    device = pick_device(cfg.device)
-    spec = env_spec(cfg.env)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, spec).to(device)      # before the data: a bad --pretrained fails in seconds
-    trajs = load_trajectories(dataset_path(cfg.env, cfg.data), spec)
-    subset = subset_indices(len(trajs), cfg.frac, cfg.frac_seed)
-    trajs = [trajs[i] for i in subset]
-    batcher = TrajectoryBatcher(trajs, cfg.context_len, spec.max_ep_len, spec.rtg_scale, cfg.seed, device)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lm = (LMBatcher(lm_tokens(cfg.lm_corpus), cfg.lm_batch, cfg.lm_seq_len, cfg.seed + 1, device)
-          if cfg.lm_coef > 0 else None)   # lambda = 0: no corpus, no LM forward (the official code runs it anyway)
-    params, opt = make_optimizer(model, cfg, device)
-    # The run folder appears only now, so a run that fails while loading leaves nothing behind.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    step, history = 0, []
-    if resume:
-        step, history = restore(run_dir, model, opt, batcher, lm, subset, device)
-    else:
-        (run_dir / "subset.json").write_text(json.dumps({"frac": cfg.frac, "frac_seed": cfg.frac_seed,
-                                           "n_trajectories": int(len(subset)), "indices": subset.tolist()}))
-    print(f"data     {cfg.data or cfg.env}: subset frac={cfg.frac} (seed {cfg.frac_seed}): {describe(trajs)}\n"
-          f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | embed {cfg.embed} | "
-          f"layers {model.gpt.config.n_layer}, d {model.gpt.config.n_embd} | lambda {cfg.lm_coef}\n"
-          f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
-          f"device   {device} | run folder {run_dir}")
-    # --compile: the training forward as fused kernels; the first steps pay the compilation. With
-    # dropout, compiled runs draw other random masks than eager ones, so the two are not bit-identical.
-    fwd = torch.compile(model) if cfg.compile else model
-    metrics = open(run_dir / "metrics.jsonl", "a")
-    sums = torch.zeros(4, device=device)     # action loss, LM loss, grad norm, non-finite count: summed on device
-    t_log, last_eval = time.time(), (history[-1]["eval"] if history else None)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-    model.train()
+def resolve(cfg: Config, given=()) -> Config:
+    """Fill every None from the --model preset, then the task's recipe; check the choices, and refuse
+    flags (among `given`) that would do nothing in this configuration."""
+    for k, allowed in CHOICES.items():
+        v = getattr(cfg, k)
+        if v is not None and v not in allowed:
+            raise LamoError(f"--{k.replace('_', '-')} {v!r}: choose one of {', '.join(allowed)}")
+    task = get_task(cfg.env)
+    recipe: Recipe = getattr(task, cfg.model)
+    for k, v in {**asdict(recipe), **PRESETS[cfg.model]}.items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    shape = dict(zip(("n_layer", "n_head", "n_embd"), SIZES["gpt2"]))
+    for k in shape:
+        if cfg.pretrained != "none" and getattr(cfg, k) is not None:
+            raise LamoError(f"--{k.replace('_', '-')} only applies with --pretrained none; a pretrained model fixes its shape")
+        if cfg.pretrained == "none" and getattr(cfg, k) is None:
+            setattr(cfg, k, shape[k])   # "LaMo w/o pre-training": GPT-2 small's shape, random weights
+    if cfg.adam_eps is None:   # the official utils.get_optimizer: eps 1e-6 only with --pretrained_lm
+        cfg.adam_eps = task.adam_eps_pretrained if cfg.pretrained != "none" else 1e-8
+    if cfg.model == "dt" and cfg.lm_coef:
+        raise LamoError("--model dt has no language head (vocab 1, as in kzl DT); use --model lamo for --lm-coef")
+    if cfg.finetune == "lora" and cfg.lora_rank < 1:
+        raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
+    idle = [k for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias") if k in given and cfg.finetune != "lora"]
+    idle += [k for k in ("lm_corpus", "lm_batch", "lm_seq_len") if k in given and not cfg.lm_coef]
+    if idle:
+        raise LamoError(f"--{idle[0].replace('_', '-')} has no effect with --finetune {cfg.finetune}, "
+                        f"--lm-coef {cfg.lm_coef}; drop it or turn that part on")
+    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every", "lm_batch",
+              "lm_seq_len", "warmup"):
+        if getattr(cfg, k) < 1:
+            raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
+    if cfg.lm_coef < 0:
+        raise LamoError(f"--lm-coef must be >= 0, got {cfg.lm_coef}")
+    cfg.targets = cfg.targets or ",".join(f"{t:g}" for t in task.targets)
+    parse_targets(cfg.targets)
+    return cfg
 
-    def check_finite():
-        if sums[3].item() > 0:
-            raise LamoError(f"loss became NaN/inf before step {step}; stopped. The last good checkpoint "
-                            f"{run_dir / 'ckpt.pt'} is intact: resume it with a lower --lr, or check the data")
 
-    # Ctrl-C: the first one finishes the current step, saves a checkpoint and exits (an interrupt inside
-    # opt.step() would leave half-updated weights); a second one aborts at once.
+def parse_targets(targets: str) -> list[float]:
+    """--targets "3600,1800" -> [3600.0, 1800.0]; checked here for a new run and again for --eval-only."""
+    try:
+        return [float(t) for t in targets.split(",")]
+    except ValueError:
+        raise LamoError(f"--targets {targets!r}: expected comma-separated returns, e.g. 3600,1800") from None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":               # TF32 for the fp32 matmuls outside the bf16 body
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+
+
+@contextlib.contextmanager
+def ctrl_c_saves_checkpoint():
+    """Ctrl-C: the first one lets the current step finish, then the loop saves a checkpoint and
+    exits (an interrupt inside optimizer.step() would leave half-updated weights); a second one
+    aborts at once. Yields a list that becomes non-empty on the first Ctrl-C."""
     stop = []
 
     def on_sigint(*_):
@@ -640,103 +936,50 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while step < cfg.steps:
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)   # linear warm-up, then constant (LambdaLR in the official code)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            sums += train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
-                               lm.sample() if lm else None, cfg, device)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                check_finite()
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                la, llm, gn, _ = (sums / n).tolist()
-                sps, t_log = n / (time.time() - t_log), time.time()
-                metrics.write(json.dumps({"step": step, "action_loss": la, "lm_loss": llm, "lr": lr,
-                                          "grad_norm": gn, "steps_per_s": sps}) + "\n")
-                sums.zero_()
-                bar.set_postfix_str(f"loss {la:.4f} lm {llm:.3f} lr {lr:.1e}" +
-                                    (f" score {max(e['score_mean'] for e in last_eval.values()):.1f}" if last_eval else ""))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                check_finite()
-                last_eval = evaluate(model, cfg, spec, batcher.state_mean, batcher.state_std, device)
-                history.append({"step": step, "eval": last_eval})
-                metrics.write(json.dumps(history[-1]) + "\n")
-                metrics.flush()
-                save_atomic(checkpoint(model, opt, step, batcher, lm, cfg, last_eval), run_dir / "ckpt.pt")
-                bar.set_postfix_str(f"score {max(e['score_mean'] for e in last_eval.values()):.1f}")
-            bar.update(1)
-            if stop:
-                bar.close()
-                check_finite()
-                save_atomic(checkpoint(model, opt, step, batcher, lm, cfg, last_eval), run_dir / "ckpt.pt")
-                print(f"interrupted at step {step}; checkpoint saved. Continue with: python lamo.py --resume {run_dir}")
-                raise SystemExit(130)
+        yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
-        metrics.close()
-    bar.close()
-    summary = summarize(history, cfg.steps)
-    (run_dir / "summary.json").write_text(json.dumps({"step": step, "env": cfg.env, "frac": cfg.frac,
-                                                      "seed": cfg.seed, **summary}, indent=2))
-    print_eval(last_eval, f"\nfinal evaluation at step {step} ({cfg.eval_episodes} episodes per target):")
-    print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   normalised score, mean over episodes")
-    for tgt, s in summary["targets"].items():
-        print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   ({s['n_last20']} evaluations in the last 20%)")
-    print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
-          f"at target {summary['headline_target']}\nrun folder: {run_dir}")
-    plot_curve(history, run_dir / "curve.png")
-    return summary
 
 
-def eval_only(cfg: Config, ckpt_path: Path) -> dict:
-    device = pick_device(cfg.device)
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-    spec = env_spec(cfg.env)
-    model = build_model(cfg, spec).to(device)
-    load_trainable(model, ckpt)
-    ev = evaluate(model, cfg, spec, ckpt["state_mean"], ckpt["state_std"], device)
-    print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} episodes per target):")
-    if ckpt["last_eval"] is not None:
-        same = ev == ckpt["last_eval"]
-        print("identical to the evaluation stored in the checkpoint" if same else
-              "differs from the evaluation stored in the checkpoint (other episodes, targets or device?)")
-    return ev
+def load_saved_config(given: dict) -> tuple[Config, Path]:
+    """--resume RUN_DIR or --eval-only CKPT: the run's saved config, plus the flags allowed to change."""
+    src = Path(given.get("resume") or given["eval_only"])
+    allowed = RESUME_OVERRIDES if given.get("resume") else EVAL_OVERRIDES
+    if given.get("resume"):
+        if not (src / "ckpt.pt").exists():
+            raise LamoError(f"--resume {src}: no ckpt.pt there")
+        saved = json.loads((src / "config.json").read_text())
+    else:
+        if not src.is_file():
+            raise LamoError(f"--eval-only {src}: no such checkpoint file")
+        saved = torch.load(src, map_location="cpu", weights_only=False)["config"]
+    bad = [k for k in given if k not in allowed | {"resume", "eval_only"} and given[k] != saved.get(k)]
+    if bad:
+        raise LamoError(f"cannot change --{bad[0].replace('_', '-')} here (the run used {saved.get(bad[0])!r}); "
+                        f"allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(allowed))}")
+    known = {f.name for f in fields(Config)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    return Config(**{**saved, **{k: v for k, v in given.items() if k in allowed}, "resume": "", "eval_only": ""}), src
 
 
-# ============================================================================ 6. entry point
 def main(argv=None):
     cfg, given = parse_args(argv)
     try:
-        if cfg.resume or cfg.eval_only:
-            src = Path(cfg.resume or cfg.eval_only)
-            allowed = RESUME_OVERRIDES if cfg.resume else EVAL_OVERRIDES
-            if cfg.resume:
-                saved = json.loads((src / "config.json").read_text()) if (src / "ckpt.pt").exists() else None
-                if saved is None:
-                    raise LamoError(f"--resume {src}: no ckpt.pt there")
-            else:
-                if not src.is_file():
-                    raise LamoError(f"--eval-only {src}: no such checkpoint file")
-                saved = torch.load(src, map_location="cpu", weights_only=False)["config"]
-            bad = [k for k in given if k not in allowed | {"resume", "eval_only"} and given[k] != saved.get(k)]
-            if bad:
-                raise LamoError(f"cannot change --{bad[0].replace('_', '-')} here (the run used {saved[bad[0]]!r}); "
-                                f"allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(allowed))}")
-            cfg = Config(**{**saved, **{k: v for k, v in given.items() if k in allowed}, "resume": "", "eval_only": ""})
-            if given.get("eval_only"):
-                return eval_only(cfg, src)
-            run_dir = src
+        if cfg.eval_only:
+            cfg, src = load_saved_config(given)
+            return eval_only(cfg, src)
+        if cfg.resume:
+            cfg, folder = load_saved_config(given)
         else:
             cfg = resolve(cfg, given)
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = Path(cfg.out or f"runs/{cfg.env}-f{cfg.frac:g}-s{cfg.seed}-{stamp}")
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise LamoError(f"run folder {run_dir} exists and is not empty; continue it with --resume {run_dir} "
+            folder = Path(cfg.out or f"runs/{cfg.env}-f{cfg.frac:g}-{cfg.model}-s{cfg.seed}-{stamp}")
+            if folder.exists() and any(folder.iterdir()):
+                raise LamoError(f"run folder {folder} exists and is not empty; continue it with --resume {folder} "
                                 f"or choose another --out")
         print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(cfg).items()), width=110,
                             initial_indent="config   ", subsequent_indent=" " * 9))
-        return train(cfg, run_dir, resume=bool(given.get("resume")))
+        return train(cfg, folder, resume=bool(cfg.resume or given.get("resume")))
     except LamoError as e:
         sys.exit(f"error: {e}")
 

@@ -10,8 +10,8 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -22,10 +22,10 @@ import torch
 import data
 import gpt2_loader
 import lamo
+import tasks
 from data import LamoError
 
 REPO = Path(__file__).parent
-BPE = REPO.parent / "shared" / "gpt2-bpe"
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 
 
@@ -71,17 +71,17 @@ def server():
 
 
 @pytest.fixture(scope="session")
-def bpe_cache(tmp_path_factory):
-    """tiktoken's cache pre-seeded from ../shared/gpt2-bpe (file name = sha1 of the URL it would fetch)."""
-    if not (BPE / "vocab.bpe").exists():
-        pytest.skip("../shared/gpt2-bpe is not here; tiktoken would need the network")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's own GPT-2 encoding, the oracle for ours: its download cache pre-seeded with the
+    repository's BPE files (file name = sha1 of the URL it would fetch), so it runs offline."""
+    import tiktoken
     d = tmp_path_factory.mktemp("tiktoken")
     for f in ("vocab.bpe", "encoder.json"):
         url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{f}"
-        shutil.copy(BPE / f, d / hashlib.sha1(url.encode()).hexdigest())
+        shutil.copy(data.BPE_DIR / f, d / hashlib.sha1(url.encode()).hexdigest())
     mp = pytest.MonkeyPatch()
     mp.setenv("TIKTOKEN_CACHE_DIR", str(d))
-    yield d
+    yield tiktoken.get_encoding("gpt2")
     mp.undo()
 
 
@@ -272,14 +272,14 @@ def write_d4rl(path, n, obs_dim=11, act_dim=3, terminals=(), timeouts=(), **over
 def test_split_hdf5_and_pickle(tmp_path, capsys):
     # episodes: 0-2 terminal, 3-6 timeout, 7-8 both flags at once, 9-11 an unterminated tail
     path = write_d4rl(tmp_path / "d.hdf5", 12, terminals=(2, 8), timeouts=(6, 8))
-    trajs = data.load_trajectories(path, data.ENVS["hopper"])
+    trajs = data.load_trajectories(path, 11, 3)
     assert [t["rewards"].tolist() for t in trajs] == [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
     assert "dropped an unterminated tail of 3 steps" in capsys.readouterr().out
     assert [t["terminals"].tolist() for t in trajs] == [[False, False, True], [False] * 4, [False, True]]
     assert trajs[1]["observations"].shape == (4, 11) and trajs[1]["observations"][0, 0] == 3 * 11
     with open(tmp_path / "d.pkl", "wb") as f:
         pickle.dump([{**t, "next_observations": t["observations"]} for t in trajs], f)
-    again = data.load_trajectories(tmp_path / "d.pkl", data.ENVS["hopper"])
+    again = data.load_trajectories(tmp_path / "d.pkl", 11, 3)
     for a, b in zip(trajs, again, strict=True):
         assert all(np.array_equal(a[k], b[k]) for k in data.KEYS)
 
@@ -287,10 +287,10 @@ def test_split_hdf5_and_pickle(tmp_path, capsys):
 def test_refuse_inconsistent_files(tmp_path):
     bad_len = write_d4rl(tmp_path / "a.hdf5", 6, terminals=(5,), rewards=np.zeros(5, np.float32))
     with pytest.raises(LamoError, match="'rewards' has 5 rows"):
-        data.load_trajectories(bad_len, data.ENVS["hopper"])
+        data.load_trajectories(bad_len, 11, 3)
     bad_dim = write_d4rl(tmp_path / "b.hdf5", 6, obs_dim=17, terminals=(5,))
     with pytest.raises(LamoError, match=r"'observations' has shape \(6, 17\), expected \(N, 11\)"):
-        data.load_trajectories(bad_dim, data.ENVS["hopper"])
+        data.load_trajectories(bad_dim, 11, 3)
 
 
 def test_frac_subsets():
@@ -324,38 +324,26 @@ def reference_batch(trajs, pairs, K, max_ep_len, scale, mean, std):
     return [torch.tensor(np.stack(o), dtype=torch.float32) for o in out]
 
 
-def test_batches_match_reference_and_are_fast(tiny_hdf5):
+def test_batches_match_reference(tiny_hdf5):
     trajs = data.load_trajectories(tiny_hdf5)
     b = data.TrajectoryBatcher(trajs, K=20, max_ep_len=50, rtg_scale=1000.0, seed=0)
     last = len(trajs[3]["rewards"]) - 1
     pairs = [(0, 0), (3, last), (3, last - 5), (5, 7), (9, 2)]        # start, padded ends, middle
     got = b.window(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    assert isinstance(got, data.Batch)
     want = reference_batch(trajs, pairs, 20, 50, 1000.0, b.state_mean, b.state_std)
     for g, w, name in zip(got, want, ("states", "actions", "rtg", "timesteps", "mask")):
         assert g.shape == w.shape and torch.allclose(g.float(), w, atol=1e-5), name
-    assert got[4][1].sum() == 1 and got[1][1, 0, 0] == -10            # one real step, rest padding
-    # Speed at batch 64: the vectorised gather against the per-sample loop.
-    rng = np.random.default_rng(0)
-    pairs = [(i, rng.integers(len(trajs[i]["rewards"]))) for i in rng.integers(len(trajs), size=64)]
-    t0 = time.perf_counter()
-    for _ in range(20):
-        reference_batch(trajs, pairs, 20, 50, 1000.0, b.state_mean, b.state_std)
-    t_loop = (time.perf_counter() - t0) / 20
-    t0 = time.perf_counter()
-    for _ in range(200):
-        b.sample(64)
-    t_vec = (time.perf_counter() - t0) / 200
-    print(f"batch 64: per-sample loop {t_loop * 1e3:.2f} ms, vectorised {t_vec * 1e3:.3f} ms, {t_loop / t_vec:.0f}x")
-    assert t_loop / t_vec >= 20
+    assert got.mask[1].sum() == 1 and got.actions[1, 0, 0] == -10     # one real step, rest padding
 
 
-def test_downloads_d4rl_and_corpus(server, tmp_path, monkeypatch, bpe_cache, cache):
+def test_downloads_d4rl_and_corpus(server, tmp_path, monkeypatch, cache):
     blob = write_d4rl(tmp_path / "src.hdf5", 8, terminals=(3, 7)).read_bytes()
     server.files["/d4rl/hopper_medium_replay-v2.hdf5"] = blob
-    monkeypatch.setattr(data, "D4RL_URL", server.url + "/d4rl/{name}.hdf5")
-    path = data.dataset_path("hopper-medium-replay-v2")
-    assert path == cache / "d4rl" / "hopper_medium_replay-v2.hdf5"
-    assert len(data.load_trajectories(path, data.ENVS["hopper"])) == 2
+    task = tasks.get_task("hopper-medium-replay-v2")
+    assert task.source == "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/hopper_medium_replay-v2.hdf5"
+    trajs, files = data.load_d4rl(replace(task, source=server.url + "/d4rl/hopper_medium_replay-v2.hdf5"))
+    assert files == [cache / "d4rl" / "hopper_medium_replay-v2.hdf5"] and len(trajs) == 2
     text = "Valkyria Chronicles III is a tactical role-playing game.\n" * 50
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
@@ -367,10 +355,13 @@ def test_downloads_d4rl_and_corpus(server, tmp_path, monkeypatch, bpe_cache, cac
     assert "python-requests" not in server.requests[-1][1]["User-Agent"]   # the host refuses that one
 
 
-def test_tokenizer_roundtrip_and_cache(bpe_cache, tiny_txt, monkeypatch):
-    tok = data.gpt2_tokenizer()
+def test_tokenizer_roundtrip_and_cache(tiktoken_gpt2, tiny_txt, monkeypatch):
+    tok = data.gpt2_tokenizer()                                      # from assets/gpt2-bpe, no network
     para = "LaMo adapts GPT-2 to offline RL — with LoRA, MLP embeddings, and a language loss (λ=0.1)."
     assert tok.decode(tok.encode_ordinary(para)) == para
+    for text in (para, tiny_txt.read_text(), " = Valkyria = \n \n 1 @,@ 000 \t<|endoftext|>"):
+        assert tok.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)   # tiktoken's own gpt2
+    assert tok.eot_token == tiktoken_gpt2.eot_token == 50256 and tok.n_vocab == tiktoken_gpt2.n_vocab
     assert tok.encode_ordinary("<|endoftext|>") != [50256]            # text, never the special token
     wiki = " = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles  \n\n\t x , 1 @,@ 000 \n" * 20
     whole = tok.encode_ordinary(wiki)
@@ -389,13 +380,13 @@ def test_collect_writes_d4rl_layout(tmp_path):
                "--out", str(out)])
     with h5py.File(out) as f:
         assert set(f.keys()) >= {"observations", "actions", "rewards", "terminals", "timeouts"}
-    trajs = data.load_trajectories(out, data.ENVS["hopper"])
+    trajs = data.load_trajectories(out, 11, 3)
     assert len(trajs) == 3
     assert all(t["observations"].shape[1] == 11 and t["actions"].shape[1] == 3 for t in trajs)
 
 
 # ============================================================================ training and evaluation (issue 4)
-HOPPER = data.ENVS["hopper"]
+HOPPER = tasks.get_task("hopper-medium-v2")
 
 
 def strip_timing(rows):
@@ -406,10 +397,10 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt, bpe_cache):
+def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt):
     _, folder = hf_tiny
     common = ["--data", str(tiny_hdf5), "--env", "hopper-medium-v2", "--pretrained", str(folder),
-              "--eval-every", "20", "--eval-episodes", "2", "--lm-corpus", str(tiny_txt),
+              "--eval-every", "20", "--eval-episodes", "2", "--lm-coef", "0.1", "--lm-corpus", str(tiny_txt),
               "--lm-seq-len", "64", "--log-every", "10"]
     a, b = tmp_path / "a", tmp_path / "b"
     r = subprocess.run([sys.executable, "lamo.py", *common, "--steps", "40", "--out", str(a)],
@@ -451,16 +442,10 @@ def test_batched_eval_equals_sequential():
         m.predict_action[0].weight.mul_(0.1)           # small actions: the hopper stands a while
     episodes = [(tgt, 100 + i) for tgt in (3600, 1800) for i in range(8)]
     run = lambda eps: lamo.rollout(m, HOPPER, eps, np.zeros(11), np.ones(11), 20, torch.device("cpu"))
-    t0 = time.perf_counter()
     batched, lengths = run(episodes)
-    t_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
     one = [run([e])[0][0] for e in episodes]
-    t_seq = time.perf_counter() - t0
-    print(f"{len(episodes)} episodes, {lengths.sum()} env steps: batched {t_batched:.2f}s, one at a time {t_seq:.2f}s")
     assert lengths.min() > 20                          # long enough to pass the K-step padded phase
     assert np.array_equal(batched, np.array(one))      # bit for bit, not approximately
-    assert t_batched < t_seq
 
 
 @pytest.mark.parametrize("embed", ["linear", "mlp"])
@@ -566,3 +551,164 @@ def test_dt_learns_to_condition_on_return(tmp_path, capsys):
     high, low = ev["1000"]["return_mean"], ev["50"]["return_mean"]
     print(f"dataset mean {mean_return:.1f}, target 1000 -> {high:.1f}, target 50 -> {low:.1f}")
     assert high > 1.5 * low and high > 1.5 * mean_return
+
+
+# ============================================================================ paper-comparable runs (issue 9)
+# action_loss of the first 6 steps of a tiny run (hf_tiny, tiny_hdf5, lambda 0), as the code before the
+# task table gave them (commit 2b9cacf): the refactor must not move a MuJoCo run by one bit.
+PINNED = {"linear": [0.32108521461486816, 0.31066858768463135, 0.32103079557418823, 0.32055598497390747,
+                     0.2982567250728607, 0.320565402507782],
+          "mlp": [0.12472877651453018, 0.1218414157629013, 0.12182515114545822, 0.12720726430416107,
+                  0.10901036113500595, 0.1232314258813858]}
+
+
+@pytest.mark.parametrize("embed", ["linear", "mlp"])
+def test_mujoco_losses_pinned(embed, hf_tiny, tiny_hdf5, tmp_path):
+    _, folder = hf_tiny
+    lamo.main(["--data", str(tiny_hdf5), "--pretrained", str(folder), "--lm-coef", "0", "--embed", embed,
+               "--steps", "6", "--log-every", "1", "--eval-every", "6", "--eval-episodes", "1", "--targets", "100",
+               "--out", str(tmp_path / "r")])
+    assert [m["action_loss"] for m in read_metrics(tmp_path / "r") if "action_loss" in m] == PINNED[embed]
+
+
+def test_task_defaults_from_the_official_scripts():
+    for env in ("hopper", "walker2d", "halfcheetah"):
+        cfg = lamo.resolve(lamo.Config(env=f"{env}-medium-v2"))
+        assert cfg.lm_coef == 0 and (cfg.embed == "linear") == (env == "hopper")   # run.sh, run_hopper.sh
+        assert (cfg.lr, cfg.weight_decay, cfg.warmup, cfg.context_len, cfg.batch_size) == (1e-4, 1e-5, 2500, 20, 64)
+    kitchen = lamo.resolve(lamo.Config(env="kitchen-partial-v2"))
+    assert (kitchen.lm_coef, kitchen.embed, kitchen.targets) == (0.1, "mlp", "5,4,3,2,1")  # run_cotrain.sh
+    assert lamo.resolve(lamo.Config(env="hopper-medium-v2", lm_coef=0.1)).lm_coef == 0.1
+    with pytest.raises(LamoError, match="unknown task 'hopper-v9'; known: hopper-medium-v2"):
+        lamo.resolve(lamo.Config(env="hopper-v9"))
+
+
+class ConstantPolicy(torch.nn.Module):
+    """Stands in for the model in rollout: always the same action."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, states, actions, rtg, timesteps, mask=None):
+        return torch.full((*timesteps.shape, actions.shape[-1]), self.value)
+
+
+def test_actions_clipped_in_evaluation():
+    """D4RL's NormalizedBoxEnv clips actions before stepping; Gymnasium's control cost would
+    charge the raw action. An out-of-range action must score as its clipped value."""
+    run = lambda value: lamo.rollout(ConstantPolicy(value), HOPPER, [(3600, 0)], np.zeros(11), np.ones(11), 20,
+                                     torch.device("cpu"), max_steps=30)
+    (big,), _ = run(5.0)
+    (one,), _ = run(1.0)
+    assert big == one
+    env = HOPPER.make_env(30)                          # unclipped, the same episode would score less
+    env.reset(seed=0)
+    raw = sum(env.step(np.full(3, 5.0, np.float32))[1] for _ in range(5))
+    env.reset(seed=0)
+    clipped = sum(env.step(np.full(3, 1.0, np.float32))[1] for _ in range(5))
+    assert raw < clipped
+
+
+def test_dt_preset_relu_and_eps(hf_tiny):
+    """kzl DT's blocks use ReLU; the official get_optimizer gives eps 1e-6 only to pre-trained bodies."""
+    dt = lamo.resolve(lamo.Config(model="dt"))
+    assert (dt.activation, dt.adam_eps, dt.n_layer, dt.n_head, dt.n_embd) == ("relu", 1e-8, 3, 1, 128)
+    m = lamo.build_model(dt, HOPPER).eval()
+    x = torch.randn(2, 5, 128)
+    mlp = m.gpt.h[0].mlp
+    assert torch.allclose(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x))))
+    assert lamo.make_optimizer(m, dt, torch.device("cpu"))[1].defaults["eps"] == 1e-8
+    no_pretraining = lamo.resolve(lamo.Config(pretrained="none"))      # "LaMo w/o pre-training"
+    assert (no_pretraining.activation, no_pretraining.adam_eps) == ("gelu_tanh", 1e-8)
+    assert lamo.resolve(lamo.Config(pretrained=str(hf_tiny[1]))).adam_eps == 1e-6
+
+
+def test_embeddings_stay_fp32_under_bf16():
+    """Returns-to-go 3000 and 3001 (scale 1000) must give different tokens in a bf16 run; bf16's step
+    at 3.0 is 1/64, so an embedding inside autocast would see the same input twice."""
+    m = lamo.build_model(lamo.resolve(lamo.Config(model="dt", embed="mlp")), HOPPER, precision="bf16").eval()
+    states, actions, steps = torch.zeros(2, 1, 11), torch.zeros(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
+    rtg = torch.tensor([3.000, 3.001]).view(2, 1, 1)
+    tokens = m.embed(states, actions, rtg, steps)
+    assert tokens.dtype == torch.float32 and not torch.equal(tokens[0], tokens[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # what the test guards against
+        assert torch.equal(*m.embed_return(rtg))
+    assert torch.isfinite(m(states, actions, rtg, steps)).all()   # the bf16 body runs
+
+
+# ============================================================================ Kitchen (issue 10)
+KITCHEN = tasks.get_task("kitchen-complete-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_minari(tmp_path_factory):
+    """A 3-episode Minari dataset recorded by minari's own DataCollector in FrankaKitchen-v1 (random
+    actions, 30 steps), in a temporary MINARI_DATASETS_PATH; -> (dataset id, what was recorded)."""
+    import gymnasium as gym
+    import gymnasium_robotics
+    from minari import DataCollector
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.mktemp("minari")))
+    gym.register_envs(gymnasium_robotics)
+    env = DataCollector(gym.make("FrankaKitchen-v1", tasks_to_complete=list(tasks.KITCHEN_TASKS["complete"]),
+                                 max_episode_steps=30), record_infos=False)
+    env.action_space.seed(0)
+    recorded = []
+    for ep in range(3):
+        obs, _ = env.reset(seed=ep)
+        episode = {"observations": [], "actions": [], "rewards": []}
+        done = False
+        while not done:
+            action = env.action_space.sample()
+            episode["observations"].append(obs["observation"])
+            episode["actions"].append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            episode["rewards"].append(reward)
+            done = terminated or truncated
+        recorded.append({k: np.array(v) for k, v in episode.items()})
+    env.create_dataset(dataset_id="D4RL/kitchen/tiny-v2", algorithm_name="random", author="lamo tests",
+                       author_email="tests@lamo.invalid", description="lamo's tiny test dataset",
+                       eval_env=KITCHEN.gym_id)
+    yield "D4RL/kitchen/tiny-v2", recorded
+    mp.undo()
+
+
+def test_minari_loader_matches_the_collector(tiny_minari):
+    name, recorded = tiny_minari
+    trajs, files = KITCHEN.load(name)
+    assert len(trajs) == len(recorded) == 3 and files and files[0].suffix == ".hdf5"
+    for t, r in zip(trajs, recorded, strict=True):
+        assert len(t["observations"]) == len(t["actions"]) == len(r["actions"]) == 30   # T+1 obs -> T
+        assert np.allclose(t["observations"], r["observations"]) and np.allclose(t["actions"], r["actions"])
+        assert t["rewards"].sum() == r["rewards"].sum()
+    folder = Path(files[0]).parent.parent                      # a dataset folder works like its id
+    assert all(np.array_equal(a["actions"], b["actions"]) for a, b in zip(KITCHEN.load(str(folder))[0], trajs))
+    env = KITCHEN.make_env(5)
+    assert env.reset(seed=0)[0].shape == (59,) and env.action_space.shape == (9,)
+
+
+def test_kitchen_end_to_end(tiny_minari, hf_tiny, tiny_txt, tmp_path):
+    name, _ = tiny_minari
+    out = tmp_path / "k"
+    lamo.main(["--env", "kitchen-complete-v2", "--data", name, "--pretrained", str(hf_tiny[1]), "--steps", "20",
+               "--eval-every", "20", "--eval-episodes", "2", "--lm-corpus", str(tiny_txt), "--lm-seq-len", "64",
+               "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["targets"]) == {"5", "4", "3", "2", "1"} and summary["task"] == "kitchen-complete-v2"
+    assert summary["metric"].startswith("D4RL normalised score") and summary["evaluation_env"] == "FrankaKitchen-v1"
+    assert summary["paper"] == {"mean": 64.2, "std": 5.3, "table": "Table 1"}   # the paper's cell for this run
+    assert all(m["lm_loss"] > 0 for m in read_metrics(out) if "lm_loss" in m)   # lambda 0.1 by default
+    ev = [m for m in read_metrics(out) if "eval" in m][-1]["eval"]
+    assert all(e["score_mean"] == 25 * e["return_mean"] for e in ev.values())   # 100 * return / 4
+
+
+def test_kitchen_errors(tiny_minari, monkeypatch):
+    r = subprocess.run([sys.executable, "lamo.py", "--env", "kitchen-mixed-v2", "--model", "dt", "--data",
+                        "D4RL/kitchen/no-such-v9"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load Minari dataset 'D4RL/kitchen/no-such-v9'"), last
+    monkeypatch.setitem(sys.modules, "minari", None)           # as if not installed
+    with pytest.raises(LamoError, match=r"^kitchen-complete-v2 needs the minari package: pip install"):
+        KITCHEN.load(tiny_minari[0])
