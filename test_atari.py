@@ -65,8 +65,10 @@ EPISODES, MAX_STEPS = 3, 200
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
     """`python data.py collect` in ALE/Breakout-v5: 3 random episodes (seeded: two end by losing the
-    game, at 146 and 129 steps, and one at the 200-step cap)."""
+    game, at 146 and 129 steps, and one at the 200-step cap). The folder held a stale .npy."""
     out = tmp_path_factory.mktemp("collect") / "breakout"
+    out.mkdir()
+    (out / data.replay_file("observation", "npy")).write_bytes(b"from an earlier collect")
     data.main(["collect", "--env", "ALE/Breakout-v5", "--policy", "random",
                "--episodes", str(EPISODES), "--max-steps", str(MAX_STEPS), "--out", str(out)])
     return out
@@ -104,7 +106,7 @@ def synthetic_replay(tmp_path, lengths, tail=0, seed=0) -> data.AtariReplay:
 
 # ----------------------------------------------------------------------------- files and downloads
 def test_collect_writes_dqn_replay_layout(collected):
-    names = sorted(p.name for p in collected.iterdir())
+    names = sorted(p.name for p in collected.iterdir())           # the stale .npy is gone too
     fields = ("observation", "action", "reward", "terminal")
     assert names == sorted(f"$store$_{f}_ckpt.10.gz" for f in fields)
     obs, act, rew, term = (read_gz(collected / data.replay_file(f)) for f in data.ATARI_FIELDS)
