@@ -148,6 +148,47 @@ def time_env_alone(spec, episodes, lengths) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, returns
 
 
+def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
+    """ms per Atari batch of the official run.sh's shape (B=128, K=30, 4 stacked frames): our
+    FrameStackBatcher against AtariBuffer.sample's loop over samples and steps (experiment-atari/
+    buffer.py), from the same seed, so over the same windows, checked equal on unpadded steps. A
+    synthetic replay of DQN-Replay's frame shape and Breakout-like trajectory lengths, but 40k frames
+    (280 MB) instead of 1M (7 GB), in memory; both read the same uint8 array (the official code holds
+    every frame as float32 on the device) and both end in one uint8 -> float32 conversion."""
+    from data import AtariReplay, FrameStackBatcher
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (n_frames, 84, 84), dtype=np.uint8)
+    terminal = np.zeros(n_frames, np.uint8)
+    terminal[np.minimum(np.cumsum(rng.integers(20, 2000, n_frames // 20)), n_frames) - 1] = 1
+    replay = AtariReplay(frames, rng.integers(0, 4, n_frames), rng.integers(0, 2, n_frames),
+                         terminal, "synthetic")
+    batcher = FrameStackBatcher(replay, np.arange(len(replay)), K, 4096, 1.0, seed=0, device=device)
+    obs = torch.from_numpy(frames).to(device)
+    sp_all, len_all, S = replay.starts, replay.lengths, 4
+
+    def official(rng):                      # AtariBuffer.sample's states, condensed
+        traj = rng.choice(np.arange(len(len_all)), B, replace=True, p=len_all / len_all.sum())
+        offset = np.floor(rng.random(B) * (len_all[traj] - K)).astype(np.int32).clip(min=0)
+        states = []
+        for traj_sp, sp, off in zip(sp_all[traj], sp_all[traj] + offset, offset):
+            steps = []
+            for i in range(K):
+                if off < S and S - off - i - 1 >= 0:
+                    pad = torch.zeros((S - off - i - 1, 84, 84), dtype=obs.dtype, device=device)
+                    steps.append(torch.cat((pad, obs[traj_sp:sp + i + 1]), dim=0))
+                else:
+                    steps.append(obs[sp + i - S + 1:sp + i + 1])
+            states.append(torch.stack(steps))
+        return torch.stack(states).float()
+
+    got, want = batcher.sample(B), official(np.random.default_rng(0))
+    m = got.mask.bool()
+    assert torch.equal(got.states[m], want[m]), "the Atari sampler and the official loop disagree"
+    loop_rng = np.random.default_rng(0)
+    return {"atari_sample_loop_ms": timed(lambda: official(loop_rng), reps, device) * 1e3,
+            "atari_sample_vectorised_ms": timed(lambda: batcher.sample(B), reps, device) * 1e3}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
@@ -182,6 +223,7 @@ def main(argv=None):
                                                                  batcher.state_std, rng)], 20, device)
     t_vec = timed(lambda: batcher.sample(64), 200, device)
     res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
+    res.update(bench_atari_sampling(device))
     # (b) evaluation, then (a) training
     res.update(bench_eval(eval_cfg, device, a.eval_episodes, max_steps))
     res.update(bench_train(lamo_cfg, device, batcher, steps))
@@ -204,6 +246,8 @@ def main(argv=None):
             ("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
             ("batch sampling ms, vectorised", f"{res['sample_vectorised_ms']:.3f}"),
             ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
+            ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
+             f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}"),
             ("peak GPU memory GB", f"{res['peak_gpu_mem_gb']:.2f}" if gpu else "n/a"),
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
     w = max(len(k) for k, _ in rows) + 2

@@ -1,0 +1,338 @@
+"""Tests of the Atari data side: DQN-Replay files, their download and decompression, trajectories,
+the length-weighted --frac rule, the frame-stacking batcher, the evaluation env and
+`data.py collect`. All offline, on CPU: downloads go to a loopback HTTP server over files that
+`collect` wrote here."""
+import gzip
+import http.server
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import LamoError
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAMO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+class Server:
+    """A loopback HTTP server over an in-memory {path: bytes}, honouring Range, recording requests
+    (a copy of test_lamo.py's, so that this file stands alone)."""
+
+    def __init__(self):
+        self.files, self.requests = {}, []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.requests.append(self.path)
+                body = owner.files.get(self.path)
+                if body is None:
+                    return self.send_error(404)
+                byte_range = self.headers["Range"]
+                start = int(byte_range.split("=")[1].rstrip("-")) if byte_range else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+EPISODES, MAX_STEPS = 3, 200
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    """`python data.py collect` in ALE/Breakout-v5: 3 random episodes (seeded: two end by losing the
+    game, at 146 and 129 steps, and one at the 200-step cap). The folder held a stale .npy."""
+    out = tmp_path_factory.mktemp("collect") / "breakout"
+    out.mkdir()
+    (out / data.replay_file("observation", "npy")).write_bytes(b"from an earlier collect")
+    data.main(["collect", "--env", "ALE/Breakout-v5", "--policy", "random",
+               "--episodes", str(EPISODES), "--max-steps", str(MAX_STEPS), "--out", str(out)])
+    return out
+
+
+def read_gz(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.load(f, allow_pickle=False)
+
+
+def copy_gz(src: Path, dest: Path) -> Path:
+    """The four .gz files of folder `src` in a new folder `dest` (tests decompress there)."""
+    dest.mkdir()
+    for f in data.ATARI_FIELDS:
+        (dest / data.replay_file(f)).write_bytes((src / data.replay_file(f)).read_bytes())
+    return dest
+
+
+def synthetic_replay(tmp_path, lengths, tail=0, seed=0) -> data.AtariReplay:
+    """Trajectories of the given lengths (+ an unterminated tail) with distinct random frames,
+    written as .npy files and loaded through the memmap path, as atari_dataset() leaves them."""
+    rng = np.random.default_rng(seed)
+    n = sum(lengths) + tail
+    terminal = np.zeros(n, np.uint8)
+    terminal[np.cumsum(lengths) - 1] = 1
+    arrays = {"observation": rng.integers(0, 256, (n, 84, 84), dtype=np.uint8),
+              "action": rng.integers(0, 4, n, dtype=np.int32),
+              "reward": rng.choice(np.array([-1, 0, 0, 1, 1], np.float32), n), "terminal": terminal}
+    folder = tmp_path / "synthetic"
+    folder.mkdir(exist_ok=True)
+    for k, v in arrays.items():
+        np.save(folder / data.replay_file(k, "npy"), v)
+    return data.AtariReplay.load(folder)
+
+
+# ----------------------------------------------------------------------------- files and downloads
+def test_collect_writes_dqn_replay_layout(collected):
+    names = sorted(p.name for p in collected.iterdir())           # the stale .npy is gone too
+    fields = ("observation", "action", "reward", "terminal")
+    assert names == sorted(f"$store$_{f}_ckpt.10.gz" for f in fields)
+    obs, act, rew, term = (read_gz(collected / data.replay_file(f)) for f in data.ATARI_FIELDS)
+    n = len(act)
+    assert obs.shape == (n, 84, 84) and obs.dtype == np.uint8
+    assert act.shape == rew.shape == term.shape == (n,)
+    assert (act.dtype, rew.dtype, term.dtype) == (np.int32, np.float32, np.uint8)
+    assert term.sum() == EPISODES and term[-1] == 1             # every episode ends in terminal
+    lengths = np.diff(np.concatenate([[0], np.flatnonzero(term) + 1]))
+    assert lengths.max() <= MAX_STEPS and (lengths == MAX_STEPS).any()   # the cap is terminal
+    assert (lengths < MAX_STEPS).any()                                   # and so is game over
+    assert act.max() < 4 and np.abs(rew).max() <= 1 and obs.std() > 0   # 4 actions; clipped
+
+
+def test_download_decompress_memmap_once(collected, server, monkeypatch, cache, tmp_path):
+    for f in data.ATARI_FIELDS:
+        server.files[f"/dqn/Breakout/1/replay_logs/%24store%24_{f}_ckpt.10.gz"] = \
+            (collected / data.replay_file(f)).read_bytes()
+    monkeypatch.setattr(data, "ATARI_URL",
+                        server.url + "/dqn/{game}/1/replay_logs/%24store%24_{field}_ckpt.10.gz")
+    folder = data.atari_dataset("breakout")
+    assert folder == cache / "atari" / "Breakout" and len(server.requests) == 4
+    assert not list(folder.glob("*.part"))
+    replay = data.AtariReplay.load(folder)
+    assert isinstance(replay.frames, np.memmap)
+    obs, act, rew, term = (read_gz(collected / data.replay_file(f)) for f in data.ATARI_FIELDS)
+    assert np.array_equal(replay.frames, obs) and np.array_equal(replay.actions, act)
+    assert np.array_equal(replay.rewards, rew) and len(replay) == EPISODES
+    assert replay.lengths.sum() == len(act)
+    assert np.array_equal(replay.starts[1:], np.flatnonzero(term)[:-1] + 1)
+    assert f"{EPISODES} trajectories, {len(act)} steps" in replay.describe()
+    # A second call: no request, no decompression.
+    monkeypatch.setattr(data, "gunzip", lambda *a: pytest.fail("decompressed again"))
+    assert data.atari_dataset("breakout") == folder and len(server.requests) == 4
+    # A local folder of .gz files works the same way, without the network.
+    monkeypatch.undo()
+    local = copy_gz(collected, tmp_path / "local")
+    assert data.atari_dataset("breakout", str(local)) == local
+    assert np.array_equal(data.AtariReplay.load(local).frames, obs)
+    assert len(server.requests) == 4
+
+
+def test_truncated_or_corrupt_gz_and_unknown_game(collected, tmp_path):
+    src = collected / data.replay_file("observation")
+    for name, blob in (("truncated", src.read_bytes()[:-5000]), ("garbage", b"not gzip" * 100)):
+        folder = copy_gz(collected, tmp_path / name)
+        (folder / src.name).write_bytes(blob)
+        with pytest.raises(LamoError) as e:
+            data.atari_dataset("breakout", str(folder))
+        msg = str(e.value)
+        assert "\n" not in msg and str(folder / src.name) in msg
+        assert "delete it and download it again" in msg
+        assert not (folder / data.replay_file("observation", "npy")).exists()     # no half file
+        assert not list(folder.glob("*.part"))
+    known = "known: breakout, qbert, pong"
+    with pytest.raises(LamoError, match=f"^unknown Atari game 'space-invaders'; {known}$"):
+        data.atari_dataset("space-invaders")
+    with pytest.raises(LamoError, match=r"unknown Atari game 'Breakout'"):
+        data.make_atari_env("Breakout", 10)
+
+
+def test_trajectories_drop_the_unterminated_tail(tmp_path, capsys):
+    replay = synthetic_replay(tmp_path, [5, 40, 2], tail=7)
+    assert "dropped an unterminated tail of 7 steps" in capsys.readouterr().out
+    assert replay.lengths.tolist() == [5, 40, 2] and replay.starts.tolist() == [0, 5, 45]
+    assert len(replay.actions) == len(replay.rewards) == 47 and replay.actions.dtype == np.int64
+    sums = [replay.rewards[s:s + n].sum() for s, n in zip(replay.starts, replay.lengths)]
+    assert np.allclose(replay.returns, sums)
+
+
+# ----------------------------------------------------------------------------- --frac
+def test_length_weighted_subset():
+    lengths = np.array([10] * 50 + [1000] * 50)
+    a = data.length_weighted_subset(lengths, 0.1, 0)
+    assert np.array_equal(a, data.length_weighted_subset(lengths, 0.1, 0))
+    assert not np.array_equal(a, data.length_weighted_subset(lengths, 0.1, 1))
+    # The official ratio_dataset's draw: the same indices from the same seed.
+    official = np.random.default_rng(0).choice(100, size=int(np.floor(100 * 0.1)),
+                                               p=lengths / lengths.sum(), replace=False)
+    assert np.array_equal(a, np.sort(official))
+    for n, f in [(2186, 0.1), (1000, 0.3), (10, 0.3), (7, 0.01), (5, 1.0), (100, 0.29)]:
+        idx = data.length_weighted_subset(np.arange(1, n + 1), f, 3)
+        assert len(idx) == max(1, int(np.floor(f * n + 1e-9))) == len(set(idx.tolist()))
+        assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n
+    # Length-weighted: over 200 seeds a long trajectory is kept far more often than a short one.
+    counts = np.zeros(100)
+    for seed in range(200):
+        counts[data.length_weighted_subset(lengths, 0.1, seed)] += 1
+    assert counts[50:].mean() > 20 * counts[:50].mean()
+    for f in (0, -0.1, 1.5):
+        with pytest.raises(LamoError, match=f"--frac must be in \\(0, 1\\], got {f}"):
+            data.length_weighted_subset(lengths, f, 0)
+
+
+# ----------------------------------------------------------------------------- frame-stacking batcher
+def reference_window(replay, subset, traj, start, K, max_timestep, rtg_scale, S=4):
+    """One window, a step and a frame at a time: the official buffer's rule, slow and obvious."""
+    s0, n = replay.starts[subset[traj]], replay.lengths[subset[traj]]
+    states, actions = np.zeros((K, S, 84, 84), np.float32), np.zeros(K, np.int64)
+    rtg, ts, mask = np.zeros((K, 1), np.float32), np.zeros(K, np.int64), np.zeros(K, np.float32)
+    for i in range(K):
+        t = start + i
+        if t >= n:                                    # right padding
+            continue
+        mask[i], actions[i], ts[i] = 1, replay.actions[s0 + t], min(t, max_timestep - 1)
+        rtg[i, 0] = replay.rewards[s0 + t:s0 + n].sum() / rtg_scale
+        for j in range(S):
+            f = t - (S - 1) + j                       # frames t-3 .. t; zeros before the episode
+            if f >= 0:
+                states[i, j] = replay.frames[s0 + f]
+    return states, actions, rtg, ts, mask
+
+
+def check_against_reference(batch, replay, subset, pairs, K, max_timestep, rtg_scale):
+    windows = [reference_window(replay, subset, i, s, K, max_timestep, rtg_scale) for i, s in pairs]
+    want = [np.stack(x) for x in zip(*windows)]
+    for got, w, name in zip(batch, want, data.Batch._fields):
+        assert got.dtype == torch.from_numpy(w).dtype and tuple(got.shape) == w.shape, name
+        if name == "rtg":
+            assert np.allclose(got.numpy(), w, atol=1e-5), name
+        else:
+            assert np.array_equal(got.numpy(), w), name        # frames bit for bit
+
+
+def test_frame_stacking_windows_match_reference(tmp_path):
+    K, T = 30, 50
+    replay = synthetic_replay(tmp_path, [3, 80, 25, 200, 31])
+    subset = np.array([0, 1, 2, 3, 4])
+    b = data.FrameStackBatcher(replay, subset, K=K, max_timestep=T, rtg_scale=2.0, seed=0)
+    assert b.state_mean is None and b.state_std is None and isinstance(b.rng, np.random.Generator)
+    pairs = [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4),   # episode start: 3, 2, 1, 0 zero frames
+             (0, 0), (2, 0), (4, 0),                   # right-padded short trajectories, 31 = K + 1
+             (1, 40), (3, 170), (1, 60)]               # middle; timesteps clipped at T-1; padded
+    batch = b.window(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    check_against_reference(batch, replay, subset, pairs, K, T, 2.0)
+    assert batch.mask[5].sum() == 3 and batch.states[5, 3:].abs().sum() == 0
+    assert batch.actions[5, 3:].sum() == 0
+    assert batch.states[0, 0, :3].abs().sum() == 0 and batch.states[0, 0, 3].abs().sum() > 0
+    assert batch.timesteps[9].max() == T - 1
+    # Random draws on a subset, with the rng's state carried across calls.
+    sub = np.array([1, 3, 4])
+    b = data.FrameStackBatcher(replay, sub, K=K, max_timestep=T, rtg_scale=1.0, seed=1)
+    for _ in range(3):
+        state = b.rng.bit_generator.state
+        batch = b.sample(16)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state              # replay the draws to know the windows
+        traj = rng.choice(3, size=16, p=b.p)
+        start = np.floor(rng.random(16) * (b.lengths[traj] - K)).astype(np.int64).clip(min=0)
+        check_against_reference(batch, replay, sub, list(zip(traj, start)), K, T, 1.0)
+
+
+def official_sample(replay, K, rng, B, S=4):
+    """AtariBuffer.sample (experiment-atari/buffer.py) on the same arrays, numpy for torch, with its
+    rewards_to_go; its padded steps hold whatever follows, so only unpadded steps are compared.
+    -> states, actions, rtg, timesteps, masks, and the rows of the arrays each step reads."""
+    obs, rewards = replay.frames, replay.rewards
+    terminals = np.zeros(len(rewards), bool)
+    terminals[replay.starts + replay.lengths - 1] = True
+    traj_sp, traj_ep = replay.starts, replay.starts + replay.lengths - 1
+    traj_length = traj_ep - traj_sp + 1
+    traj_returns = np.add.reduceat(rewards, traj_sp)
+    traj_of_step = np.insert(np.cumsum(terminals), 0, 0)[:-1]
+    rewards_to_go = np.cumsum(traj_returns)[traj_of_step] - np.cumsum(rewards)
+    p_sample = traj_length / traj_length.sum()
+    selected_traj = rng.choice(np.arange(len(traj_sp)), B, replace=True, p=p_sample)
+    selected_traj_sp = traj_sp[selected_traj]
+    selected_offset = np.floor(rng.random(B) * (traj_length[selected_traj] - K))
+    selected_offset = selected_offset.astype(np.int32).clip(min=0)
+    selected_sp = selected_traj_sp + selected_offset
+    selected_ep = (selected_sp + K).clip(max=traj_ep[selected_traj])
+    selected_index = selected_sp[:, None] + np.arange(K)
+    selected_index = np.where(selected_index <= selected_ep[:, None], selected_index, -1)
+    masks = selected_index >= 0
+    timesteps = selected_offset[:, None] + np.arange(K)
+    obs = np.concatenate([obs, np.zeros((K, 84, 84), np.uint8)]).astype(np.float32)  # end padding
+    states_list = []
+    for traj_sp, sp, offset in zip(selected_traj_sp, selected_sp, selected_offset):
+        observation_list = []
+        for i in range(K):
+            if offset < S and S - offset - i - 1 >= 0:
+                pad = np.zeros((S - offset - i - 1, 84, 84), np.float32)
+                observation_list.append(np.concatenate([pad, obs[traj_sp:sp + i + 1]]))
+            else:
+                observation_list.append(obs[sp + i - S + 1:sp + i + 1])
+        states_list.append(np.stack(observation_list))
+    return (np.stack(states_list), replay.actions[selected_index],
+            rewards_to_go[selected_index][..., None], timesteps, masks, selected_index)
+
+
+def test_sample_equals_official_buffer_on_unpadded_steps(tmp_path):
+    """Same seed, same draws: our batch equals AtariBuffer.sample's wherever the official one is
+    defined, but for the returns-to-go, where ours adds the step's own reward (a deviation)."""
+    replay = synthetic_replay(tmp_path, [3, 80, 25, 200, 31, 64])
+    b = data.FrameStackBatcher(replay, np.arange(6), K=30, max_timestep=4096, rtg_scale=1.0, seed=7)
+    rng = np.random.default_rng(7)
+    for _ in range(2):
+        ours = b.sample(32)
+        states, actions, rtg, timesteps, m, rows = official_sample(replay, 30, rng, 32)
+        assert np.array_equal(ours.mask.numpy().astype(bool), m)
+        assert np.array_equal(ours.states.numpy()[m], states[m])
+        assert np.array_equal(ours.actions.numpy()[m], actions[m])
+        assert np.array_equal(ours.timesteps.numpy()[m], timesteps[m])
+        # The official rtg leaves out the step's own reward; ours includes it.
+        assert np.allclose(ours.rtg.numpy()[m, 0], rtg[m, 0] + replay.rewards[rows[m]], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- evaluation env
+def test_eval_env_stacks_four_frames_and_steps():
+    env = data.make_atari_env("breakout", max_steps=6)
+    assert env.unwrapped.spec.id == "BreakoutNoFrameskip-v4"
+    assert env.unwrapped.ale.getFloat("repeat_action_probability") == 0.0      # no sticky actions
+    assert env.unwrapped._frameskip == 1                      # the skipping is AtariPreprocessing's
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
+    assert all(np.array_equal(obs[0], obs[j]) for j in range(4))     # reset repeats the first frame
+    for t in range(6):
+        obs, reward, term, trunc, _ = env.step(1)                  # FIRE, then FIRE again
+        assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8 and not term
+    assert trunc                                                   # the max_steps time limit
+    env.close()
+
+
+@pytest.mark.parametrize("module, package",
+                         [("ale_py", "ale-py"), ("cv2", "opencv-python-headless")])
+def test_missing_atari_packages_are_named(monkeypatch, module, package):
+    monkeypatch.setitem(sys.modules, module, None)                 # `import module` now fails
+    with pytest.raises(LamoError, match=f"pip install {package}$"):
+        data.make_atari_env("pong", 10)
