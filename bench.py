@@ -25,9 +25,12 @@ import torch
 from tqdm import tqdm
 
 import lamo
-from data import ENVS, TrajectoryBatcher, make_env
+from data import TrajectoryBatcher
+from gpt2_loader import VOCAB_SIZE
+from tasks import get_task
 
-HOPPER = ENVS["hopper"]
+HOPPER = get_task("hopper-medium-v2")
+OBS_DIM = HOPPER.obs_shape[0]
 
 
 def synthetic_hopper(n_traj=2186, n_steps=999_906, seed=0) -> list[dict]:
@@ -35,7 +38,7 @@ def synthetic_hopper(n_traj=2186, n_steps=999_906, seed=0) -> list[dict]:
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.choice(np.arange(1, n_steps), n_traj - 1, replace=False))
     lengths = np.diff(np.concatenate([[0], cuts, [n_steps]]))
-    return [{"observations": rng.standard_normal((n, HOPPER.obs_dim), dtype=np.float32),
+    return [{"observations": rng.standard_normal((n, OBS_DIM), dtype=np.float32),
              "actions": rng.uniform(-1, 1, (n, HOPPER.act_dim)).astype(np.float32),
              "rewards": rng.uniform(0, 3, n).astype(np.float32), "terminals": np.zeros(n, bool)} for n in lengths]
 
@@ -84,11 +87,11 @@ def bench_train(cfg, device, batcher, steps) -> dict:
     for lm_coef in (0.0, 0.1):
         torch.manual_seed(0)
         c = replace(cfg, lm_coef=lm_coef)
-        model = lamo.build_model(c, HOPPER).to(device)
+        model = lamo.build_model(c, HOPPER, lamo.resolve_precision(c, device)).to(device)
         fwd = torch.compile(model) if c.compile else model
         params, opt = lamo.make_optimizer(model, c, device)
-        lm_block = torch.randint(0, 50257, (c.lm_batch, c.lm_seq_len + 1), device=device) if lm_coef else None
-        step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(c.batch_size), lm_block, c, device)
+        lm_block = torch.randint(0, VOCAB_SIZE, (c.lm_batch, c.lm_seq_len + 1), device=device) if lm_coef else None
+        step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(c.batch_size), lm_block, c, False)
         warmup = out["train_warmup_steps"] = (2 if c.compile else 1) if device.type == "cuda" else 0
         out["train_steps_per_s" + ("_with_lm" if lm_coef else "")] = 1 / timed(step, steps, device, warmup=warmup)
         del model, opt, params
@@ -99,16 +102,15 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
     action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
     torch.manual_seed(0)
-    model = lamo.build_model(cfg, HOPPER).to(device).eval()
+    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg, device)).to(device).eval()
     with torch.no_grad():
         for p in model.predict_action[-2 if cfg.embed == "linear" else -1].parameters():
             p.zero_()
     model.gpt.merge()
-    spec = replace(HOPPER, max_ep_len=max_steps)
     targets = [float(t) for t in HOPPER.targets]
     episodes = [(targets[i % len(targets)], 10_000 + i) for i in range(n_episodes)]
-    zeros, ones = np.zeros(spec.obs_dim), np.ones(spec.obs_dim)
-    run = lambda eps: lamo.rollout(model, spec, eps, zeros, ones, cfg.context_len, device)
+    zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
+    run = lambda eps: lamo.rollout(model, HOPPER, eps, zeros, ones, cfg.context_len, device, max_steps)
     t0 = time.perf_counter()
     returns, lengths = run(episodes)
     t_batched = time.perf_counter() - t0
@@ -116,7 +118,7 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     seq = [run([e])[0][0] for e in tqdm(episodes, desc="eval one at a time")]
     t_seq = time.perf_counter() - t0
     assert np.array_equal(returns, np.array(seq)), "batched and one-at-a-time evaluation disagree"
-    t_env, env_returns = time_env_alone(spec, episodes, lengths)
+    t_env, env_returns = time_env_alone(max_steps, episodes, lengths)
     assert np.allclose(env_returns, returns), "the env-alone run did not replay the same episodes"
     steps = int(lengths.sum())
     return {"eval_episodes": n_episodes, "eval_env_steps": steps, "eval_batched_env_steps_per_s": steps / t_batched,
@@ -128,18 +130,17 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
 @torch.inference_mode()
 def time_forward(model, n, K, device) -> float:
     """Seconds per episode of one evaluation forward over n full K-step windows: what batching amortises."""
-    s, a, r = torch.randn(n, K, HOPPER.obs_dim), torch.randn(n, K, HOPPER.act_dim), torch.randn(n, K, 1)
+    s, a, r = torch.randn(n, K, OBS_DIM), torch.randn(n, K, HOPPER.act_dim), torch.randn(n, K, 1)
     args = [x.to(device) for x in (s, a, r, torch.arange(K).expand(n, -1))]
     reps = max(3, 200 // n)
-    with lamo.autocast(device):
-        return timed(lambda: model(*args), reps, device) / n
+    return timed(lambda: model(*args), reps, device) / n       # the model autocasts its body itself
 
 
-def time_env_alone(spec, episodes, lengths) -> tuple[float, np.ndarray]:
+def time_env_alone(max_steps, episodes, lengths) -> tuple[float, np.ndarray]:
     """Seconds to step the same episodes with the same (zero) actions and no model: the MuJoCo floor
     under any evaluation, and so the ceiling on what batching the model can gain. -> (s, returns)"""
-    envs = [make_env(spec.gym_id, spec.max_ep_len) for _ in episodes]
-    zero, returns = np.zeros(spec.act_dim, np.float32), np.zeros(len(episodes))
+    envs = [HOPPER.make_env(max_steps) for _ in episodes]
+    zero, returns = np.zeros(HOPPER.act_dim, np.float32), np.zeros(len(episodes))
     t0 = time.perf_counter()
     for i, (env, (_, seed), n) in enumerate(zip(envs, episodes, lengths)):
         env.reset(seed=seed)

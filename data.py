@@ -1,8 +1,10 @@
-"""Files, URLs and batches for lamo: the one downloader, D4RL trajectories, the language corpus.
+"""Files, URLs and batches for lamo: the one downloader, the datasets of every domain, the language corpus.
 
-Read top to bottom: (1) errors and the downloader, (2) the D4RL table and scores, (3) loading and
-splitting trajectories, (4) seeded --frac subsets, (5) the Decision Transformer batch sampler,
-(6) the WikiText-103 corpus, (7) `python data.py collect`, which writes small D4RL-layout datasets.
+Read top to bottom: (1) errors and the downloader, (2) the loaders and eval envs the task table
+(tasks.py) names: D4RL MuJoCo hdf5, Minari (Franka Kitchen), (3) loading and splitting
+trajectories, (4) seeded --frac subsets, (5) the Decision Transformer batch sampler, (6) the GPT-2
+tokenizer and WikiText-103 corpus, (7) `python data.py collect`, which writes small datasets in the
+real layouts, (8) Atari: DQN-Replay files, trajectories, the frame-stacking sampler, the ALE envs.
 No `d4rl` package: its hdf5 files are read with h5py, and evaluation uses Gymnasium's MuJoCo v4 envs.
 """
 from __future__ import annotations
@@ -606,18 +608,22 @@ class FrameStackBatcher:
         self.device = torch.device(device)
         self.starts, self.lengths = replay.starts[subset], replay.lengths[subset]     # (T',)
         self.p = self.lengths / self.lengths.sum()
-        # Returns-to-go, gamma 1: the step's reward and all later ones in its trajectory, / scale.
-        # Deviation: the official buffer's rewards_to_go (a difference of cumsums) leaves out the
-        # step's own reward; we include it, as DT does and as evaluation counts it (target minus the
-        # return so far).
+        # Returns-to-go, gamma 1, as the official buffer computes them (a difference of cumsums):
+        # the rewards *after* the step, / scale. Kept for fidelity, though it is one reward short of
+        # DT's convention and of the official evaluation, which conditions on target minus the
+        # return so far (the step's own reward included).
         csum = np.concatenate([[0.0], np.cumsum(replay.rewards, dtype=np.float64)])     # (n+1,)
         end = np.repeat(replay.starts + replay.lengths, replay.lengths)     # (n,) its traj's end
-        rtg = ((csum[end] - csum[:-1]) / rtg_scale).astype(np.float32)                  # (n,)
+        rtg = ((csum[end] - csum[1:]) / rtg_scale).astype(np.float32)                   # (n,)
         self.pad_row = len(rtg)                              # one extra row holding the pad values
         self.rtg = np.append(rtg, np.float32(0))[:, None]                               # (n+1, 1)
         self.actions = np.append(replay.actions, 0)                                 # (n+1,) int64
         self.state_mean = self.state_std = None      # pixels are not normalised; the model / 255
         self.rng = np.random.default_rng(seed)
+        self.summary = replay.describe(subset)
+
+    def describe(self) -> str:
+        return self.summary
 
     def sample(self, B: int) -> Batch:
         # The official draws in its order: rng.choice(n, B, p=p_sample), then a uniform per sample.
@@ -648,6 +654,21 @@ class FrameStackBatcher:
         return Batch(to(frames[local]).float(),                      # (B, K, S, 84, 84), 0..255
                      to(self.actions[idx]), to(self.rtg[idx]),       # (B, K), (B, K, 1)
                      to(timesteps), to(valid.astype(np.float32)))    # (B, K), (B, K)
+
+
+# The task table's Atari loader, --frac rule and env.
+def load_atari(task, path: str = "") -> tuple[AtariReplay, list[Path]]:
+    folder = atari_dataset(task.source, path)
+    gz = [folder / replay_file(f) for f in ATARI_FIELDS]
+    return AtariReplay.load(folder), gz if all(f.exists() for f in gz) else [folder / replay_file(f, "npy") for f in ATARI_FIELDS]
+
+
+def atari_subset(replay: AtariReplay, frac: float, seed: int) -> np.ndarray:
+    return length_weighted_subset(replay.lengths, frac, seed)
+
+
+def make_atari_task_env(task, max_steps: int):
+    return make_atari_env(task.source, max_steps)
 
 
 # ----------------------------------------------------------------------------- Atari: envs and collect

@@ -81,6 +81,8 @@ class Config:
     weight_decay: Optional[float] = flag(None, "AdamW weight decay")
     adam_eps: Optional[float] = flag(None, "AdamW eps (official: 1e-6 for a pre-trained body, else 1e-8)")
     warmup: Optional[int] = flag(None, "linear warm-up steps, then constant")
+    warmup_tokens: Optional[float] = flag(None, "> 0: warm up over this many action tokens instead (official Atari)")
+    final_tokens: Optional[float] = flag(None, "with --warmup-tokens: cosine decay to 10%% at this many tokens")
     grad_clip: Optional[float] = flag(None, "global gradient-norm clip")
     seed: int = flag(0, "training seed (init, batches, dropout)")
     # evaluation
@@ -88,6 +90,7 @@ class Config:
     eval_episodes: Optional[int] = flag(None, "episodes per target")
     targets: str = flag("", "comma-separated target returns; default: the paper's for the task")
     eval_seed: int = flag(10_000, "episode i of every evaluation resets its env with seed eval_seed + i")
+    eval_max_steps: Optional[int] = flag(None, "cut evaluation episodes at this many steps; default: the task's")
     # run
     log_every: int = flag(100, "log losses every this many steps")
     device: str = flag("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
@@ -506,7 +509,8 @@ def evaluate(model, cfg: Config, task: Task, state_mean, state_std, device) -> d
     model.eval()
     model.gpt.merge()
     try:
-        returns, _ = rollout(model, task, episodes, state_mean, state_std, cfg.context_len, device)
+        returns, _ = rollout(model, task, episodes, state_mean, state_std, cfg.context_len, device,
+                             cfg.eval_max_steps)
     finally:
         model.gpt.unmerge()
         model.train()
@@ -526,9 +530,27 @@ def make_optimizer(model, cfg: Config, device):
                                      fused=device.type == "cuda")   # fused: one kernel for the whole update
 
 
-def learning_rate(cfg: Config, step: int) -> float:
-    """Linear warm-up over cfg.warmup steps, then constant (LambdaLR in the official code)."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+def learning_rate(cfg: Config, step: int, tokens: float) -> float:
+    """Linear warm-up over cfg.warmup steps, then constant (LambdaLR in the official MuJoCo code); or,
+    with warmup_tokens, the official Atari CustomLRScheduler (after kzl DT's Atari code): linear
+    warm-up over that many tokens, then cosine, never below 10%, past final_tokens too."""
+    if not cfg.warmup_tokens:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if tokens < cfg.warmup_tokens:
+        return cfg.lr * tokens / cfg.warmup_tokens
+    progress = (tokens - cfg.warmup_tokens) / max(1.0, cfg.final_tokens - cfg.warmup_tokens)
+    return cfg.lr * max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def count_tokens(run, actions: torch.Tensor):
+    """The official Atari token count, done as its code does it: core.py adds (actions > 0).sum()
+    to a running total each step and passes that total to scheduler.step(tokens), which adds it to
+    its own count again, so the schedule sees the running sum of running totals (quadratic in the
+    step; REFERENCE.md reads it as linear, never leaving warm-up; the code wins). Deviation: our
+    padded steps hold action 0 and do not count (the official ones repeat the dataset's last
+    action). One host sync per step, on the Atari path only."""
+    run.action_tokens += int((actions > 0).sum())
+    run.schedule_tokens += run.action_tokens
 
 
 def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, discrete: bool) -> torch.Tensor:
@@ -562,6 +584,8 @@ class Run:
     data_files: dict
     step: int = 0
     history: list = field(default_factory=list)   # every evaluation: {"step", "eval"}
+    action_tokens: int = 0                         # the token-counted schedule's state (Atari)
+    schedule_tokens: float = 0.0
 
 
 def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
@@ -608,11 +632,14 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     model.train()
     with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log):
         while run.step < cfg.steps:
-            lr = learning_rate(cfg, run.step)
+            lr = learning_rate(cfg, run.step, run.schedule_tokens)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            sums += train_step(fwd, model, run.optimizer, run.params, run.batcher.sample(cfg.batch_size),
+            batch = run.batcher.sample(cfg.batch_size)
+            sums += train_step(fwd, model, run.optimizer, run.params, batch,
                                run.lm.sample() if run.lm else None, cfg, discrete)
+            if cfg.warmup_tokens:
+                count_tokens(run, batch.actions)
             run.step += 1
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 log.losses(sums, lr)
@@ -716,7 +743,7 @@ def save_atomic(obj, path: Path):
 
 def save_checkpoint(run: Run):
     batcher = run.batcher
-    save_atomic({"step": run.step, "config": asdict(run.cfg),
+    save_atomic({"step": run.step, "config": asdict(run.cfg), "tokens": (run.action_tokens, run.schedule_tokens),
                  "last_eval": run.history[-1]["eval"] if run.history else None,
                  "trainable": {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad},
                  "state_mean": batcher.state_mean, "state_std": batcher.state_std,
@@ -753,6 +780,7 @@ def restore(run: Run):
     rows = [r for r in rows if r["step"] <= ckpt["step"]]          # drop what came after the checkpoint
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run.step = ckpt["step"]
+    run.action_tokens, run.schedule_tokens = ckpt["tokens"]
     run.history = [r for r in rows if "eval" in r]
     print(f"resuming {run.folder} at step {run.step}")
 
@@ -840,7 +868,7 @@ def plot_curve(run: Run, paper, path: Path):
 
 # ============================================================================ 7. command line
 RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "wandb", "wandb_group"}
-EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "device", "precision"}
+EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "device", "precision"}
 
 
 def parse_args(argv=None) -> tuple[Config, dict]:
@@ -887,11 +915,15 @@ def resolve(cfg: Config, given=()) -> Config:
         raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
     idle = [k for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias") if k in given and cfg.finetune != "lora"]
     idle += [k for k in ("lm_corpus", "lm_batch", "lm_seq_len") if k in given and not cfg.lm_coef]
+    idle += [k for k in ("warmup",) if k in given and cfg.warmup_tokens]
+    idle += [k for k in ("final_tokens",) if k in given and not cfg.warmup_tokens]
     if idle:
         raise LamoError(f"--{idle[0].replace('_', '-')} has no effect with --finetune {cfg.finetune}, "
-                        f"--lm-coef {cfg.lm_coef}; drop it or turn that part on")
+                        f"--lm-coef {cfg.lm_coef}, --warmup-tokens {cfg.warmup_tokens:g}; "
+                        f"drop it or turn that part on")
+    cfg.eval_max_steps = cfg.eval_max_steps or task.episode_len
     for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every", "lm_batch",
-              "lm_seq_len", "warmup"):
+              "lm_seq_len", "warmup", "eval_max_steps"):
         if getattr(cfg, k) < 1:
             raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
     if cfg.lm_coef < 0:

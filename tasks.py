@@ -38,6 +38,8 @@ class Recipe:
     lora_dropout: float = 0.1
     lora_bias: bool = True         # train c_attn's bias with LoRA (loralib's bias='lora_only')
     grad_clip: float = 0.25
+    warmup_tokens: float = 0.0     # > 0: the official Atari schedule, counted in action tokens
+    final_tokens: float = 0.0      # (warm-up, then cosine down to 10% at final_tokens)
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,42 @@ def kitchen_task(dataset: str) -> Task:
         score_name="D4RL normalised score", lamo=KITCHEN_LAMO, dt=KITCHEN_DT)
 
 
+# ----------------------------------------------------------------------------- Atari (DQN-Replay)
+# The official experiment-atari: run.sh (Breakout 10%: lr 1e-3, wd 0.01, batch 128, K 30, MLP
+# embedding, LoRA r 32, lambda 0), cfgs/config.yaml (100k steps, an evaluation every 200 steps
+# with 5 episodes per target, warm-up over 375e6 tokens then cosine to 260e9, dropout 0.1) and
+# cfgs/env/breakout.yaml (targets 90, 120; max_timestep 4096). PEFT's LoraConfig(r=32,
+# lora_alpha=32) leaves dropout 0 and the c_attn bias frozen; core.py clips gradients at 1.0 and
+# builds AdamW with its default eps 1e-8 for every model.
+ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, context_len=30, batch_size=128,
+                    eval_every=200, eval_episodes=5, lora_rank=32, lora_alpha=32.0, lora_dropout=0.0,
+                    lora_bias=False, grad_clip=1.0, warmup_tokens=375e6, final_tokens=260e9)
+# Only breakout.yaml ships; for Qbert and Pong the targets are the paper's Table 6 and lr / wd the
+# config.yaml defaults (3e-4, 0.1: Pong's Table 6 values; Qbert's are not in the official code).
+ATARI = {  # game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score (get_hns.py)
+    "breakout": (4, (90, 120), 1e-3, 0.01, 1.7, 31.8),
+    "qbert": (6, (14000,), 3e-4, 0.1, 163.9, 13455.0),
+    "pong": (6, (10, 20), 3e-4, 0.1, -20.7, 9.3),
+}
+
+
+def atari_task(game: str) -> Task:
+    n_actions, targets, lr, wd, random_score, human_score = ATARI[game]
+    lamo = replace(ATARI_LAMO, lr=lr, weight_decay=wd)
+    return Task(
+        name=f"{game}-medium", domain="atari", source=game, loader=data.load_atari,
+        env=data.make_atari_task_env, gym_id=f"{data.atari_game(game)}NoFrameskip-v4",
+        obs_shape=(4, 84, 84), act_dim=n_actions, discrete=True, episode_len=4096,
+        max_timestep=4096, rtg_scale=1.0, targets=targets, ref_min=random_score, ref_max=human_score,
+        score_name="human-normalised score", lamo=lamo, dt=replace(lamo, embed="linear"),
+        subset=data.atari_subset, batcher=data.FrameStackBatcher,
+        # official Atari: HF GPT2Model on inputs_embeds adds wpe; time added before embed_ln; windows
+        # right-padded (causality hides the padding, so no attention mask); AdamW's default eps.
+        wpe=True, timestep_before_ln=True, pad_right=True, adam_eps_pretrained=1e-8)
+
 TASKS = {t.name: t for t in [mujoco_task(e, d) for e in MUJOCO
                              for d in ("medium", "medium-replay", "medium-expert", "expert")]
-         + [kitchen_task(d) for d in KITCHEN_TASKS]}
+         + [kitchen_task(d) for d in KITCHEN_TASKS] + [atari_task(g) for g in ATARI]}
 
 
 def get_task(name: str) -> Task:

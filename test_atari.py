@@ -1,11 +1,10 @@
-"""Tests of the Atari data side: DQN-Replay files, their download and decompression, trajectories,
-the length-weighted --frac rule, the frame-stacking batcher, the evaluation env and
-`data.py collect`. All offline, on CPU: downloads go to a loopback HTTP server over files that
-`collect` wrote here."""
+"""Tests of Atari (issue 11): DQN-Replay files, their download and decompression, trajectories,
+the length-weighted --frac rule, the frame-stacking batcher, the evaluation env, `data.py collect`,
+the model's Atari pieces and the CLI end to end. All offline, on CPU: downloads go to the loopback
+HTTP server of conftest.py over files that `collect` wrote here."""
 import gzip
-import http.server
+import json
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,48 +16,6 @@ from data import LamoError
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAMO_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-class Server:
-    """A loopback HTTP server over an in-memory {path: bytes}, honouring Range, recording requests
-    (a copy of test_lamo.py's, so that this file stands alone)."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                owner.requests.append(self.path)
-                body = owner.files.get(self.path)
-                if body is None:
-                    return self.send_error(404)
-                byte_range = self.headers["Range"]
-                start = int(byte_range.split("=")[1].rstrip("-")) if byte_range else 0
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                self.wfile.write(body[start:])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.httpd.shutdown()
-
-
 EPISODES, MAX_STEPS = 3, 200
 
 
@@ -212,7 +169,7 @@ def reference_window(replay, subset, traj, start, K, max_timestep, rtg_scale, S=
         if t >= n:                                    # right padding
             continue
         mask[i], actions[i], ts[i] = 1, replay.actions[s0 + t], min(t, max_timestep - 1)
-        rtg[i, 0] = replay.rewards[s0 + t:s0 + n].sum() / rtg_scale
+        rtg[i, 0] = replay.rewards[s0 + t + 1:s0 + n].sum() / rtg_scale   # the rewards after step t
         for j in range(S):
             f = t - (S - 1) + j                       # frames t-3 .. t; zeros before the episode
             if f >= 0:
@@ -299,7 +256,7 @@ def official_sample(replay, K, rng, B, S=4):
 
 def test_sample_equals_official_buffer_on_unpadded_steps(tmp_path):
     """Same seed, same draws: our batch equals AtariBuffer.sample's wherever the official one is
-    defined, but for the returns-to-go, where ours adds the step's own reward (a deviation)."""
+    defined."""
     replay = synthetic_replay(tmp_path, [3, 80, 25, 200, 31, 64])
     b = data.FrameStackBatcher(replay, np.arange(6), K=30, max_timestep=4096, rtg_scale=1.0, seed=7)
     rng = np.random.default_rng(7)
@@ -310,8 +267,7 @@ def test_sample_equals_official_buffer_on_unpadded_steps(tmp_path):
         assert np.array_equal(ours.states.numpy()[m], states[m])
         assert np.array_equal(ours.actions.numpy()[m], actions[m])
         assert np.array_equal(ours.timesteps.numpy()[m], timesteps[m])
-        # The official rtg leaves out the step's own reward; ours includes it.
-        assert np.allclose(ours.rtg.numpy()[m, 0], rtg[m, 0] + replay.rewards[rows[m]], atol=1e-5)
+        assert np.allclose(ours.rtg.numpy()[m, 0], rtg[m, 0], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- evaluation env
@@ -336,3 +292,53 @@ def test_missing_atari_packages_are_named(monkeypatch, module, package):
     monkeypatch.setitem(sys.modules, module, None)                 # `import module` now fails
     with pytest.raises(LamoError, match=f"pip install {package}$"):
         data.make_atari_env("pong", 10)
+
+
+# ----------------------------------------------------------------------------- the CLI on Atari (issue 11)
+def test_atari_end_to_end(collected, hf_tiny, tmp_path):
+    """`python lamo.py --env breakout-medium --data <collected> --frac 0.5` with a tiny GPT-2, a few
+    steps and 2 evaluation episodes per target, capped short: the official Atari recipe runs."""
+    import lamo
+    data_dir = copy_gz(collected, tmp_path / "data")
+    out = tmp_path / "run"
+    lamo.main(["--env", "breakout-medium", "--data", str(data_dir), "--frac", "0.5", "--pretrained",
+               str(hf_tiny[1]), "--steps", "4", "--eval-every", "4", "--eval-episodes", "2",
+               "--batch-size", "4", "--context-len", "6", "--eval-max-steps", "40", "--log-every", "1",
+               "--out", str(out)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_bias"]) == (32, 32.0, 0.0, False)
+    assert (cfg["grad_clip"], cfg["adam_eps"], cfg["lr"], cfg["weight_decay"]) == (1.0, 1e-8, 1e-3, 0.01)
+    subset = json.loads((out / "subset.json").read_text())
+    assert subset["n_trajectories"] == 1                       # floor(0.5 * 3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["targets"]) == {"90", "120"} and summary["metric"].startswith("human-normalised")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[0] == 0 and 0 < lrs[1] < lrs[2] < lrs[3] < 1e-3   # token warm-up, from 0 at step 1
+    ev = rows[-1]["eval"]["90"]
+    assert ev["score_mean"] == pytest.approx(100 * (ev["return_mean"] - 1.7) / (31.8 - 1.7))
+
+
+def test_atari_model_pieces():
+    """The official Atari model: Nature CNN on stacked frames, an Embedding for actions (+ residual MLP
+    blocks with mlp), Linear + Tanh logits for LaMo and kzl DT's plain Linear for DT; cross-entropy
+    over the real steps only."""
+    import lamo
+    import tasks
+    task = tasks.get_task("breakout-medium")
+    lamo_cfg = lamo.resolve(lamo.Config(env="breakout-medium", pretrained="none", n_layer=1, n_embd=32, n_head=2))
+    m = lamo.build_model(lamo_cfg, task).eval()
+    assert isinstance(m.embed_state[0], lamo.NatureCNN) and isinstance(m.embed_action.fc1, torch.nn.Embedding)
+    assert isinstance(m.predict_action[-1], torch.nn.Tanh) and m.add_wpe and m.timestep_before_ln
+    states = torch.randint(0, 256, (2, 5, 4, 84, 84)).float()
+    actions = torch.randint(0, 4, (2, 5))
+    logits = m(states, actions, torch.rand(2, 5, 1), torch.arange(5).expand(2, -1))
+    assert logits.shape == (2, 5, 4) and logits.abs().max() <= 1
+    dt = lamo.build_model(lamo.resolve(lamo.Config(env="breakout-medium", model="dt")), task)
+    assert isinstance(dt.predict_action, torch.nn.Linear) and dt.predict_action.bias is None
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    noise = torch.zeros(2, 5, 4)
+    noise[0, 3:] = 100.0                                      # padded steps: any logits, same loss
+    assert lamo.action_loss(logits + noise, actions, mask, True) == lamo.action_loss(logits, actions, mask, True)
+    real = torch.nn.functional.cross_entropy(logits[mask.bool()], actions[mask.bool()])
+    assert torch.allclose(lamo.action_loss(logits, actions, mask, True), real)

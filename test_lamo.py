@@ -1,7 +1,7 @@
-"""lamo's tests: all offline, CPU, tiny models. Downloads are exercised against a loopback HTTP server
-started here, on small files made here. Sections follow the code: GPT-2 + LoRA, data, training."""
+"""lamo's tests: all offline, CPU, tiny models (shared fixtures in conftest.py). Sections follow the
+issues: GPT-2 + LoRA, data, training and evaluation, paper-comparable runs, Kitchen. Atari's data side
+is in test_atari.py, sweep.py's in test_sweep.py."""
 import hashlib
-import http.server
 import io
 import json
 import pickle
@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -23,51 +22,10 @@ import data
 import gpt2_loader
 import lamo
 import tasks
+from conftest import TINY
 from data import LamoError
 
 REPO = Path(__file__).parent
-TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
-
-
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAMO_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-class Server:
-    """A loopback HTTP server over an in-memory {path: bytes}, honouring Range, recording requests."""
-
-    def __init__(self):
-        self.files, self.requests, self.cut_after = {}, [], None   # cut_after: drop the connection early
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                owner.requests.append((self.path, dict(self.headers)))
-                body = owner.files.get(self.path)
-                if body is None:
-                    return self.send_error(404)
-                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                self.wfile.write(body[start:][:owner.cut_after])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.httpd.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -83,29 +41,6 @@ def tiktoken_gpt2(tmp_path_factory):
     mp.setenv("TIKTOKEN_CACHE_DIR", str(d))
     yield tiktoken.get_encoding("gpt2")
     mp.undo()
-
-
-@pytest.fixture(scope="session")
-def hf_tiny(tmp_path_factory):
-    """A random transformers GPT-2, saved as transformers saves it (prefixed names, config.json)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    model.save_pretrained(folder, safe_serialization=True)
-    return model, folder
-
-
-@pytest.fixture(scope="session")
-def tiny_hdf5(tmp_path_factory):
-    return data.collect("Hopper-v4", "noisy", 10, tmp_path_factory.mktemp("d") / "tiny.hdf5", seed=0, max_steps=100)
-
-
-@pytest.fixture(scope="session")
-def tiny_txt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("txt") / "tiny.txt"
-    p.write_text("The hopper learns to hop from offline data, one token at a time.\n" * 300, encoding="utf-8")
-    return p
 
 
 def hub_file(model, path: Path, drop=()):
@@ -142,7 +77,7 @@ def test_logits_match_transformers(hf_tiny, tmp_path):
 
 
 def test_config_inferred_without_config_json(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(1)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY, "n_embd": 128, "n_head": 2, "n_layer": 3})).eval()
     ours = lamo.GPT2.from_pretrained(str(hub_file(hf, tmp_path / "model.safetensors"))).eval()
@@ -661,7 +596,7 @@ def tiny_minari(tmp_path_factory):
         done = False
         while not done:
             action = env.action_space.sample()
-            episode["observations"].append(obs["observation"])
+            episode["observations"].append(obs["observation"].copy())   # the env reuses its arrays
             episode["actions"].append(action)
             obs, reward, terminated, truncated, _ = env.step(action)
             episode["rewards"].append(reward)
@@ -669,7 +604,7 @@ def tiny_minari(tmp_path_factory):
         recorded.append({k: np.array(v) for k, v in episode.items()})
     env.create_dataset(dataset_id="D4RL/kitchen/tiny-v2", algorithm_name="random", author="lamo tests",
                        author_email="tests@lamo.invalid", description="lamo's tiny test dataset",
-                       eval_env=KITCHEN.gym_id)
+                       eval_env=KITCHEN.gym_id, code_permalink="https://example.invalid/lamo")
     yield "D4RL/kitchen/tiny-v2", recorded
     mp.undo()
 
