@@ -300,11 +300,17 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     steps and 2 evaluation episodes per target, capped short: the official Atari recipe runs."""
     import lamo
     data_dir = copy_gz(collected, tmp_path / "data")
-    out = tmp_path / "run"
-    lamo.main(["--env", "breakout-medium", "--data", str(data_dir), "--frac", "0.5", "--pretrained",
-               str(hf_tiny[1]), "--steps", "4", "--eval-every", "4", "--eval-episodes", "2",
-               "--batch-size", "4", "--context-len", "6", "--eval-max-steps", "40", "--log-every", "1",
-               "--out", str(out)])
+    out, half = tmp_path / "run", tmp_path / "half"
+    common = ["--env", "breakout-medium", "--data", str(data_dir), "--frac", "0.5", "--pretrained",
+              str(hf_tiny[1]), "--eval-every", "2", "--eval-episodes", "2", "--batch-size", "4",
+              "--context-len", "6", "--eval-max-steps", "40", "--log-every", "1"]
+    lamo.main([*common, "--steps", "4", "--out", str(out)])
+    # 2 steps, then --resume to 4: the token-counted schedule continues exactly.
+    lamo.main([*common, "--steps", "2", "--out", str(half)])
+    lamo.main(["--resume", str(half), "--steps", "4"])
+    metrics = lambda run: [{k: v for k, v in json.loads(line).items() if k != "steps_per_s"}
+                           for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics(half) == metrics(out)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_bias"]) == (32, 32.0, 0.0, False)
     assert (cfg["grad_clip"], cfg["adam_eps"], cfg["lr"], cfg["weight_decay"]) == (1.0, 1e-8, 1e-3, 0.01)
