@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -621,6 +622,8 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
 
 
 def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:   # before minutes of loading
+        raise LamoError("--wandb needs the wandb package: pip install wandb")
     run = start_run(cfg, folder, resume)
     model, discrete = run.model, run.task.discrete
     # --compile: the training forward as fused kernels; the first steps pay the compilation. With
@@ -688,10 +691,7 @@ class MetricsLog:
         self.status = ""
         self.wandb = None
         if run.cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise LamoError("--wandb needs the wandb package: pip install wandb") from None
+            import wandb
             # One W&B run per run folder, its id kept in the folder, so --resume continues the same run.
             id_file = run.folder / "wandb_id"
             run_id = id_file.read_text() if id_file.exists() else wandb.util.generate_id()

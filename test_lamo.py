@@ -647,3 +647,34 @@ def test_kitchen_errors(tiny_minari, monkeypatch):
     monkeypatch.setitem(sys.modules, "minari", None)           # as if not installed
     with pytest.raises(LamoError, match=r"^kitchen-complete-v2 needs the minari package: pip install"):
         KITCHEN.load(tiny_minari[0])
+
+
+def test_wandb_logging(tiny_hdf5, tmp_path, monkeypatch):
+    """--wandb: a one-line error without the package; with it, the run's config, group and every
+    metrics row go to W&B (a stand-in module records the calls), and --resume keeps the W&B run id."""
+    import importlib.machinery
+    import types
+    base = ["--model", "dt", "--n-layer", "1", "--n-embd", "32", "--data", str(tiny_hdf5), "--steps", "4",
+            "--log-every", "2", "--eval-every", "4", "--eval-episodes", "1", "--targets", "100",
+            "--wandb", "lamo-tests", "--wandb-group", "hopper_f1_dt"]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(SystemExit, match="^error: --wandb needs the wandb package: pip install wandb$"):
+        lamo.main([*base, "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+    fake.init = lambda **kw: calls.append(("init", kw)) or types.SimpleNamespace(
+        log=lambda row, step: calls.append(("log", step, row)), finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    lamo.main([*base, "--out", str(tmp_path / "r")])
+    init = calls[0][1]
+    assert (init["project"], init["group"], init["id"]) == ("lamo-tests", "hopper_f1_dt", "abc123")
+    assert init["config"]["model"] == "dt" and init["config"]["wandb"] == "lamo-tests"
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged] == [2, 4, 4] and "action_loss" in logged[0][2]
+    assert "eval/100/score_mean" in logged[2][2] and calls[-1] == ("finish",)
+    fake.util.generate_id = lambda: pytest.fail("a resumed run must keep its W&B id")
+    lamo.main(["--resume", str(tmp_path / "r"), "--steps", "6"])
+    assert calls[-1] == ("finish",) and [c for c in calls if c[0] == "init"][-1][1]["id"] == "abc123"
