@@ -1,0 +1,286 @@
+"""sweep.py's tests: offline, CPU. A tiny grid (DT preset shrunk to 1 layer, d=32, on a collected
+Hopper dataset; 2 ratios x 2 seeds, 100 steps) is run, run again, interrupted and resumed, and made
+to fail; the grids, shards, commands and the table's rule are checked without running anything."""
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sweep
+from data import collect
+from tasks import PAPER_TABLES
+
+REPO = Path(__file__).resolve().parent
+GRID = ["--env", "hopper-medium-v2", "--frac", "0.5", "1", "--seed", "0", "1", "--model", "dt"]
+
+
+def tiny(data: Path) -> list[str]:
+    """lamo.py flags for a run of a few seconds: checkpoints every 20 steps, 2 return targets."""
+    return ["--", "--n-layer", "1", "--n-embd", "32", "--data", str(data), "--steps", "100",
+            "--eval-every", "20", "--log-every", "20", "--eval-episodes", "1",
+            "--targets", "100,50", "--batch-size", "16", "--lr", "1e-3", "--warmup", "10"]
+
+
+def offline_env(cwd: Path) -> dict:
+    return {**os.environ, "LAMO_CACHE": str(cwd / "cache")}   # nothing is downloaded; in case
+
+
+def sweep_py(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "sweep.py"), *args], cwd=cwd,
+                          env=offline_env(cwd), capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def launch_time(log: Path) -> float:
+    """When the sweep started this run, from its log's header line (to the second)."""
+    stamp = " ".join(log.read_text().splitlines()[1].split()[1:3])
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+
+
+def files(folder: Path) -> dict:
+    """Every file under folder with its size and mtime: what a launched run would change."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A working folder (the sweeps' cwd) holding a 10-episode Hopper dataset."""
+    work = tmp_path_factory.mktemp("sweep")
+    collect("Hopper-v4", "noisy", episodes=10, out=work / "tiny.hdf5", max_steps=60)
+    return work
+
+
+@pytest.fixture(scope="module")
+def sweep_a(work):
+    """The tiny grid, run once without interruption, two runs at a time (threads split)."""
+    return sweep_py(*GRID, "--name", "A", "--jobs", "2", *tiny(work / "tiny.hdf5"), cwd=work)
+
+
+# ----------------------------------------------------------------------------- running sweeps
+def test_sweep_runs_and_writes_the_table(work, sweep_a):
+    assert sweep_a.returncode == 0, sweep_a.stdout + sweep_a.stderr
+    a = work / "sweeps" / "A"
+    runs = sorted(p.parent.name for p in a.glob("*/summary.json"))
+    assert runs == [f"hopper-medium-v2_f{f}_dt_s{s}" for f in ("0.5", "1") for s in (0, 1)]
+    rows = read_csv(a / "results.csv")
+    assert [(r["ratio"], r["model"], r["seeds"]) for r in rows] == [("0.5", "dt", "2"),
+                                                                    ("1.0", "dt", "2")]
+    for r in rows:    # the cell's mean is the best target's mean over the seeds' last-20% means
+        frac = "0.5" if r["ratio"] == "0.5" else "1"
+        summaries = [json.loads((a / f"hopper-medium-v2_f{frac}_dt_s{s}/summary.json").read_text())
+                     for s in (0, 1)]
+        means = {t: np.mean([s["targets"][t]["last20"] for s in summaries]) for t in ("100", "50")}
+        assert float(r["mean"]) == max(means.values()) and r["target"] == max(means, key=means.get)
+    assert "| hopper-medium-v2 | 1 | DT |" in (a / "results.md").read_text()
+    assert "60.9 ± 3.3 (Table 3)" in (a / "results.md").read_text()     # the paper's beside ours
+    assert (a / "results.png").stat().st_size > 0
+    # --jobs 2: each run got half of this machine's cores, as its log's header line records
+    cores = len(os.sched_getaffinity(0))
+    header = (a / "logs" / "hopper-medium-v2_f1_dt_s0.log").read_text().splitlines()[1]
+    assert f"OMP_NUM_THREADS={max(1, cores // 2)} " in header and "--out sweeps/A/" in header
+    # one run at a time in its loading phase: each started after the one before it had loaded
+    # (lamo.py makes the run folder, config.json first, once its data is loaded)
+    starts = sorted((launch_time(a / "logs" / f"{run}.log"), run) for run in runs)
+    for (_, before), (start, _) in zip(starts, starts[1:]):
+        assert start >= int((a / before / "config.json").stat().st_mtime)
+
+
+def test_second_invocation_runs_nothing(work, sweep_a, monkeypatch, capsys):
+    a = work / "sweeps" / "A"
+    before = {p: v for p, v in files(a).items() if not p.name.startswith("results.")}
+    again = sweep_py(*GRID, "--name", "A", "--jobs", "2", *tiny(work / "tiny.hdf5"), cwd=work)
+    assert again.returncode == 0, again.stderr
+    assert "4 runs: 4 done, 0 resume, 0 restart, 0 new" in again.stdout
+    # Every launch appends a header line to the run's log and a run rewrites its folder:
+    # nothing changed, so no lamo.py was started.
+    assert {p: v for p, v in files(a).items() if not p.name.startswith("results.")} == before
+    # other lamo.py flags for the same sweep are refused before anything runs
+    monkeypatch.chdir(work)
+    after = files(a)
+    assert sweep.main([*GRID, "--name", "A", "--", "--steps", "7"]) == 2
+    assert capsys.readouterr().err.startswith("error: sweep sweeps/A was started with")
+    assert files(a) == after
+
+
+def test_interrupted_sweep_resumes_to_the_same_table(work, sweep_a):
+    """Ctrl-C once two runs are done and another has a checkpoint; the next invocation skips the
+    two, resumes the third, and ends with the table of the uninterrupted sweep A, to the last digit
+    (lamo.py's resume is bit for bit on CPU)."""
+    b = work / "sweeps" / "B"
+    args = [sys.executable, str(REPO / "sweep.py"), *GRID, "--name", "B", "--jobs", "2",
+            *tiny(work / "tiny.hdf5")]
+    proc = subprocess.Popen(args, cwd=work, env=offline_env(work), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    def midway():
+        done = len(list(b.glob("*/summary.json")))
+        return done >= 2 and len(list(b.glob("*/ckpt.pt"))) > done
+
+    deadline = time.time() + 120
+    while not midway() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    stopped = [p.parent for p in b.glob("*/ckpt.pt") if not (p.parent / "summary.json").exists()]
+    assert stopped, "no run was stopped between its first checkpoint and its end"
+    assert len(list(b.glob("*/summary.json"))) in (2, 3)
+    again = sweep_py(*GRID, "--name", "B", "--jobs", "2", *tiny(work / "tiny.hdf5"), cwd=work)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f" {len(stopped)} resume," in again.stdout
+    for run in stopped:
+        assert "resuming" in (b / "logs" / f"{run.name}.log").read_text()
+    assert (b / "results.csv").read_text() == (work / "sweeps" / "A" / "results.csv").read_text()
+
+
+def test_failing_run_is_reported_and_the_rest_finish(work):
+    """Ratio 0 is refused by lamo.py: that run fails, the ratio-0.5 run beside it still finishes."""
+    c = sweep_py("--env", "hopper-medium-v2", "--frac", "0.5", "0", "--seed", "0", "--model", "dt",
+                 "--name", "C", "--jobs", "2", *tiny(work / "tiny.hdf5"), cwd=work)
+    assert c.returncode == 1, c.stdout + c.stderr
+    report = c.stdout.split("FAILED hopper-medium-v2_f0_dt_s0 (exit status 1)", 1)[1]
+    assert "error:" in report and "--frac" in report             # the end of its log
+    assert (work / "sweeps" / "C" / "hopper-medium-v2_f0.5_dt_s0" / "summary.json").exists()
+    assert "| hopper-medium-v2 | 0 | DT | — | — | — | 0/1 |" in c.stdout   # missing, not 0
+    assert "1 of 2 runs failed" in c.stdout
+
+
+# ----------------------------------------------------------------------------- nothing run
+def test_table3_dry_run_lists_the_72_runs(tmp_path, monkeypatch, capsys):
+    out = sweep_py("--grid", "table3", "--dry-run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    commands = [line.split() for line in out.stdout.splitlines() if "python lamo.py" in line]
+    cells = {(c[c.index("--env") + 1], float(c[c.index("--frac") + 1]), c[c.index("--model") + 1],
+              int(c[c.index("--seed") + 1])) for c in commands}
+    assert len(commands) == len(cells) == 72 == 3 * 4 * 2 * 3
+    assert cells == {(task, frac, model, seed) for task, frac in PAPER_TABLES["Table 3"]
+                     for model in ("lamo", "dt") for seed in (0, 1, 2)}
+    assert {c[1] for c in cells} == {0.005, 0.01, 0.1, 1.0}
+    assert not (tmp_path / "sweeps").exists()                  # a dry run writes nothing
+    # Kitchen: GPT-2 medium for the paper's LaMo cells Complete 30% and Partial 100% only
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["--grid", "table1", "--dry-run"]) == 0
+    kitchen = capsys.readouterr().out.splitlines()
+    medium = [line for line in kitchen if "--pretrained gpt2-medium" in line]
+    assert len([line for line in kitchen if "python lamo.py" in line]) == 36 and len(medium) == 6
+    assert all("--model lamo" in line and ("complete-v2 --frac 0.3 " in line or
+                                           "partial-v2 --frac 1.0 " in line) for line in medium)
+
+
+def test_shards_cover_the_grid_exactly_once():
+    runs = sweep.make_runs(sweep.grid_cells("table3", None, None, None), sweep.SEEDS)
+    shuffled = random.Random(0).sample(runs, len(runs))
+    for count in range(1, 8):
+        shards = [sweep.shard(runs, i, count) for i in range(count)]
+        names = [run.name for s in shards for run in s]
+        assert sorted(names) == sorted(run.name for run in runs)      # every run, none twice
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        assert [set(s) for s in shards] == [set(sweep.shard(shuffled, i, count))
+                                            for i in range(count)]    # fixed, whatever the order
+    assert sweep.parse_shard("2/8") == (2, 8)
+    for bad in ("8/8", "-1/8", "1", "a/b", "1/0", "1/2/3"):
+        with pytest.raises(sweep.SweepError):
+            sweep.parse_shard(bad)
+
+
+def test_commands_and_worker_environments(tmp_path):
+    cell = sweep.Cell("hopper-medium-v2", 0.1, "lamo", ("--pretrained", "gpt2-medium"))
+    run, run_dir = sweep.Run(cell, 2), tmp_path / "r"
+    args = sweep.lamo_args(run, run_dir, ["--steps", "10", "--pretrained", "gpt2"], "proj")
+    assert args == ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "2", "--model", "lamo",
+                    "--out", str(run_dir), "--pretrained", "gpt2-medium", "--steps", "10",
+                    "--pretrained", "gpt2", "--wandb", "proj", "--wandb-group",
+                    "hopper-medium-v2_f0.1_lamo"]
+    run_dir.mkdir()
+    assert sweep.run_state(run_dir) == "restart"
+    (run_dir / "ckpt.pt").write_bytes(b"")
+    assert sweep.run_state(run_dir) == "resume"
+    assert sweep.lamo_args(run, run_dir, ["--steps", "10"], "proj") == ["--resume", str(run_dir)]
+    (run_dir / "summary.json").write_text("{}")
+    assert sweep.run_state(run_dir) == "done"
+    # 3 workers on 2 GPUs: round-robin; the cores split 3 ways
+    envs = [sweep.child_env(slot, 3, ["0", "1"]) for slot in range(3)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    cores = len(os.sched_getaffinity(0))
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, cores // 3))}
+    assert "CUDA_VISIBLE_DEVICES" not in sweep.child_env(0, 1, [])
+    # a value given twice is one run, not two processes writing one folder
+    cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 0.1], ["dt", "dt"])
+    assert [r.name for r in sweep.make_runs(cells, [0, 0, 1])] == [
+        "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f0.1_dt_s1"]
+    assert sweep.child_env(0, 1, [])["MKL_NUM_THREADS"] == str(cores)
+
+
+def summary(**last20) -> dict:
+    """A made-up summary.json: {target: last-20% mean}."""
+    targets = {t.lstrip("t"): {"final": v, "best": v, "last20": v, "n_last20": 8}
+               for t, v in last20.items()}
+    best = max(targets, key=lambda t: targets[t]["last20"])
+    return {"step": 100_000, "targets": targets, "headline": targets[best]["last20"],
+            "headline_target": best}
+
+
+def test_table_rule_against_numbers_by_hand(tmp_path, monkeypatch, capsys):
+    made_up = {   # (ratio, model, seed) -> summary; (1, dt) has no seed at all
+        (0.1, "dt", 0): summary(t3600=50, t1800=55), (0.1, "dt", 1): summary(t3600=60, t1800=65),
+        (0.1, "dt", 2): summary(t3600=70, t1800=40),
+        (0.1, "lamo", 0): summary(t3600=80, t1800=90),
+        (0.1, "lamo", 1): summary(t3600=70, t1800=90),
+        (1, "lamo", 2): summary(t3600=33.3, t1800=11.1)}
+    for (frac, model, seed), s in made_up.items():
+        run_dir = tmp_path / "sweeps" / "H" / f"hopper-medium-v2_f{frac:g}_{model}_s{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps(s))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--env", "hopper-medium-v2", "--frac", "0.1", "1", "--name", "H", "--aggregate"]
+    assert sweep.main(argv) == 0
+    rows = {(float(r["ratio"]), r["model"]): r for r in read_csv(tmp_path / "sweeps/H/results.csv")}
+    # DT 10%: target 3600 has mean 60 over seeds (1800: 53.3), though two of the three seeds did
+    # better at 1800 (the mean of the seeds' own best would be 63.3); std = sqrt(200 / 3).
+    dt = rows[0.1, "dt"]
+    assert (dt["target"], dt["seeds"], dt["seeds_expected"]) == ("3600", "3", "3")
+    assert float(dt["mean"]) == pytest.approx(60) and float(dt["std"]) == pytest.approx(8.164966)
+    assert (dt["paper_mean"], dt["paper_std"], dt["paper_table"]) == ("57.3", "3.8", "Table 3")
+
+    def cell(r):
+        return r["target"], r["seeds"], r["mean"] and float(r["mean"]), r["std"] and float(r["std"])
+    assert cell(rows[0.1, "lamo"]) == ("1800", "2", 90, 0)    # two seeds present
+    assert cell(rows[1.0, "lamo"]) == ("3600", "1", 33.3, 0)  # one seed present
+    assert cell(rows[1.0, "dt"]) == ("", "0", "", "")         # none: empty, not 0
+    md = (tmp_path / "sweeps/H/results.md").read_text()
+    assert "| hopper-medium-v2 | 0.1 | DT | 60.0 ± 8.2 | 57.3 ± 3.8 (Table 3) | 3600 | 3/3 |" \
+        in md
+    assert "| hopper-medium-v2 | 1 | DT | — | 60.9 ± 3.3 (Table 3) | — | 0/3 |" in md
+    assert (tmp_path / "sweeps/H/results.png").stat().st_size > 0
+    assert md in capsys.readouterr().out                       # printed as well as written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "table9"], "--grid 'table9'"),
+    (["--grid", "table3", "--shard", "4/4"], "--shard '4/4'"),
+    (["--grid", "table3", "--shard", "x"], "--shard 'x'"),
+    (["--grid", "table3", "--jobs", "0"], "--jobs 0"),
+    (["--grid", "table3", "--gpus", "0,,1"], "--gpus '0,,1'"),
+    (["--grid", "table3", "--name", "a/b"], "--name 'a/b'"),
+    (["--env", "hopper-medium-v2"], "give --grid"),
+    (["--grid", "table3", "--frac", "0.3"], "no cell of --grid table3"),
+    (["--env", "hopper-medium-v2", "--frac", "1", "--", "--seed", "5"], "--seed after --"),
+])
+def test_bad_input_is_a_one_line_error(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LAMO_CACHE", str(tmp_path / "cache"))   # should a run start after all
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "sweeps").exists()
