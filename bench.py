@@ -155,7 +155,8 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
     buffer.py), from the same seed, so over the same windows, checked equal on unpadded steps. A
     synthetic replay of DQN-Replay's frame shape and Breakout-like trajectory lengths, but 40k frames
     (280 MB) instead of 1M (7 GB), in memory; both read the same uint8 array (the official code holds
-    every frame as float32 on the device) and both end in one uint8 -> float32 conversion."""
+    every frame as float32 on the device, so its batch is float32; ours stays uint8, which the model
+    divides by 255 on the device)."""
     from data import AtariReplay, FrameStackBatcher
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (n_frames, 84, 84), dtype=np.uint8)
@@ -184,7 +185,7 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
 
     got, want = batcher.sample(B), official(np.random.default_rng(0))
     m = got.mask.bool()
-    assert torch.equal(got.states[m], want[m]), "the Atari sampler and the official loop disagree"
+    assert torch.equal(got.states[m].float(), want[m]), "the Atari sampler and the official loop disagree"
     loop_rng = np.random.default_rng(0)
     return {"atari_sample_loop_ms": timed(lambda: official(loop_rng), reps, device) * 1e3,
             "atari_sample_vectorised_ms": timed(lambda: batcher.sample(B), reps, device) * 1e3}

@@ -251,7 +251,7 @@ def describe(trajs) -> str:
 # ----------------------------------------------------------------------------- batches
 class Batch(NamedTuple):
     """One training batch of B windows of K timesteps; mask is 1 on real steps, 0 on padding."""
-    states: torch.Tensor       # (B, K, *obs_shape) float32
+    states: torch.Tensor       # (B, K, *obs_shape) float32; Atari: uint8 pixels (the model / 255)
     actions: torch.Tensor      # (B, K, act_dim) float32, or (B, K) int64 for discrete actions
     rtg: torch.Tensor          # (B, K, 1) returns-to-go / rtg_scale
     timesteps: torch.Tensor    # (B, K) int64
@@ -651,7 +651,8 @@ class FrameStackBatcher:
         # would index past its timestep embedding on a longer episode).
         timesteps = np.where(valid, np.minimum(pos, self.max_timestep - 1), 0)   # (B, K)
         to = lambda a: torch.from_numpy(a).to(self.device)
-        return Batch(to(frames[local]).float(),                      # (B, K, S, 84, 84), 0..255
+        # uint8 to the device, a quarter of float32's bytes; the model's CNN divides by 255 there.
+        return Batch(to(frames[local]),                              # (B, K, S, 84, 84) uint8
                      to(self.actions[idx]), to(self.rtg[idx]),       # (B, K), (B, K, 1)
                      to(timesteps), to(valid.astype(np.float32)))    # (B, K), (B, K)
 

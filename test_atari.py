@@ -162,7 +162,7 @@ def test_length_weighted_subset():
 def reference_window(replay, subset, traj, start, K, max_timestep, rtg_scale, S=4):
     """One window, a step and a frame at a time: the official buffer's rule, slow and obvious."""
     s0, n = replay.starts[subset[traj]], replay.lengths[subset[traj]]
-    states, actions = np.zeros((K, S, 84, 84), np.float32), np.zeros(K, np.int64)
+    states, actions = np.zeros((K, S, 84, 84), np.uint8), np.zeros(K, np.int64)
     rtg, ts, mask = np.zeros((K, 1), np.float32), np.zeros(K, np.int64), np.zeros(K, np.float32)
     for i in range(K):
         t = start + i
