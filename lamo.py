@@ -494,8 +494,9 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
         live = live[going]
         if len(live) == 0 or t + 1 == T:
             break
-        keep = torch.as_tensor(going, device=device)
-        S, A, R, TS, rtg = S[keep], A[keep], R[keep], TS[keep], rtg[keep]
+        if not going.all():                                                 # drop finished rows
+            keep = torch.as_tensor(going, device=device)
+            S, A, R, TS, rtg = S[keep], A[keep], R[keep], TS[keep], rtg[keep]
         obs = np.stack([s[0] for s, g in zip(steps, going) if g])
     for env in envs:
         env.close()
