@@ -15,7 +15,6 @@ import os
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 

@@ -10,8 +10,8 @@ LaMo is a Decision Transformer whose body is OpenAI's GPT-2, with four changes:
     python lamo.py --env hopper-medium-v2 --frac 0.1      # train on a seeded 10% of the trajectories
 
 Sections: 1 config, 2 GPT-2 and LoRA, 3 Decision Transformer and loss, 4 batched evaluation,
-5 training, 6 run folder (checkpoints, summary, curve), 7 command line. Per-task values live in
-tasks.py. "Official code" below means srzer/LaMo-2023.
+5 training, 6 command line. Per-task values live in tasks.py, the run folder's plumbing (metrics,
+checkpoints, summary, curve) in runs.py. "Official code" below means srzer/LaMo-2023.
 """
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import re
-import signal
 import sys
 import textwrap
 import time
@@ -38,7 +36,9 @@ from tqdm import tqdm
 
 from data import LamoError, LMBatcher, lm_tokens, sha256_of
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
-from tasks import PAPER, Recipe, Task, get_task
+from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval, restore,
+                  save_checkpoint)
+from tasks import Recipe, Task, get_task
 
 
 # ============================================================================ 1. config
@@ -570,26 +570,6 @@ def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, disc
     return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm, (~torch.isfinite(loss)).float()])
 
 
-@dataclass
-class Run:
-    """Everything a training run holds; checkpointed whole, so --resume continues bit for bit."""
-    cfg: Config
-    task: Task
-    folder: Path
-    device: torch.device
-    model: DecisionTransformer
-    params: list
-    optimizer: torch.optim.Optimizer
-    batcher: object
-    lm: Optional[LMBatcher]
-    subset: np.ndarray
-    data_files: dict
-    step: int = 0
-    history: list = field(default_factory=list)   # every evaluation: {"step", "eval"}
-    action_tokens: int = 0                         # the token-counted schedule's state (Atari)
-    schedule_tokens: float = 0.0
-
-
 def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
     device = pick_device(cfg.device)
     task = get_task(cfg.env)
@@ -681,193 +661,7 @@ def eval_only(cfg: Config, ckpt_path: Path) -> dict:
     return ev
 
 
-# ============================================================================ 6. run folder
-class MetricsLog:
-    """metrics.jsonl (one JSON row per log step and per evaluation) and, with --wandb, W&B."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.file = open(run.folder / "metrics.jsonl", "a")
-        self.t_last = time.time()
-        self.status = ""
-        self.wandb = None
-        if run.cfg.wandb:
-            import wandb
-            # One W&B run per run folder, its id kept in the folder, so --resume continues the same run.
-            id_file = run.folder / "wandb_id"
-            run_id = id_file.read_text() if id_file.exists() else wandb.util.generate_id()
-            id_file.write_text(run_id)
-            self.wandb = wandb.init(project=run.cfg.wandb, group=run.cfg.wandb_group or None, id=run_id,
-                                    name=run.folder.name, config=asdict(run.cfg), dir=str(run.folder),
-                                    resume="allow")
-
-    def write(self, row: dict):
-        self.file.write(json.dumps(row) + "\n")
-        if self.wandb:
-            flat = {k: v for k, v in row.items() if k not in ("step", "eval")}
-            for tgt, e in row.get("eval", {}).items():
-                flat.update({f"eval/{tgt}/{k}": v for k, v in e.items()})
-            self.wandb.log(flat, step=row["step"])
-
-    def check_finite(self, sums):
-        if sums[3].item() > 0:
-            raise LamoError(f"loss became NaN/inf before step {self.run.step}; stopped. The last good checkpoint "
-                            f"{self.run.folder / 'ckpt.pt'} is intact: resume it with a lower --lr, or check the data")
-
-    def losses(self, sums, lr: float):
-        self.check_finite(sums)
-        step, every = self.run.step, self.run.cfg.log_every
-        n = every if step % every == 0 else step % every
-        loss_action, loss_lm, grad_norm, _ = (sums / n).tolist()
-        now = time.time()
-        self.write({"step": step, "action_loss": loss_action, "lm_loss": loss_lm, "lr": lr,
-                    "grad_norm": grad_norm, "steps_per_s": n / (now - self.t_last)})
-        self.t_last = now
-        self.status = f"loss {loss_action:.4f} lm {loss_lm:.3f} lr {lr:.1e}"
-
-    def evaluation(self, row: dict):
-        self.write(row)
-        self.file.flush()
-        self.status = f"score {max(e['score_mean'] for e in row['eval'].values()):.1f}"
-
-    def close(self):
-        self.file.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def save_atomic(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)              # a crash mid-write leaves the previous checkpoint intact
-
-
-def save_checkpoint(run: Run):
-    batcher = run.batcher
-    save_atomic({"step": run.step, "config": asdict(run.cfg), "tokens": (run.action_tokens, run.schedule_tokens),
-                 "last_eval": run.history[-1]["eval"] if run.history else None,
-                 "trainable": {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad},
-                 "state_mean": batcher.state_mean, "state_std": batcher.state_std,
-                 "optimizer": run.optimizer.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "batches": batcher.rng.bit_generator.state,
-                         "lm": run.lm.rng.bit_generator.state if run.lm else None,
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-                run.folder / "ckpt.pt")
-
-
-def load_trainable(model, ckpt):
-    missing = set(n for n, p in model.named_parameters() if p.requires_grad) - set(ckpt["trainable"])
-    if missing:
-        raise LamoError(f"checkpoint lacks trainable parameter(s) {', '.join(sorted(missing)[:3])}")
-    model.load_state_dict(ckpt["trainable"], strict=False)
-
-
-def restore(run: Run):
-    """Load ckpt.pt into the freshly built run (RNG states included), and cut metrics.jsonl back to
-    the checkpoint's step."""
-    ckpt = torch.load(run.folder / "ckpt.pt", map_location=run.device, weights_only=False)
-    if json.loads((run.folder / "subset.json").read_text())["indices"] != run.subset.tolist():
-        raise LamoError(f"the dataset changed since {run.folder} started: its --frac subset differs")
-    load_trainable(run.model, ckpt)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    run.batcher.rng.bit_generator.state = ckpt["rng"]["batches"]
-    if run.lm:
-        run.lm.rng.bit_generator.state = ckpt["rng"]["lm"]
-    metrics = run.folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if r["step"] <= ckpt["step"]]          # drop what came after the checkpoint
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run.step = ckpt["step"]
-    run.action_tokens, run.schedule_tokens = ckpt["tokens"]
-    run.history = [r for r in rows if "eval" in r]
-    print(f"resuming {run.folder} at step {run.step}")
-
-
-def summarize(history: list[dict], steps: int) -> dict:
-    """Per target: final, best and the paper's metric, the mean over evaluations in the last 20% of
-    training (the last 8 of 40 in the paper's protocol); headline = the best target's last-20% mean.
-    Deviation: the paper picks the target per task over its 3 seeds; one run can only pick its own
-    (sweep.py picks per table cell, as the paper does)."""
-    out = {}
-    for tgt in history[-1]["eval"]:
-        late = [h["eval"][tgt] for h in history if h["step"] > 0.8 * steps] or [history[-1]["eval"][tgt]]
-        scores = [h["eval"][tgt]["score_mean"] for h in history]
-        out[tgt] = {"final": scores[-1], "best": max(scores),
-                    "last20": float(np.mean([e["score_mean"] for e in late])),
-                    "last20_return": float(np.mean([e["return_mean"] for e in late])), "n_last20": len(late)}
-    best = max(out, key=lambda t: out[t]["last20"])
-    return {"targets": out, "headline": out[best]["last20"], "headline_target": best}
-
-
-def finish(run: Run) -> dict:
-    """summary.json (self-describing), the printed table, curve.png."""
-    cfg, task = run.cfg, run.task
-    summary = summarize(run.history, cfg.steps)
-    paper = PAPER.get((task.name, cfg.frac, cfg.model))
-    (run.folder / "summary.json").write_text(json.dumps({
-        "task": task.name, "env": cfg.env, "model": cfg.model, "frac": cfg.frac, "seed": cfg.seed,
-        "step": run.step, "metric": f"{task.score_name} (x100; 'return' keys are raw returns)",
-        "evaluation_env": task.gym_id, "data": run.data_files, **summary,
-        "paper": dict(zip(("mean", "std", "table"), paper)) if paper else None}, indent=2))
-    print_eval(run.history[-1]["eval"], f"\nfinal evaluation at step {run.step} ({cfg.eval_episodes} episodes per target):")
-    print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   {task.score_name}, mean over episodes")
-    for tgt, s in summary["targets"].items():
-        print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   ({s['n_last20']} evaluations in the last 20%)")
-    print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
-          f"at target {summary['headline_target']}" + (f"; the paper's {paper[2]}: {paper[0]} ± {paper[1]}" if paper else "")
-          + f"\nrun folder: {run.folder}")
-    plot_curve(run, paper, run.folder / "curve.png")
-    return summary
-
-
-def print_eval(ev: dict, header: str):
-    print(f"{header}\n  {'target':>8} {'return':>18} {'normalised score':>18}")
-    for tgt, e in ev.items():
-        print(f"  {tgt:>8} {e['return_mean']:>9.1f} ± {e['return_std']:<6.1f} {e['score_mean']:>9.1f} ± {e['score_std']:<6.1f}")
-
-
-def plot_curve(run: Run, paper, path: Path):
-    """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this cell
-    as dashed lines, and the training losses beside it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no learning-curve PNG")
-        return
-    cfg, history = run.cfg, run.history
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = np.array([h["step"] for h in history])
-    for tgt in history[-1]["eval"]:
-        mean = np.array([h["eval"][tgt]["score_mean"] for h in history])
-        std = np.array([h["eval"][tgt]["score_std"] for h in history])
-        line, = left.plot(steps, mean, "o-", ms=3, label=f"target {tgt}")
-        left.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for model, style in (("lamo", "k--"), ("dt", "k:")):
-        cell = PAPER.get((run.task.name, cfg.frac, model))
-        if cell:
-            left.axhline(cell[0], color="k", ls=style[1:], lw=1, label=f"paper {model.upper() if model == 'dt' else 'LaMo'} "
-                                                                         f"({cell[2]}): {cell[0]}")
-    left.set(xlabel="gradient step", ylabel=run.task.score_name, title="evaluation (±std over episodes)")
-    left.legend(fontsize=7)
-    rows = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "action_loss" in r]
-    right.plot([r["step"] for r in rows], [r["action_loss"] for r in rows], label="action loss")
-    if cfg.lm_coef:
-        right.plot([r["step"] for r in rows], [r["lm_loss"] for r in rows], label="LM loss")
-    right.set(xlabel="gradient step", ylabel="loss", yscale="log", title="training losses")
-    right.legend(fontsize=7)
-    fig.suptitle(f"{run.task.name}, {cfg.frac:g} of the data, {cfg.model} ({cfg.pretrained}), seed {cfg.seed}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ============================================================================ 7. command line
+# ============================================================================ 6. command line
 RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "wandb", "wandb_group"}
 EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "device", "precision"}
 
@@ -952,26 +746,6 @@ def pick_device(name: str) -> torch.device:
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
-
-
-@contextlib.contextmanager
-def ctrl_c_saves_checkpoint():
-    """Ctrl-C: the first one lets the current step finish, then the loop saves a checkpoint and
-    exits (an interrupt inside optimizer.step() would leave half-updated weights); a second one
-    aborts at once. Yields a list that becomes non-empty on the first Ctrl-C."""
-    stop = []
-
-    def on_sigint(*_):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(1)
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (again to abort without saving)")
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def load_saved_config(given: dict) -> tuple[Config, Path]:

@@ -7,7 +7,7 @@ baseline. lamo.py holds no per-task branch: it reads these fields. Adding a task
 TASKS (plus a loader in data.py if its file format is new); README walks through the Kitchen entry.
 
 "Official code" is srzer/LaMo-2023; a value's source is in the comment beside it.
-Imports run one way: data <- tasks <- lamo <- bench, sweep.
+Imports run one way: data <- tasks <- runs <- lamo <- bench, sweep.
 """
 from __future__ import annotations
 
