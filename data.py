@@ -153,7 +153,8 @@ def make_kitchen_env(task, max_steps: int):
         import gymnasium as gym
         import gymnasium_robotics
     except ImportError:
-        raise LamoError(f"{task.name} needs the gymnasium-robotics package: pip install -r requirements.txt") from None
+        raise LamoError(f"{task.name} needs the gymnasium-robotics package: "
+                        f"pip install -r requirements.txt") from None
     gym.register_envs(gymnasium_robotics)
     env = gym.make(task.gym_id, max_episode_steps=max_steps, **dict(task.env_kwargs))
     space = env.observation_space["observation"]
@@ -660,7 +661,8 @@ class FrameStackBatcher:
 def load_atari(task, path: str = "") -> tuple[AtariReplay, list[Path]]:
     folder = atari_dataset(task.source, path)
     gz = [folder / replay_file(f) for f in ATARI_FIELDS]
-    return AtariReplay.load(folder), gz if all(f.exists() for f in gz) else [folder / replay_file(f, "npy") for f in ATARI_FIELDS]
+    read = gz if all(f.exists() for f in gz) else [folder / replay_file(f, "npy") for f in ATARI_FIELDS]
+    return AtariReplay.load(folder), read
 
 
 def atari_subset(replay: AtariReplay, frac: float, seed: int) -> np.ndarray:

@@ -427,11 +427,13 @@ def build_model(cfg: Config, task: Task, precision: str = "fp32") -> DecisionTra
     else:
         gpt = GPT2.from_pretrained(cfg.pretrained, **body)
     if cfg.lm_coef and gpt.config.vocab_size != VOCAB_SIZE:
-        raise LamoError(f"--lm-coef needs GPT-2's {VOCAB_SIZE}-token vocabulary; {cfg.pretrained} has {gpt.config.vocab_size}")
+        raise LamoError(f"--lm-coef needs GPT-2's {VOCAB_SIZE}-token vocabulary; "
+                        f"{cfg.pretrained} has {gpt.config.vocab_size}")
     if cfg.lm_coef and cfg.lm_seq_len > gpt.config.n_positions:
         raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's {gpt.config.n_positions} positions")
     if task.wpe and 3 * cfg.context_len > gpt.config.n_positions:
-        raise LamoError(f"--context-len {cfg.context_len}: 3K tokens exceed the model's {gpt.config.n_positions} positions")
+        raise LamoError(f"--context-len {cfg.context_len}: 3K tokens exceed the model's "
+                        f"{gpt.config.n_positions} positions")
     model = DecisionTransformer(gpt, task, cfg.embed, tanh_logits=cfg.model == "lamo", precision=precision)
     # What trains: embeddings and heads always; of the GPT-2 body, LoRA (+ c_attn bias with --lora-bias:
     # the official MuJoCo code's mark_only_lora_as_trainable(bias='lora_only'); its Atari code's PEFT
@@ -461,7 +463,7 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
     normalise = (lambda o: o) if state_mean is None else (lambda o: (o - state_mean) / state_std)
     S = torch.zeros(N, K, *task.obs_shape, device=device)                   # states
     A = torch.zeros(N, K, *(() if task.discrete else (task.act_dim,)), device=device,
-                    dtype=torch.long if task.discrete else torch.float32)   # actions; step t's slot is 0 until taken
+                    dtype=torch.long if task.discrete else torch.float32)   # actions; 0 until taken
     R = torch.zeros(N, K, 1, device=device)                                 # returns-to-go / scale
     TS = torch.zeros(N, K, dtype=torch.long, device=device)                 # timesteps
     rtg = torch.tensor([tgt / task.rtg_scale for tgt, _ in episodes], device=device)   # (N,)
@@ -520,7 +522,8 @@ def evaluate(model, cfg: Config, task: Task, state_mean, state_std, device) -> d
     for j, tgt in enumerate(targets):
         r = returns[j * cfg.eval_episodes:(j + 1) * cfg.eval_episodes]
         s = task.score(r)
-        out[f"{tgt:g}"] = {"return_mean": r.mean(), "return_std": r.std(), "score_mean": s.mean(), "score_std": s.std()}
+        out[f"{tgt:g}"] = {"return_mean": r.mean(), "return_std": r.std(),
+                           "score_mean": s.mean(), "score_std": s.std()}
     return {k: {m: float(v) for m, v in d.items()} for k, d in out.items()}
 
 
@@ -574,13 +577,15 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
     device = pick_device(cfg.device)
     task = get_task(cfg.env)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, task, resolve_precision(cfg, device)).to(device)   # before the data: a bad --pretrained fails in seconds
+    # The model before the data: a bad --pretrained fails in seconds.
+    model = build_model(cfg, task, resolve_precision(cfg, device)).to(device)
     trajectories, files = task.load(cfg.data)
     subset = task.subset(trajectories, cfg.frac, cfg.frac_seed)
     batcher = task.batcher(trajectories, subset, cfg.context_len, task.max_timestep, task.rtg_scale,
                            cfg.seed, device)
+    # lambda = 0: no corpus, no LM forward (the official code runs it anyway).
     lm = (LMBatcher(lm_tokens(cfg.lm_corpus), cfg.lm_batch, cfg.lm_seq_len, cfg.seed + 1, device)
-          if cfg.lm_coef > 0 else None)   # lambda = 0: no corpus, no LM forward (the official code runs it anyway)
+          if cfg.lm_coef > 0 else None)
     params, optimizer = make_optimizer(model, cfg, device)
     run = Run(cfg, task, folder, device, model, params, optimizer, batcher, lm, subset,
               {str(f): sha256_of(f) for f in files})
@@ -611,7 +616,7 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     # dropout, compiled runs draw other random masks than eager ones, so the two are not bit-identical.
     fwd = torch.compile(model) if cfg.compile else model
     log = MetricsLog(run)
-    sums = torch.zeros(4, device=run.device)   # action loss, LM loss, grad norm, non-finite count: summed on device
+    sums = torch.zeros(4, device=run.device)   # action loss, LM loss, grad norm, non-finite: on device
     bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
     model.train()
     with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log):
@@ -630,7 +635,8 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
                 sums.zero_()
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 log.check_finite(sums)
-                evaluation = evaluate(model, cfg, run.task, run.batcher.state_mean, run.batcher.state_std, run.device)
+                evaluation = evaluate(model, cfg, run.task, run.batcher.state_mean, run.batcher.state_std,
+                                      run.device)
                 run.history.append({"step": run.step, "eval": evaluation})
                 log.evaluation(run.history[-1])
                 save_checkpoint(run)
@@ -640,7 +646,8 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
                 bar.close()
                 log.check_finite(sums)
                 save_checkpoint(run)
-                print(f"interrupted at step {run.step}; checkpoint saved. Continue with: python lamo.py --resume {folder}")
+                print(f"interrupted at step {run.step}; checkpoint saved. "
+                      f"Continue with: python lamo.py --resume {folder}")
                 raise SystemExit(130)
     bar.close()
     return finish(run)
@@ -708,7 +715,8 @@ def resolve(cfg: Config, given=()) -> Config:
         raise LamoError("--model dt has no language head (vocab 1, as in kzl DT); use --model lamo for --lm-coef")
     if cfg.finetune == "lora" and cfg.lora_rank < 1:
         raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
-    idle = [k for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias") if k in given and cfg.finetune != "lora"]
+    lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias")
+    idle = [k for k in lora_flags if k in given and cfg.finetune != "lora"]
     idle += [k for k in ("lm_corpus", "lm_batch", "lm_seq_len") if k in given and not cfg.lm_coef]
     idle += [k for k in ("warmup",) if k in given and cfg.warmup_tokens]
     idle += [k for k in ("final_tokens",) if k in given and not cfg.warmup_tokens]
@@ -766,7 +774,8 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
                         f"allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(allowed))}")
     known = {f.name for f in fields(Config)}
     saved = {k: v for k, v in saved.items() if k in known}
-    return Config(**{**saved, **{k: v for k, v in given.items() if k in allowed}, "resume": "", "eval_only": ""}), src
+    changed = {k: v for k, v in given.items() if k in allowed}
+    return Config(**{**saved, **changed, "resume": "", "eval_only": ""}), src
 
 
 def main(argv=None):

@@ -102,9 +102,10 @@ def save_atomic(obj, path: Path):
 
 def save_checkpoint(run: Run):
     batcher = run.batcher
-    save_atomic({"step": run.step, "config": asdict(run.cfg), "tokens": (run.action_tokens, run.schedule_tokens),
-                 "last_eval": run.history[-1]["eval"] if run.history else None,
-                 "trainable": {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad},
+    trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    save_atomic({"step": run.step, "config": asdict(run.cfg),
+                 "tokens": (run.action_tokens, run.schedule_tokens),
+                 "last_eval": run.history[-1]["eval"] if run.history else None, "trainable": trainable,
                  "state_mean": batcher.state_mean, "state_std": batcher.state_std,
                  "optimizer": run.optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "batches": batcher.rng.bit_generator.state,
@@ -170,13 +171,14 @@ def finish(run: Run) -> dict:
         "step": run.step, "metric": f"{task.score_name} (x100; 'return' keys are raw returns)",
         "evaluation_env": task.gym_id, "data": run.data_files, **summary,
         "paper": dict(zip(("mean", "std", "table"), paper)) if paper else None}, indent=2))
-    print_eval(run.history[-1]["eval"], f"\nfinal evaluation at step {run.step} ({cfg.eval_episodes} episodes per target):")
+    print_eval(run.history[-1]["eval"],
+               f"\nfinal evaluation at step {run.step} ({cfg.eval_episodes} episodes per target):")
     print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   {task.score_name}, mean over episodes")
     for tgt, s in summary["targets"].items():
         print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   ({s['n_last20']} evaluations in the last 20%)")
+    in_paper = f"; the paper's {paper[2]}: {paper[0]} ± {paper[1]}" if paper else ""
     print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
-          f"at target {summary['headline_target']}" + (f"; the paper's {paper[2]}: {paper[0]} ± {paper[1]}" if paper else "")
-          + f"\nrun folder: {run.folder}")
+          f"at target {summary['headline_target']}{in_paper}\nrun folder: {run.folder}")
     plot_curve(run, paper, run.folder / "curve.png")
     return summary
 
@@ -205,11 +207,10 @@ def plot_curve(run: Run, paper, path: Path):
         std = np.array([h["eval"][tgt]["score_std"] for h in history])
         line, = left.plot(steps, mean, "o-", ms=3, label=f"target {tgt}")
         left.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for model, style in (("lamo", "k--"), ("dt", "k:")):
+    for model, name, style in (("lamo", "LaMo", "--"), ("dt", "DT", ":")):
         cell = PAPER.get((run.task.name, cfg.frac, model))
         if cell:
-            left.axhline(cell[0], color="k", ls=style[1:], lw=1, label=f"paper {model.upper() if model == 'dt' else 'LaMo'} "
-                                                                         f"({cell[2]}): {cell[0]}")
+            left.axhline(cell[0], color="k", ls=style, lw=1, label=f"paper {name} ({cell[2]}): {cell[0]}")
     left.set(xlabel="gradient step", ylabel=run.task.score_name, title="evaluation (±std over episodes)")
     left.legend(fontsize=7)
     rows = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines()]
@@ -219,7 +220,9 @@ def plot_curve(run: Run, paper, path: Path):
         right.plot([r["step"] for r in rows], [r["lm_loss"] for r in rows], label="LM loss")
     right.set(xlabel="gradient step", ylabel="loss", yscale="log", title="training losses")
     right.legend(fontsize=7)
-    fig.suptitle(f"{run.task.name}, {cfg.frac:g} of the data, {cfg.model} ({cfg.pretrained}), seed {cfg.seed}")
+    body = "random init" if cfg.pretrained == "none" else cfg.pretrained
+    fig.suptitle(f"{run.task.name}, {100 * cfg.frac:g}% of the trajectories, "
+                 f"{'LaMo' if cfg.model == 'lamo' else 'DT'} ({body}), seed {cfg.seed}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

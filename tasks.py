@@ -146,7 +146,8 @@ ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, contex
                     lora_bias=False, grad_clip=1.0, warmup_tokens=375e6, final_tokens=260e9)
 # Only breakout.yaml ships; for Qbert and Pong the targets are the paper's Table 6 and lr / wd the
 # config.yaml defaults (3e-4, 0.1: Pong's Table 6 values; Qbert's are not in the official code).
-ATARI = {  # game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score (get_hns.py)
+# game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score (get_hns.py)
+ATARI = {
     "breakout": (4, (90, 120), 1e-3, 0.01, 1.7, 31.8),
     "qbert": (6, (14000,), 3e-4, 0.1, 163.9, 13455.0),
     "pong": (6, (10, 20), 3e-4, 0.1, -20.7, 9.3),
