@@ -45,9 +45,8 @@ class Recipe:
 @dataclass(frozen=True)
 class Task:
     name: str
-    domain: str                          # mujoco | kitchen | atari
     source: str                          # a URL, a Minari dataset id, or a DQN-Replay game
-    loader: Callable[..., Any]           # (task, --data) -> trajectories (data.py)
+    loader: Callable[..., Any]           # (task, --data) -> (trajectories, files read); in data.py
     env: Callable[..., Any]              # (task, max_steps) -> Gymnasium env, obs already obs_shape
     obs_shape: tuple[int, ...]
     act_dim: int                         # action dimensions, or the number of discrete actions
@@ -101,7 +100,7 @@ EMBED = {"hopper": "linear"}   # run_hopper.sh drops --mlp_embedding; run.sh kee
 def mujoco_task(env: str, dataset: str) -> Task:
     gym_id, obs, act, lo, hi, targets = MUJOCO[env]
     return Task(
-        name=f"{env}-{dataset}-v2", domain="mujoco",
+        name=f"{env}-{dataset}-v2",
         source=D4RL_URL.format(file=f"{env}_{dataset.replace('-', '_')}-v2"),
         loader=data.load_d4rl, env=data.make_mujoco_env, gym_id=gym_id,
         obs_shape=(obs,), act_dim=act, discrete=False, episode_len=1000, max_timestep=1000,
@@ -126,7 +125,7 @@ KITCHEN_TASKS = {  # Minari dataset -> the four subtasks its demonstrations comp
 
 def kitchen_task(dataset: str) -> Task:
     return Task(
-        name=f"kitchen-{dataset}-v2", domain="kitchen", source=f"D4RL/kitchen/{dataset}-v2",
+        name=f"kitchen-{dataset}-v2", source=f"D4RL/kitchen/{dataset}-v2",
         loader=data.load_minari, env=data.make_kitchen_env, gym_id="FrankaKitchen-v1",
         env_kwargs=(("tasks_to_complete", KITCHEN_TASKS[dataset]),),
         obs_shape=(59,), act_dim=9, discrete=False, episode_len=280, max_timestep=1000,
@@ -158,7 +157,7 @@ def atari_task(game: str) -> Task:
     n_actions, targets, lr, wd, random_score, human_score = ATARI[game]
     lamo = replace(ATARI_LAMO, lr=lr, weight_decay=wd)
     return Task(
-        name=f"{game}-medium", domain="atari", source=game, loader=data.load_atari,
+        name=f"{game}-medium", source=game, loader=data.load_atari,
         env=data.make_atari_task_env, gym_id=f"{data.atari_game(game)}NoFrameskip-v4",
         obs_shape=(4, 84, 84), act_dim=n_actions, discrete=True, episode_len=4096,
         max_timestep=4096, rtg_scale=1.0, targets=targets, ref_min=random_score, ref_max=human_score,
