@@ -65,7 +65,16 @@ def kzl_get_batch(trajs, B, K, max_ep_len, scale, mean, std, rng):
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def peak_gb(device) -> float | None:
+    """Peak GPU memory since the last call (then reset), in GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def timed(fn, n, device, warmup=1):
@@ -79,22 +88,33 @@ def timed(fn, n, device, warmup=1):
     return (time.perf_counter() - t0) / n
 
 
-def bench_train(cfg, device, batcher, steps) -> dict:
-    """Steps/s of lamo.train_step: LaMo (GPT-2 small shape, LoRA r=16, MLP embeddings). A GPU gets
-    warm-up steps (cuBLAS start-up, compilation); a CPU none: at ~15-50 s a step there, one more
-    step each would push the whole benchmark past 3 minutes, and a CPU step has little to warm up."""
-    out = {}
-    for lm_coef in (0.0, 0.1):
-        torch.manual_seed(0)
-        c = replace(cfg, lm_coef=lm_coef)
-        model = lamo.build_model(c, HOPPER, lamo.resolve_precision(c, device)).to(device)
-        fwd = torch.compile(model) if c.compile else model
-        params, opt = lamo.make_optimizer(model, c, device)
-        lm_block = torch.randint(0, VOCAB_SIZE, (c.lm_batch, c.lm_seq_len + 1), device=device) if lm_coef else None
-        step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(c.batch_size), lm_block, c, False)
-        warmup = out["train_warmup_steps"] = (2 if c.compile else 1) if device.type == "cuda" else 0
-        out["train_steps_per_s" + ("_with_lm" if lm_coef else "")] = 1 / timed(step, steps, device, warmup=warmup)
-        del model, opt, params
+def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
+    """Steps/s of lamo.train_step on one freshly built model, freed on return (so the next variant
+    is measured without this one's memory)."""
+    torch.manual_seed(0)
+    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
+    fwd = torch.compile(model) if cfg.compile else model
+    params, opt = lamo.make_optimizer(model, cfg, device)
+    lm_block = (torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
+                if cfg.lm_coef else None)
+    step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size), lm_block,
+                                   cfg, False)
+    return 1 / timed(step, steps, device, warmup=warmup)
+
+
+def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
+    """Steps/s of lamo.train_step: LaMo (GPT-2 small shape, LoRA r=16, MLP embeddings) without and
+    with the LM batch, and the DT preset, each with its peak GPU memory. A GPU gets warm-up steps
+    (cuBLAS start-up, compilation); a CPU none: at ~15-50 s a step there, one more step each would
+    push the whole benchmark past 3 minutes, and a CPU step has little to warm up."""
+    warmup = (2 if cfg.compile else 1) if device.type == "cuda" else 0
+    out = {"train_warmup_steps": warmup}
+    for key, c in (("", cfg), ("_with_lm", replace(cfg, lm_coef=0.1)), ("_dt", dt_cfg)):
+        peak_gb(device)
+        out["train_steps_per_s" + key] = train_steps_per_s(c, device, batcher, steps, warmup)
+        out["train_peak_gpu_gb" + key] = peak_gb(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -102,7 +122,7 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
     action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
     torch.manual_seed(0)
-    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg, device)).to(device).eval()
+    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device).eval()
     with torch.no_grad():
         for p in model.predict_action[-2 if cfg.embed == "linear" else -1].parameters():
             p.zero_()
@@ -191,34 +211,68 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
             "atari_sample_vectorised_ms": timed(lambda: batcher.sample(B), reps, device) * 1e3}
 
 
+def profile_tables(cfg, device, batcher, n_episodes, top=15) -> str:
+    """torch.profiler's top `top` operators, by self time on the device (CUDA) or the CPU, of one
+    LaMo training step (after a warm-up step) and of one batched evaluation forward."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    torch.manual_seed(0)
+    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
+    params, opt = lamo.make_optimizer(model, cfg, device)
+    step = lambda: lamo.train_step(model, model, opt, params, batcher.sample(cfg.batch_size), None,
+                                   cfg, False)
+    K = cfg.context_len
+    window = [x.to(device) for x in (torch.randn(n_episodes, K, OBS_DIM),
+                                     torch.randn(n_episodes, K, HOPPER.act_dim),
+                                     torch.randn(n_episodes, K, 1), torch.arange(K).expand(n_episodes, -1))]
+    out = []
+    for name, fn, train in (("one training step, B=64 K=20", step, True),
+                            (f"one evaluation forward, {n_episodes} episodes", lambda: model(*window), False)):
+        model.train(train)
+        with torch.inference_mode(not train):
+            fn()                                                     # warm-up
+            sync(device)
+            with profile(activities=activities) as prof:
+                fn()
+                sync(device)
+        out.append(f"## {name} (top {top} by {sort})\n\n"
+                   + prof.key_averages().table(sort_by=sort, row_limit=top))
+    return "\n\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--train-steps", type=int, default=None,
                    help="timed steps per training variant (default: cpu 1, gpu 50 after warm-up)")
     p.add_argument("--eval-model", choices=("lamo", "dt"), default=None,
-                   help="model in the evaluation benchmark (default: cpu dt, gpu lamo; GPT-2 small is ~10 s per "
-                        "batched forward on 2 CPU cores)")
+                   help="model in the evaluation benchmark (default: cpu dt, gpu lamo; GPT-2 small "
+                        "is ~10 s per batched forward on 2 CPU cores)")
     p.add_argument("--eval-episodes", type=int, default=80)
-    p.add_argument("--eval-max-steps", type=int, default=None, help="time limit of the episodes (default: cpu 100, gpu 1000)")
+    p.add_argument("--eval-max-steps", type=int, default=None,
+                   help="time limit of the episodes (default: cpu 100, gpu 1000)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--profile", metavar="FILE", help="also write torch.profiler's top operators of "
+                                                     "one training step and one evaluation forward")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     device = lamo.pick_device(a.device)
     gpu = device.type == "cuda"
     steps = a.train_steps or (50 if gpu else 1)
     max_steps = a.eval_max_steps or (1000 if gpu else 100)
-    lamo_cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", compile=a.compile))  # GPT-2 small shape, LoRA
-    eval_cfg = lamo_cfg if (a.eval_model or ("lamo" if gpu else "dt")) == "lamo" else lamo.resolve(lamo.Config(model="dt"))
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    print(f"device {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'} ({device}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # GPT-2 small's shape, random weights, LoRA; the DT preset; both at their default precision.
+    lamo_cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", compile=a.compile))
+    dt_cfg = lamo.resolve(lamo.Config(model="dt", compile=a.compile))
+    eval_cfg = lamo_cfg if (a.eval_model or ("lamo" if gpu else "dt")) == "lamo" else dt_cfg
+    name = lamo.device_name(device) if gpu else platform.processor() or "cpu"
+    print(f"device {name} ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     trajs = synthetic_hopper()
     batcher = TrajectoryBatcher(trajs, 20, 1000, 1000.0, seed=0, device=device)
-    res = {"device": torch.cuda.get_device_name() if gpu else f"cpu ({torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "train_steps_timed": steps, "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt",
-           "eval_max_steps": max_steps}
+    res = {"device": name if gpu else f"cpu ({torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "train_steps_timed": steps,
+           "precision": lamo.resolve_precision(lamo_cfg.precision, device),
+           "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt", "eval_max_steps": max_steps}
     # (c) sampling, B=64, K=20
     rng = np.random.default_rng(0)
     t_loop = timed(lambda: [x.to(device) for x in kzl_get_batch(trajs, 64, 20, 1000, 1000.0, batcher.state_mean,
@@ -226,23 +280,31 @@ def main(argv=None):
     t_vec = timed(lambda: batcher.sample(64), 200, device)
     res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
     res.update(bench_atari_sampling(device))
-    # (b) evaluation, then (a) training
+    # (b) evaluation, then (a) training, each with its own peak GPU memory
+    peak_gb(device)
     res.update(bench_eval(eval_cfg, device, a.eval_episodes, max_steps))
-    res.update(bench_train(lamo_cfg, device, batcher, steps))
-    # (d) peak memory
-    res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    res["eval_peak_gpu_gb"] = peak_gb(device)
+    res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
+    # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
     res["ratio_eval_ceiling"] = res["eval_env_alone_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
     res["ratio_sampling_vectorised_vs_loop"] = t_loop / t_vec
     cold = " (first step, no warm-up)" if res["train_warmup_steps"] == 0 else ""
-    rows = [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0{cold}", f"{res['train_steps_per_s']:.3f}"),
+    gb = lambda k: f"{res[k]:.2f}" if res[k] is not None else "n/a"
+    rows = [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0, {res['precision']}{cold}",
+             f"{res['train_steps_per_s']:.3f}"),
+            ("  peak GPU memory GB", gb("train_peak_gpu_gb")),
             ("training steps/s, same + (2, 1024) LM batch", f"{res['train_steps_per_s_with_lm']:.3f}"),
+            ("  peak GPU memory GB", gb("train_peak_gpu_gb_with_lm")),
+            ("training steps/s, DT preset (3 layers, d=128), B=64 K=20", f"{res['train_steps_per_s_dt']:.3f}"),
+            ("  peak GPU memory GB", gb("train_peak_gpu_gb_dt")),
             (f"eval env-steps/s, {a.eval_episodes} episodes batched ({res['eval_model']})", f"{res['eval_batched_env_steps_per_s']:.0f}"),
             ("eval env-steps/s, same episodes one at a time", f"{res['eval_sequential_env_steps_per_s']:.0f}"),
             ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
             ("  model forward ms per episode, batch of 1", f"{res['forward_ms_per_episode_batch_1']:.2f}"),
             (f"  model forward ms per episode, batch of {a.eval_episodes}", f"{res['forward_ms_per_episode_batched']:.2f}"),
+            ("  peak GPU memory GB", gb("eval_peak_gpu_gb")),
             ("eval env-steps/s, env stepping alone, no model (MuJoCo's floor)", f"{res['eval_env_alone_env_steps_per_s']:.0f}"),
             ("  ceiling on that ratio: one at a time / env alone", f"{res['ratio_eval_ceiling']:.1f}x"),
             ("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
@@ -250,13 +312,16 @@ def main(argv=None):
             ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
             ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
              f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}"),
-            ("peak GPU memory GB", f"{res['peak_gpu_mem_gb']:.2f}" if gpu else "n/a"),
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
     w = max(len(k) for k, _ in rows) + 2
     print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"written to {a.out}")
+    if a.profile:
+        with open(a.profile, "w") as f:
+            f.write(profile_tables(lamo_cfg, device, batcher, a.eval_episodes))
+        print(f"profile written to {a.profile}")
     return res
 
 

@@ -13,6 +13,16 @@ TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)  
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(autouse=True)
+def cpu_only(request, monkeypatch):
+    """Every test but those marked `cuda` runs on the CPU, on a GPU machine too: --device auto
+    resolves to cpu here and in the processes the tests start. The suite's bit-for-bit claims are
+    CPU claims (README, Tests), so it passes the same way on any machine."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LAMO_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"

@@ -256,6 +256,17 @@ class Batch(NamedTuple):
     rtg: torch.Tensor          # (B, K, 1) returns-to-go / rtg_scale
     timesteps: torch.Tensor    # (B, K) int64
     mask: torch.Tensor         # (B, K) float32
+    action_tokens: int = 0     # discrete: (actions > 0).sum(), counted on the host (no GPU sync)
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array to the device. To a GPU through pinned (page-locked) memory with non_blocking,
+    so the copy is queued behind the GPU's work and the host goes on to sample the next batch
+    (PyTorch's pinned-memory cache keeps the buffer until the copy is done); on CPU, no copy."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class TrajectoryBatcher:
@@ -300,7 +311,7 @@ class TrajectoryBatcher:
         pos = np.arange(K) - (K - n_real)[:, None]                         # (B, K), negative = padding
         valid = pos >= 0
         idx = np.where(valid, self.offsets[traj][:, None] + start[:, None] + pos, self.pad_row)  # (B, K)
-        to = lambda a: torch.from_numpy(a).to(self.device)
+        to = lambda a: to_device(a, self.device)
         return Batch(to(self.states[idx]), to(self.actions[idx]), to(self.rtg[idx]),
                      to(self.timesteps[idx]), to(valid.astype(np.float32)))
 
@@ -393,7 +404,7 @@ class LMBatcher:
     def sample(self) -> torch.Tensor:
         starts = self.rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
         block = np.stack([self.tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        return torch.from_numpy(block).to(self.device)
+        return to_device(block, self.device)
 
 
 # ----------------------------------------------------------------------------- python data.py collect
@@ -650,11 +661,15 @@ class FrameStackBatcher:
         # Deviation: timesteps clipped at max_timestep - 1 (the official code does not clip, and
         # would index past its timestep embedding on a longer episode).
         timesteps = np.where(valid, np.minimum(pos, self.max_timestep - 1), 0)   # (B, K)
-        to = lambda a: torch.from_numpy(a).to(self.device)
-        # uint8 to the device, a quarter of float32's bytes; the model's CNN divides by 255 there.
-        return Batch(to(frames[local]),                              # (B, K, S, 84, 84) uint8
-                     to(self.actions[idx]), to(self.rtg[idx]),       # (B, K), (B, K, 1)
-                     to(timesteps), to(valid.astype(np.float32)))    # (B, K), (B, K)
+        to = lambda a: to_device(a, self.device)
+        actions = self.actions[idx]                                  # (B, K)
+        # Only the distinct frames and an index go to the device, uint8 (the model's CNN divides
+        # by 255 there): at B=128, K=30 at most 4,224 frames (28 MiB) instead of the 15,360 of the
+        # stacked batch (103 MiB). The stacking is one gather on the device.
+        return Batch(to(frames)[to(local)],                          # (B, K, S, 84, 84) uint8
+                     to(actions), to(self.rtg[idx]),                 # (B, K), (B, K, 1)
+                     to(timesteps), to(valid.astype(np.float32)),    # (B, K), (B, K)
+                     action_tokens=int((actions > 0).sum()))
 
 
 # The task table's Atari loader, --frac rule and env.
@@ -662,7 +677,15 @@ def load_atari(task, path: str = "") -> tuple[AtariReplay, list[Path]]:
     folder = atari_dataset(task.source, path)
     gz = [folder / replay_file(f) for f in ATARI_FIELDS]
     read = gz if all(f.exists() for f in gz) else [folder / replay_file(f, "npy") for f in ATARI_FIELDS]
-    return AtariReplay.load(folder), read
+    replay = AtariReplay.load(folder)
+    # Checked here: on CUDA an out-of-range action is a device-side assert in the embedding that
+    # poisons the process, with no word about the data.
+    lo, hi = int(replay.actions.min()), int(replay.actions.max())
+    if lo < 0 or hi >= task.act_dim:
+        raise LamoError(f"{read[ATARI_FIELDS.index('action')]}: actions range over {lo}..{hi}, but "
+                        f"{task.gym_id} has {task.act_dim} (0..{task.act_dim - 1}); data recorded "
+                        f"with ALE's full 18-action set? Record it with the game's minimal set")
+    return replay, read
 
 
 def atari_subset(replay: AtariReplay, frac: float, seed: int) -> np.ndarray:

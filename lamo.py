@@ -513,17 +513,18 @@ def evaluate(model, cfg: Config, task: Task, state_mean, state_std, device) -> d
     model.eval()
     model.gpt.merge()
     try:
-        returns, _ = rollout(model, task, episodes, state_mean, state_std, cfg.context_len, device,
-                             cfg.eval_max_steps)
+        returns, lengths = rollout(model, task, episodes, state_mean, state_std, cfg.context_len,
+                                   device, cfg.eval_max_steps)
     finally:
         model.gpt.unmerge()
         model.train()
     out = {}
     for j, tgt in enumerate(targets):
-        r = returns[j * cfg.eval_episodes:(j + 1) * cfg.eval_episodes]
-        s = task.score(r)
+        rows = slice(j * cfg.eval_episodes, (j + 1) * cfg.eval_episodes)
+        r, s = returns[rows], task.score(returns[rows])
         out[f"{tgt:g}"] = {"return_mean": r.mean(), "return_std": r.std(),
-                           "score_mean": s.mean(), "score_std": s.std()}
+                           "score_mean": s.mean(), "score_std": s.std(),
+                           "length_mean": lengths[rows].mean()}
     return {k: {m: float(v) for m, v in d.items()} for k, d in out.items()}
 
 
@@ -547,14 +548,14 @@ def learning_rate(cfg: Config, step: int, tokens: float) -> float:
     return cfg.lr * max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def count_tokens(run, actions: torch.Tensor):
+def count_tokens(run, action_tokens: int):
     """The official Atari token count, done as its code does it: core.py adds (actions > 0).sum()
     to a running total each step and passes that total to scheduler.step(tokens), which adds it to
     its own count again, so the schedule sees the running sum of running totals (quadratic in the
     step; REFERENCE.md reads it as linear, never leaving warm-up; the code wins). Deviation: our
     padded steps hold action 0 and do not count (the official ones repeat the dataset's last
-    action). One host sync per step, on the Atari path only."""
-    run.action_tokens += int((actions > 0).sum())
+    action). The batch counts its tokens on the host (Batch.action_tokens): no wait on the GPU."""
+    run.action_tokens += action_tokens
     run.schedule_tokens += run.action_tokens
 
 
@@ -575,10 +576,16 @@ def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, disc
 
 def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
     device = pick_device(cfg.device)
+    if resume and cfg.precision == "auto":
+        raise LamoError(f"{folder / 'config.json'} says precision 'auto' (an older lamo saved it "
+                        f"unresolved): set it to what the run trained with (bf16 if on a GPU, else "
+                        f"fp32) and resume again")
+    # Resolved once and saved in config.json: a run's arithmetic never changes on --resume.
+    cfg.precision = resolve_precision(cfg.precision, device)
     task = get_task(cfg.env)
     torch.manual_seed(cfg.seed)
     # The model before the data: a bad --pretrained fails in seconds.
-    model = build_model(cfg, task, resolve_precision(cfg, device)).to(device)
+    model = build_model(cfg, task, cfg.precision).to(device)
     trajectories, files = task.load(cfg.data)
     subset = task.subset(trajectories, cfg.frac, cfg.frac_seed)
     batcher = task.batcher(trajectories, subset, cfg.context_len, task.max_timestep, task.rtg_scale,
@@ -601,9 +608,9 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
     body = model.gpt.config
     print(f"data     {cfg.data or task.source}: subset frac={cfg.frac} (seed {cfg.frac_seed}): {batcher.describe()}\n"
           f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | embed {cfg.embed} | "
-          f"layers {body.n_layer}, d {body.n_embd}, {cfg.activation} | lambda {cfg.lm_coef} | {model.precision}\n"
+          f"layers {body.n_layer}, d {body.n_embd}, {cfg.activation} | lambda {cfg.lm_coef}\n"
           f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
-          f"device   {device} | run folder {folder}")
+          f"device   {device} ({device_name(device)}) | precision {cfg.precision} | run folder {folder}")
     return run
 
 
@@ -628,16 +635,18 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
             sums += train_step(fwd, model, run.optimizer, run.params, batch,
                                run.lm.sample() if run.lm else None, cfg, discrete)
             if cfg.warmup_tokens:
-                count_tokens(run, batch.actions)
+                count_tokens(run, batch.action_tokens)
             run.step += 1
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 log.losses(sums, lr)
                 sums.zero_()
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 log.check_finite(sums)
+                t0 = time.perf_counter()
                 evaluation = evaluate(model, cfg, run.task, run.batcher.state_mean, run.batcher.state_std,
                                       run.device)
-                run.history.append({"step": run.step, "eval": evaluation})
+                run.history.append({"step": run.step, "eval": evaluation,
+                                    "eval_s": round(time.perf_counter() - t0, 3)})
                 log.evaluation(run.history[-1])
                 save_checkpoint(run)
             bar.update(1)
@@ -655,9 +664,9 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
 
 def eval_only(cfg: Config, ckpt_path: Path) -> dict:
     device = pick_device(cfg.device)
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     task = get_task(cfg.env)
-    model = build_model(cfg, task, resolve_precision(cfg, device)).to(device)
+    model = build_model(cfg, task, resolve_precision(cfg.precision, device)).to(device)
     load_trainable(model, ckpt)
     ev = evaluate(model, cfg, task, ckpt["state_mean"], ckpt["state_std"], device)
     print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} episodes per target):")
@@ -745,15 +754,38 @@ def parse_targets(targets: str) -> list[float]:
 
 
 def pick_device(name: str) -> torch.device:
+    """--device -> torch.device; with resolve_precision below, the one place where device and
+    arithmetic are decided (the model has no branch per device)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":               # TF32 for the fp32 matmuls outside the bf16 body
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LamoError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; "
+                        f"use --device cpu, or install a CUDA build of torch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LamoError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    # fp32 means IEEE fp32 on every device: --precision fp32 is the official arithmetic, and under
+    # bf16 the embeddings, heads and losses (outside the autocast body) see unrounded inputs. So
+    # no TF32, whose 10-bit mantissa would round them; PyTorch's default lets cuDNN's
+    # convolutions (Atari's CNN) use it.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto -> bf16 where the device computes bf16 natively (CUDA compute capability
+    8.0 and up: A100, H100, RTX 30xx on), else fp32. torch.cuda.is_bf16_supported() counts
+    emulation too (T4, V100), where bf16 is slower than fp32 and attention has no fused kernel.
+    A run saves the resolved value, so --resume on another device keeps its arithmetic."""
+    if precision != "auto":
+        return precision
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return "bf16" if native else "fp32"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def load_saved_config(given: dict) -> tuple[Config, Path]:

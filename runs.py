@@ -110,7 +110,9 @@ def save_checkpoint(run: Run):
                  "optimizer": run.optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "batches": batcher.rng.bit_generator.state,
                          "lm": run.lm.rng.bit_generator.state if run.lm else None,
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                         # the run's own GPU only: resumed under Slurm, it may be the only one seen
+                         "cuda": torch.cuda.get_rng_state(run.device)
+                                 if run.device.type == "cuda" else None}},
                 run.folder / "ckpt.pt")
 
 
@@ -121,17 +123,32 @@ def load_trainable(model, ckpt):
     model.load_state_dict(ckpt["trainable"], strict=False)
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict):
+    """Optimizer.load_state_dict, keeping the live optimizer's implementation: it would copy the
+    saved fused/foreach/capturable flags over the live ones (a CPU checkpoint would turn a fused
+    CUDA AdamW into a slower one) and place AdamW's step counters by the saved flags."""
+    for group, live in zip(saved["param_groups"], optimizer.param_groups):
+        group.update({k: live[k] for k in ("fused", "foreach", "capturable", "differentiable")
+                      if k in live})
+    optimizer.load_state_dict(saved)
+
+
 def restore(run: Run):
     """Load ckpt.pt into the freshly built run (RNG states included), and cut metrics.jsonl back to
     the checkpoint's step."""
-    ckpt = torch.load(run.folder / "ckpt.pt", map_location=run.device, weights_only=False)
+    # To the CPU first: RNG states must stay CPU byte tensors; load_state_dict moves the rest.
+    ckpt = torch.load(run.folder / "ckpt.pt", map_location="cpu", weights_only=False)
     if json.loads((run.folder / "subset.json").read_text())["indices"] != run.subset.tolist():
         raise LamoError(f"the dataset changed since {run.folder} started: its --frac subset differs")
     load_trainable(run.model, ckpt)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    load_optimizer(run.optimizer, ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    cuda_rng = ckpt["rng"]["cuda"]
+    if isinstance(cuda_rng, list):   # older checkpoints: every visible GPU's state
+        index = run.device.index or 0
+        cuda_rng = cuda_rng[index] if index < len(cuda_rng) else None
+    if cuda_rng is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng, run.device)
     run.batcher.rng.bit_generator.state = ckpt["rng"]["batches"]
     if run.lm:
         run.lm.rng.bit_generator.state = ckpt["rng"]["lm"]

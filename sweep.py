@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from tasks import PAPER, PAPER_TABLES
@@ -246,7 +247,9 @@ def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str 
                 run_dir = sweep_dir / run.name
                 if run_state(run_dir) == "restart":
                     shutil.rmtree(run_dir)      # lamo.py refuses a non-empty --out
-                args = lamo_args(run, run_dir, lamo_flags, wandb)
+                # --gpus: each run is told to train on CUDA, so a run that sees no GPU fails
+                # at once instead of training GPT-2 on the CPU for days (device auto would).
+                args = lamo_args(run, run_dir, lamo_flags, wandb) + (["--device", "cuda"] if gpus else [])
                 proc = launch(args, sweep_dir / "logs" / f"{run.name}.log",
                               child_env(slot, jobs, gpus))
                 running[proc] = (run, slot, time.time())
@@ -426,7 +429,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--name", help="sweeps/<name>/ holds the runs (default: the grid's name, "
                                   "else 'sweep')")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
-    p.add_argument("--gpus", default="", help="e.g. 0,1: worker i gets GPU i mod count")
+    p.add_argument("--gpus", default="", help="e.g. 0,1: worker i gets GPU i mod count, among "
+                                              "those CUDA_VISIBLE_DEVICES shows; runs get --device cuda")
     p.add_argument("--shard", help="I/N: run only the I-th of N fixed shares of the grid")
     p.add_argument("--wandb", metavar="PROJECT", help="log every new run to this W&B project, "
                                                       "grouped by cell")
@@ -444,6 +448,8 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
     gpus = args.gpus.split(",") if args.gpus else []
     if any(not g.strip() for g in gpus):
         raise SweepError(f"--gpus {args.gpus!r}: expected a comma-separated list, e.g. 0,1")
+    if gpus and any(f.split("=")[0] == "--device" for f in lamo_flags):
+        raise SweepError("--gpus gives every run --device cuda; drop the --device after --")
     if args.name is not None and not re.fullmatch(r"\w[\w.+-]*", args.name):
         raise SweepError(f"--name {args.name!r}: letters, digits and . _ + -, starting with "
                          "a letter or digit")
@@ -451,7 +457,24 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
     if taken:
         raise SweepError(f"{taken[0]} after --: the sweep sets it per run; use sweep.py's own "
                          f"--env/--frac/--seed/--model/--name/--wandb")
-    return [g.strip() for g in gpus]
+    return visible_gpus([g.strip() for g in gpus])
+
+
+def visible_gpus(indices: list[str]) -> list[str]:
+    """--gpus indices -> each worker's CUDA_VISIBLE_DEVICES. An index counts among the GPUs this
+    process sees, through its own CUDA_VISIBLE_DEVICES (as Slurm or a shared machine sets it): under
+    CUDA_VISIBLE_DEVICES=5,7, --gpus 1 is GPU 7, never someone else's GPU 1."""
+    if not indices:
+        return []
+    count = torch.cuda.device_count()          # honours CUDA_VISIBLE_DEVICES; starts no CUDA context
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g.strip() for g in parent.split(",")] if parent is not None else [str(i) for i in range(count)]
+    for g in indices:
+        if not g.isdigit() or int(g) >= count:
+            seen = f"indices 0..{count - 1}" if count else "none; drop --gpus to run on the CPU"
+            raise SweepError(f"--gpus {g}: not a CUDA GPU this process sees "
+                             f"(torch.cuda.device_count() is {count}: {seen})")
+    return [ids[int(g)] for g in indices]
 
 
 def check_same_flags(sweep_dir: Path, lamo_flags: list[str]):
@@ -490,7 +513,8 @@ def main(argv=None) -> int:
     print(f"sweep {sweep_dir}{shard_note}: {len(runs)} runs: {counts}")
     if args.dry_run:
         for run, state in states.items():
-            run_args = lamo_args(run, sweep_dir / run.name, lamo_flags, args.wandb)
+            run_args = lamo_args(run, sweep_dir / run.name, lamo_flags, args.wandb) + \
+                (["--device", "cuda"] if gpus else [])
             print(f"  {state:<8} python lamo.py {shlex.join(run_args)}")
         return 0
 

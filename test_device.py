@@ -1,0 +1,192 @@
+"""Device, precision and checkpoints across devices (issue 15), tested on the CPU: each test drives
+the mechanism a GPU run goes through, with torch.cuda's functions stubbed where a GPU would answer.
+The same paths on a real GPU are in test_cuda.py (`pytest -m cuda`)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import data
+import lamo
+import runs
+import sweep
+import tasks
+
+
+def tiny_run(folder, tiny_hdf5, **override) -> runs.Run:
+    """A DT-preset run on the tiny Hopper dataset, built by lamo.start_run as a real run is."""
+    config = dict(model="dt", env="hopper-medium-v2", data=str(tiny_hdf5), steps=2, eval_every=2,
+                  eval_episodes=1, batch_size=4, context_len=5, device="cpu")
+    run = lamo.start_run(lamo.resolve(lamo.Config(**{**config, **override})), folder, resume=False)
+    (folder / "metrics.jsonl").touch()                    # what train() opens; restore() reads
+    return run
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda as two GPUs of compute capability `capability[0]`, recording RNG calls."""
+    calls, capability = [], [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": calls.append(("get", torch.device(device)))
+                        or torch.arange(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": calls.append(("set", state, torch.device(device))))
+    return calls, capability
+
+
+def test_checkpoint_keeps_only_the_runs_gpu_rng_as_a_cpu_byte_tensor(fake_gpu, tiny_hdf5, tmp_path):
+    """Defects 1 and 2: restore loaded the checkpoint onto the GPU (CUDA RNG states then raise
+    'RNG state must be a torch.ByteTensor'), and saved every visible GPU's state (IndexError when
+    resumed with fewer GPUs). Now: the run's own GPU only, set back as a CPU uint8 tensor."""
+    calls, _ = fake_gpu
+    run = tiny_run(tmp_path / "r", tiny_hdf5)
+    run.device = torch.device("cuda", 1)          # the model stays on the CPU; only RNG is asked
+    runs.save_checkpoint(run)
+    runs.restore(run)
+    (get, got_device), (sett, state, set_device) = calls
+    assert (get, got_device, sett, set_device) == ("get", run.device, "set", run.device)
+    assert state.device.type == "cpu" and state.dtype == torch.uint8
+    assert torch.equal(state, torch.arange(16, dtype=torch.uint8))
+    # A checkpoint of an older lamo holds every GPU's state: only the run's own is used.
+    ckpt = torch.load(run.folder / "ckpt.pt", weights_only=False)
+    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    torch.save(ckpt, run.folder / "ckpt.pt")
+    calls.clear()
+    runs.restore(run)
+    assert torch.equal(calls[0][1], torch.ones(16, dtype=torch.uint8))      # cuda:1's
+    run.device = torch.device("cuda", 0)
+    calls.clear()
+    runs.restore(run)
+    assert torch.equal(calls[0][1], torch.zeros(16, dtype=torch.uint8))     # cuda:0's
+
+
+def test_resume_keeps_the_live_optimizer_implementation(tiny_hdf5, tmp_path):
+    """Defect 3: Optimizer.load_state_dict copied the saved 'fused' flag over the live one, so a
+    CPU checkpoint turned a fused CUDA AdamW into a non-fused one. (Fused AdamW runs on the CPU
+    too, which is what this test uses.)"""
+    run = tiny_run(tmp_path / "r", tiny_hdf5)
+    assert run.optimizer.param_groups[0]["fused"] in (None, False)
+    lamo.train_step(run.model, run.model, run.optimizer, run.params, run.batcher.sample(4), None,
+                    run.cfg, False)
+    runs.save_checkpoint(run)
+    saved = {k: v.clone() for k, v in run.optimizer.state[run.params[0]].items()}
+    run.optimizer = torch.optim.AdamW(run.params, lr=run.cfg.lr, fused=True)
+    runs.restore(run)
+    assert run.optimizer.param_groups[0]["fused"] is True
+    for k, v in run.optimizer.state[run.params[0]].items():     # the state itself did load
+        assert torch.equal(v, saved[k]), k
+
+
+def test_precision_is_resolved_once_and_saved(fake_gpu, tiny_hdf5, tmp_path, monkeypatch):
+    """Defects 4 and 6: config.json saved 'auto', so a CPU run resumed on a GPU switched to bf16
+    half-way; and auto chose bf16 on GPUs that only emulate it."""
+    _, capability = fake_gpu
+    cuda = torch.device("cuda")
+    assert lamo.resolve_precision("auto", cuda) == "bf16"                  # H100 (9.0)
+    capability[0] = (8, 0)
+    assert lamo.resolve_precision("auto", cuda) == "bf16"                  # A100
+    capability[0] = (7, 0)
+    assert lamo.resolve_precision("auto", cuda) == "fp32"                  # V100: emulated bf16
+    assert lamo.resolve_precision("bf16", cuda) == "bf16"                  # asked for: as asked
+    assert lamo.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    run = tiny_run(tmp_path / "r", tiny_hdf5)
+    assert json.loads((run.folder / "config.json").read_text())["precision"] == "fp32"
+    runs.save_checkpoint(run)
+    # A run folder from an older lamo, with 'auto' saved: refused, saying what to do.
+    cfg = json.loads((run.folder / "config.json").read_text())
+    (run.folder / "config.json").write_text(json.dumps({**cfg, "precision": "auto"}))
+    with pytest.raises(SystemExit, match="says precision 'auto'.*set it to"):
+        lamo.main(["--resume", str(run.folder)])
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_no_tf32_on_any_cuda_device(fake_gpu, monkeypatch, name):
+    """Defect 5: TF32 went on globally for the exact string 'cuda' (so --precision fp32 was not
+    fp32) and stayed off for 'cuda:1'. Now fp32 is IEEE fp32 on every device."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert lamo.pick_device(name) == torch.device(name)
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is False
+
+
+def test_device_errors_are_one_line(monkeypatch):
+    with pytest.raises(data.LamoError, match="--device cuda: torch .* sees no CUDA GPU"):
+        lamo.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(data.LamoError, match="--device cuda:1: only 1 CUDA GPU"):
+        lamo.pick_device("cuda:1")
+
+
+def test_sweep_gpus_map_through_the_parents_visible_devices(monkeypatch, tmp_path, capsys):
+    """Defect 7: --gpus handed out physical GPU numbers whatever CUDA_VISIBLE_DEVICES said, a bad
+    index left a run with no GPU (and device auto then trained on the CPU), and runs were not
+    told to use CUDA."""
+    monkeypatch.chdir(tmp_path)
+    grid = ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "0", "--model", "dt", "--name", "g"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert sweep.main([*grid, "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gpus 0: not a CUDA GPU" in err and "device_count() is 0" in err
+    assert not (tmp_path / "sweeps").exists()                      # before any run started
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")               # e.g. Slurm's allocation
+    assert sweep.visible_gpus(["1", "0"]) == ["7", "5"]
+    assert [sweep.child_env(slot, 2, ["7", "5"])["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["7", "5"]
+    with pytest.raises(sweep.SweepError, match="--gpus 2: .*indices 0..1"):
+        sweep.visible_gpus(["2"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert sweep.visible_gpus(["1"]) == ["1"]
+    assert sweep.main([*grid, "--gpus", "1", "--dry-run"]) == 0
+    assert "--device cuda" in capsys.readouterr().out
+    assert sweep.main([*grid, "--gpus", "1", "--", "--device", "cpu"]) == 2
+    assert "drop the --device" in capsys.readouterr().err
+
+
+def write_replay(folder, actions):
+    """Four DQN-Replay .npy arrays, episodes of 10 steps, with the given actions."""
+    n = len(actions)
+    folder.mkdir()
+    arrays = {"observation": np.zeros((n, 84, 84), np.uint8), "action": np.asarray(actions, np.int32),
+              "reward": np.ones(n, np.float32), "terminal": (np.arange(n) % 10 == 9).astype(np.uint8)}
+    for k, v in arrays.items():
+        np.save(folder / data.replay_file(k, "npy"), v)
+    return folder
+
+
+def test_atari_actions_checked_at_load_and_tokens_counted_on_the_host(tmp_path):
+    """Defects 8 and 9: an action beyond the game's set was a CUDA device-side assert, and the
+    token-counted lr schedule read the batch's actions back from the GPU every step."""
+    breakout = tasks.get_task("breakout-medium")                     # 4 actions
+    bad = write_replay(tmp_path / "bad", [0, 1, 2, 3, 17] * 4)
+    with pytest.raises(data.LamoError, match=r"action_ckpt.10.npy: actions range over 0..17, but "
+                                             r".* has 4 \(0..3\)"):
+        data.load_atari(breakout, str(bad))
+    actions = [0, 1, 2, 3, 0, 0, 1, 0, 2, 0] * 2                     # 9 non-zero
+    replay, _ = data.load_atari(breakout, str(write_replay(tmp_path / "ok", actions)))
+    batcher = data.FrameStackBatcher(replay, [0, 1], K=10, max_timestep=100, rtg_scale=1, seed=0)
+    batch = batcher.window(np.array([0, 1]), np.array([0, 0]))       # both whole episodes
+    assert batch.action_tokens == 2 * 5 and isinstance(batch.action_tokens, int)
+    run = type("R", (), {"action_tokens": 3, "schedule_tokens": 4.0})()
+    lamo.count_tokens(run, batch.action_tokens)
+    assert (run.action_tokens, run.schedule_tokens) == (13, 17.0)
+
+
+def test_bench_names_the_device_it_measures(monkeypatch):
+    """Defect 10: bench.py synchronised, read and reset peak memory on the current GPU, not on
+    --device's."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(("sync", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(("max", device)) or 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: seen.append(("reset", device)))
+    gpu1 = torch.device("cuda", 1)
+    bench.sync(gpu1)
+    assert bench.peak_gb(gpu1) == 1.0
+    assert seen == [("sync", gpu1), ("max", gpu1), ("reset", gpu1)]
+    assert bench.peak_gb(torch.device("cpu")) is None
