@@ -255,6 +255,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--profile", metavar="FILE", help="also write torch.profiler's top operators of "
                                                      "one training step and one evaluation forward")
+    p.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                   help="also LaMo training steps/s at these batch sizes: how much of the GPU one "
+                        "B=64 run leaves idle, the headroom a pack of runs would fill")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     device = lamo.pick_device(a.device)
@@ -285,6 +288,10 @@ def main(argv=None):
     res.update(bench_eval(eval_cfg, device, a.eval_episodes, max_steps))
     res["eval_peak_gpu_gb"] = peak_gb(device)
     res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
+    warmup = res["train_warmup_steps"]
+    res["train_steps_per_s_by_batch"] = {
+        B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
+        for B in a.batch_sizes}
     # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
@@ -312,6 +319,8 @@ def main(argv=None):
             ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
             ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
              f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}"),
+            *((f"training steps/s, LaMo, B={B} (x{B / 64:g} the tokens)", f"{v:.3f}")
+              for B, v in res["train_steps_per_s_by_batch"].items()),
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
     w = max(len(k) for k, _ in rows) + 2
     print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")

@@ -325,7 +325,7 @@ HOPPER = tasks.get_task("hopper-medium-v2")
 
 
 def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("steps_per_s", "eval_s")} for r in rows]
 
 
 def read_metrics(run):

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# lamo's GPU check: one command for the first GPU machine, about 6 minutes on an H100.
+#
+#   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
+#
+# 1. the CUDA tests (pytest -m cuda: a step against the CPU, --resume, --eval-only, batched
+#    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
+# 2. bench.py --device cuda (LaMo on GPT-2 small's shape with and without the LM batch, the DT
+#    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
+#    torch.profiler's top 15 operators of one training step and one evaluation forward;
+# 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
+#    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps.
+# The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
+# as OpenAI's weights, which a machine without network cannot download.
+# REPORT_DIR gets report.md (printed last), log files and bench.json: at most 8 files.
+# A GPU machine without gymnasium, mujoco and ale-py: run `bash ../shared/gpu/wheels.sh` on a
+# machine with network first; the .whl/ folder it fills is installed from here.
+set -uo pipefail
+cd "$(dirname "$0")"
+REPORT=$(realpath -m "${1:-gpu_report}")
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
+    echo "gpu_check.sh: no CUDA GPU visible to torch here; run it on a GPU machine" >&2; exit 1; }
+mkdir -p "$REPORT"
+WORK=$(mktemp -d)
+if ! python3 -c "import gymnasium, mujoco, ale_py" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_check.sh: gymnasium/mujoco/ale-py missing and no .whl/ folder; run ../shared/gpu/wheels.sh where there is network" >&2; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl || exit 1
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export MUJOCO_GL=egl PYTHONUNBUFFERED=1
+step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its status and time
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name: $*"
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$REPORT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name $rc $((SECONDS - t0))" >> "$WORK/status"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
+step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider test_cuda.py
+step bench 200 python3 bench.py --device cuda --out "$REPORT/bench.json" --profile "$WORK/profile.txt" \
+    --batch-sizes 256 1024
+cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
+python3 data.py collect --env Hopper-v4 --policy noisy --episodes 1000 --max-steps 1000 \
+    --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"
+step slice 180 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
+    --device cuda --steps 2000 --eval-every 1000 --log-every 100 --out "$WORK/slice"
+
+python3 - "$REPORT" "$WORK" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+import torch
+report, work = Path(sys.argv[1]), Path(sys.argv[2])
+status = {l.split()[0]: l.split()[1:] for l in (work / "status").read_text().splitlines()}
+name = torch.cuda.get_device_name()
+lines = [f"# lamo GPU check: {name}", "",
+         f"torch {torch.__version__}, CUDA {torch.version.cuda}, command `bash gpu_check.sh`", "",
+         "| step | exit | seconds |", "| --- | --- | --- |"]
+lines += [f"| {k} | {v[0]} | {v[1] if len(v) > 1 else ''} |" for k, v in status.items()]
+tests = (report / "tests.log").read_text().splitlines() if (report / "tests.log").exists() else []
+lines += ["", "CUDA tests: " + (tests[-1] if tests else "no output")]
+lines += [f"    {l}" for l in tests if l.startswith(("fp32:", "bf16:"))]
+table = []
+if (report / "bench.json").exists():
+    b = json.loads((report / "bench.json").read_text())
+    gb = lambda k: f"{b[k]:.2f}" if b.get(k) is not None else "n/a"
+    table += [("LaMo training steps/s (GPT-2 small shape, B=64 K=20, " + b["precision"] + ")",
+               f"{b['train_steps_per_s']:.3g}", gb("train_peak_gpu_gb")),
+              ("  same + (2, 1024) LM batch", f"{b['train_steps_per_s_with_lm']:.3g}", gb("train_peak_gpu_gb_with_lm")),
+              ("DT preset training steps/s", f"{b['train_steps_per_s_dt']:.3g}", gb("train_peak_gpu_gb_dt")),
+              (f"evaluation env-steps/s, {b['eval_episodes']} episodes batched ({b['eval_model']})",
+               f"{b['eval_batched_env_steps_per_s']:.0f}", gb("eval_peak_gpu_gb")),
+              ("  same episodes one at a time", f"{b['eval_sequential_env_steps_per_s']:.0f}", ""),
+              ("  env stepping alone (MuJoCo's floor)", f"{b['eval_env_alone_env_steps_per_s']:.0f}", ""),
+              ("  model forward ms per episode, batch of 1 / batched",
+               f"{b['forward_ms_per_episode_batch_1']:.2f} / {b['forward_ms_per_episode_batched']:.3f}", ""),
+              ("batch sampling ms, loop / vectorised",
+               f"{b['sample_loop_ms']:.2f} / {b['sample_vectorised_ms']:.3f}", ""),
+              ("Atari batch sampling ms, official loop / ours",
+               f"{b['atari_sample_loop_ms']:.0f} / {b['atari_sample_vectorised_ms']:.1f}", "")]
+    table += [(f"LaMo training steps/s at B={B} ({int(B) // 64}x the tokens of one run)", f"{v:.3g}", "")
+              for B, v in b["train_steps_per_s_by_batch"].items()]
+metrics = work / "slice" / "metrics.jsonl"
+if metrics.exists():
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    eval_steps = {r["step"] for r in evals}
+    # training speed: log intervals after the first (warm-up) that contain no evaluation
+    sps = [r["steps_per_s"] for r in rows if "steps_per_s" in r and r["step"] > 100
+           and r["step"] - 100 not in eval_steps]
+    if sps and evals:
+        train_sps = statistics.median(sps)
+        eval_s = statistics.mean(r["eval_s"] for r in evals)
+        length = statistics.mean(e["length_mean"] for r in evals for e in r["eval"].values())
+        cfg = json.loads((work / "slice" / "config.json").read_text())
+        episodes = cfg["eval_episodes"] * len(cfg["targets"].split(","))
+        hours = (100_000 / train_sps + 40 * eval_s) / 3600
+        worst = (100_000 / train_sps + 40 * eval_s * 1000 / length) / 3600
+        table += [("hopper slice: training steps/s (median of 100-step intervals)", f"{train_sps:.3g}", ""),
+                  (f"hopper slice: seconds per evaluation ({episodes} episodes, mean length {length:.0f})",
+                   f"{eval_s:.1f}", ""),
+                  ("hopper protocol extrapolated: 100k steps + 40 evaluations, hours", f"{hours:.2f}", ""),
+                  ("  same if every episode ran its 1000 steps, hours", f"{worst:.2f}", "")]
+if table:
+    lines += ["", "| measurement | value | peak GPU GB |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in table]
+(report / "report.md").write_text("\n".join(lines) + "\n")
+print("\n" + "\n".join(lines))
+EOF
+rm -rf "$WORK"
