@@ -151,7 +151,7 @@ def test_sweep_gpus_runs_on_cuda(tiny_hdf5, tmp_path, monkeypatch):
     code = sweep.main(["--env", "hopper-medium-v2", "--frac", "1", "--seed", "0", "--model", "dt",
                        "--name", "g", "--gpus", "0", "--", "--data", str(tiny_hdf5), "--steps", "4",
                        "--eval-every", "4", "--eval-episodes", "1", "--eval-max-steps", "20"])
-    run = tmp_path / "sweeps" / "g" / "hopper-medium-v2_f1.0_dt_s0"
+    run = tmp_path / "sweeps" / "g" / "hopper-medium-v2_f1_dt_s0"
     log = (tmp_path / "sweeps" / "g" / "logs" / f"{run.name}.log").read_text()
     assert code == 0, log[-2000:]
     assert json.loads((run / "config.json").read_text())["device"] == "cuda"
