@@ -12,7 +12,8 @@
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps.
 # The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
 # as OpenAI's weights, which a machine without network cannot download.
-# REPORT_DIR gets report.md (printed last), log files and bench.json: at most 8 files.
+# REPORT_DIR gets report.md (printed last), the logs, bench.json, profile.txt and the slice's
+# curve.png: 8 files.
 # A GPU machine without gymnasium, mujoco and ale-py: run `bash ../shared/gpu/wheels.sh` on a
 # machine with network first; the .whl/ folder it fills is installed from here.
 set -uo pipefail
@@ -46,6 +47,7 @@ python3 data.py collect --env Hopper-v4 --policy noisy --episodes 1000 --max-ste
     --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"
 step slice 180 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
     --device cuda --steps 2000 --eval-every 1000 --log-every 100 --out "$WORK/slice"
+cp "$WORK/slice/curve.png" "$REPORT/slice_curve.png" 2>/dev/null
 
 python3 - "$REPORT" "$WORK" <<'EOF'
 import json, statistics, sys
