@@ -176,7 +176,7 @@ class LoRAQKV(nn.Module):
     @torch.no_grad()
     def unmerge(self):
         """Put the frozen weight back bit for bit (a copy, not W + d - d), so training after an
-        evaluation is exactly training without one: that keeps --resume bit-for-bit."""
+        evaluation is exactly training without one: that keeps --resume bit-for-bit on CPU."""
         if self.merged_from is not None:
             self.weight.copy_(self.merged_from)
             self.merged_from = None
@@ -453,7 +453,8 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
     Left-padded tasks (DT's MuJoCo convention) start with K-1 masked padding slots, as the official
     code left-pads the first K-1 steps, so every forward has the same shape (B, K): a row's result
     then does not depend on how many episodes share the batch, and batched returns equal
-    one-at-a-time ones. Right-padded tasks (official Atari, with wpe) fill the window from slot 0 and
+    one-at-a-time ones (bit for bit on CPU; on CUDA within rounding, as cuBLAS picks its kernels
+    by batch size). Right-padded tasks (official Atari, with wpe) fill the window from slot 0 and
     read the newest slot, so positions match training. Continuous actions are clipped to the action
     space before env.step, as D4RL's NormalizedBoxEnv does; discrete ones are the argmax.
     Deviation: the official code evaluates one episode at a time. -> (returns, lengths) per episode."""

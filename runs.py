@@ -22,7 +22,8 @@ from tasks import PAPER, Task
 
 @dataclass
 class Run:
-    """Everything a training run holds; checkpointed whole, so --resume continues bit for bit."""
+    """Everything a training run holds; checkpointed whole, so --resume continues bit for bit on
+    CPU (on CUDA, nondeterministic kernels make it the same run within rounding)."""
     cfg: object                                   # lamo.Config
     task: Task
     folder: Path
