@@ -10,7 +10,11 @@ No `d4rl` package: its hdf5 files are read with h5py, and evaluation uses Gymnas
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
+import io
+import json
 import os
 import pickle
 import sys
@@ -47,6 +51,86 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def dataset_sha256(path: Path) -> str:
+    """sha256_of a dataset file, remembered in cache_dir()/sha256.json under its resolved path with
+    its size and mtime: a second start (a --resume, a requeued Slurm job) reads none of its bytes
+    again (7 GB for an Atari replay), and a file that changed is hashed anew. Kept in the cache, not
+    beside the data, so read-only and shared dataset folders work. Concurrent writers may drop each
+    other's entries; the cost is one more hash."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path), {})
+    if {k: entry.get(k) for k in key} == key:
+        return entry["sha256"]
+    known[str(path)] = {**key, "sha256": sha256_of(path)}
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"sha256.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=0))
+    os.replace(tmp, memo)
+    return known[str(path)]["sha256"]
+
+
+LOG_SECONDS = float(os.environ.get("LAMO_LOG_SECONDS", 30))   # log-file progress lines at most this often
+
+
+class LineProgress(tqdm):
+    """tqdm for a log file: when stderr is no terminal (a Slurm job, `> log 2>&1`), one plain line
+    per report instead of carriage-return redraws, at most every LOG_SECONDS (and every `miniters`
+    updates, whichever is rarer)."""
+
+    def __init__(self, *args, **kwargs):
+        unit = kwargs.get("unit", "it")
+        kwargs.update(mininterval=max(kwargs.get("mininterval", 0), LOG_SECONDS),
+                      maxinterval=float("inf"), dynamic_ncols=False,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} " + unit + " ({percentage:.0f}%), "
+                                 "{rate_fmt}, ETA {remaining}{postfix}")
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        self.fp.write((msg or self.__str__()) + "\n")
+        self.fp.flush()
+        return True
+
+    def clear(self, nolock=False):
+        pass                                    # nothing to erase: lines stay (tqdm.write calls it)
+
+    def close(self):
+        if not self.disable:
+            if self.last_print_n != self.n:
+                self.display()                  # the final count, unless it was the last line
+            self.fp = io.StringIO()             # tqdm's own closing redraw goes nowhere
+        super().close()
+
+
+def progress(*args, **kwargs) -> tqdm:
+    """A progress bar on a terminal, plain timed lines in a log file: every long loop uses this."""
+    return (tqdm if sys.stderr.isatty() else LineProgress)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def locked(dest: Path):
+    """An exclusive lock on `dest.lock` (flock; on a shared filesystem too, where it supports it), so
+    two processes (two shards of a sweep) never write one `.part` at once: the second waits and then
+    finds the file complete."""
+    lock = dest.with_name(dest.name + ".lock")
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process downloading {dest.name} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
              sha256: str | None = None) -> Path:
     """Fetch `url` into `dest` once. Streams into `dest.part` with a progress bar, resumes a partial
@@ -57,6 +141,13 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with locked(dest):
+        if dest.exists():                # another process finished it while this one waited
+            return dest
+        return _download(url, dest, local_hint, size, sha256)
+
+
+def _download(url: str, dest: Path, local_hint: str, size: int | None, sha256: str | None) -> Path:
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={have}-"} if have else {})}
@@ -71,7 +162,7 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
                 if r.status_code == 200:           # server ignored Range: start again from byte 0
                     have = 0
                 total = have + int(r.headers.get("Content-Length", 0)) or None
-                with open(part, "ab" if have else "wb") as f, tqdm(
+                with open(part, "ab" if have else "wb") as f, progress(
                         total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
                     for chunk in r.iter_content(1 << 16):    # a dropped connection loses < 64 KiB
                         f.write(chunk)
@@ -372,7 +463,7 @@ def lm_tokens(corpus: str = "") -> np.ndarray:
         tok = gpt2_tokenizer()
         tmp = out.with_name(out.name + ".part")
         with open(tmp, "wb") as f:
-            for ids in tqdm(encode_chunked(tok, text), desc=f"tokenising {out.stem}", unit="MB"):
+            for ids in progress(encode_chunked(tok, text), desc=f"tokenising {out.stem}", unit="MB"):
                 f.write(ids.astype(np.uint16).tobytes())
         tmp.rename(out)
     return np.memmap(out, dtype=np.uint16, mode="r")
@@ -436,7 +527,7 @@ def collect(env_id: str, policy: str, episodes: int, out: Path, seed: int = 0, m
     env = make_env(env_id, max_steps)
     rng = np.random.default_rng(seed)
     cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
-    for ep in tqdm(range(episodes), desc=f"collect {env_id}"):
+    for ep in progress(range(episodes), desc=f"collect {env_id}"):
         obs, _ = env.reset(seed=seed + ep)
         noise = 1.0 if policy == "random" else rng.uniform(0, 1)
         done = False
@@ -515,7 +606,7 @@ def gunzip(src: Path, dest: Path) -> Path:
     part = dest.with_name(dest.name + ".part")
     try:
         with open(src, "rb") as raw, gzip.GzipFile(fileobj=raw) as z, open(part, "wb") as out, \
-                tqdm(total=src.stat().st_size, unit="B", unit_scale=True,
+                progress(total=src.stat().st_size, unit="B", unit_scale=True,
                      desc=f"decompressing {src.name}") as bar:
             while chunk := z.read(1 << 22):
                 out.write(chunk)
@@ -758,7 +849,7 @@ def collect_atari(env_id: str, policy: str, episodes: int, out: Path, seed: int 
     env = TimeLimit(atari_env(env_id, frameskip=1), max_steps)
     env.action_space.seed(seed)
     cols = {f: [] for f in ATARI_FIELDS}
-    for ep in tqdm(range(episodes), desc=f"collect {env_id}"):
+    for ep in progress(range(episodes), desc=f"collect {env_id}"):
         obs, _ = env.reset(seed=seed + ep)
         done = False
         while not done:

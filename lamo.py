@@ -32,9 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from data import LamoError, LMBatcher, lm_tokens, sha256_of
+from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
 from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval, restore,
                   save_checkpoint)
@@ -596,7 +595,7 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
           if cfg.lm_coef > 0 else None)
     params, optimizer = make_optimizer(model, cfg, device)
     run = Run(cfg, task, folder, device, model, params, optimizer, batcher, lm, subset,
-              {str(f): sha256_of(f) for f in files})
+              {str(f): dataset_sha256(f) for f in files})
     # The run folder appears only now, so a run that fails while loading leaves nothing behind.
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -625,7 +624,9 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     fwd = torch.compile(model) if cfg.compile else model
     log = MetricsLog(run)
     sums = torch.zeros(4, device=run.device)   # action loss, LM loss, grad norm, non-finite: on device
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", dynamic_ncols=True)
+    # A bar on a terminal; in a log file a plain line every --log-every steps or LOG_SECONDS.
+    bar = progress(total=cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+                   miniters=cfg.log_every)
     model.train()
     with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log):
         while run.step < cfg.steps:
@@ -651,7 +652,7 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
                 log.evaluation(run.history[-1])
                 save_checkpoint(run)
             bar.update(1)
-            bar.set_postfix_str(log.status)
+            bar.set_postfix_str(log.status, refresh=False)
             if stop:
                 bar.close()
                 log.check_finite(sums)

@@ -48,7 +48,7 @@ class MetricsLog:
         self.run = run
         self.file = open(run.folder / "metrics.jsonl", "a")
         self.t_last = time.time()
-        self.status = ""
+        self.loss_status = self.score_status = ""
         self.wandb = None
         if run.cfg.wandb:
             import wandb
@@ -82,12 +82,17 @@ class MetricsLog:
         self.write({"step": step, "action_loss": loss_action, "lm_loss": loss_lm, "lr": lr,
                     "grad_norm": grad_norm, "steps_per_s": n / (now - self.t_last)})
         self.t_last = now
-        self.status = f"loss {loss_action:.4f} lm {loss_lm:.3f} lr {lr:.1e}"
+        self.loss_status = f"loss {loss_action:.4f} lm {loss_lm:.3f} lr {lr:.1e}"
 
     def evaluation(self, row: dict):
         self.write(row)
         self.file.flush()
-        self.status = f"score {max(e['score_mean'] for e in row['eval'].values()):.1f}"
+        self.score_status = f"score {max(e['score_mean'] for e in row['eval'].values()):.1f}"
+
+    @property
+    def status(self) -> str:
+        """The progress bar's postfix: the latest losses and lr, and the latest best score."""
+        return ", ".join(s for s in (self.loss_status, self.score_status) if s)
 
     def close(self):
         self.file.close()
@@ -210,13 +215,9 @@ def print_eval(ev: dict, header: str):
 def plot_curve(run: Run, paper, path: Path):
     """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this cell
     as dashed lines, and the training losses beside it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no learning-curve PNG")
-        return
+    import matplotlib                     # imported here: only a finished run pays for it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     cfg, history = run.cfg, run.history
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     steps = np.array([h["step"] for h in history])

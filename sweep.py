@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data import progress
 from tasks import PAPER, PAPER_TABLES
 
 LAMO = Path(__file__).resolve().with_name("lamo.py")
@@ -159,8 +160,12 @@ def lamo_args(run: Run, run_dir: Path, lamo_flags: list[str], wandb: str | None)
 
 
 def threads_per_job(jobs: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // jobs)
+    """cores // jobs, the cores being Slurm's --cpus-per-task where Slurm says so (a node may not
+    bind a job to its cores, and then every core of the node looks available), else this
+    process's CPU affinity."""
+    cores = os.environ.get("SLURM_CPUS_PER_TASK") or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    return max(1, int(cores or 1) // jobs)
 
 
 def child_env(slot: int, jobs: int, gpus: list[str]) -> dict[str, str]:
@@ -220,7 +225,7 @@ def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str 
     # time per run since the start (smoothing=0: runs end in bursts); no monitor thread, as
     # launch()'s preexec_fn is only safe in a process without threads.
     tqdm.monitor_interval = 0
-    bar = tqdm(total=len(todo), desc=f"sweep {sweep_dir.name}", unit="run", dynamic_ncols=True,
+    bar = progress(total=len(todo), desc=f"sweep {sweep_dir.name}", unit="run", dynamic_ncols=True,
                mininterval=5, miniters=0, smoothing=0)
 
     def on_signal(signum, _frame):
@@ -374,13 +379,9 @@ def write_csv(rows: list[dict], path: Path):
 
 def plot(rows: list[dict], path: Path, name: str):
     """Ours vs the paper per cell, error bars = std over seeds; a missing cell is marked, not 0."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no results.png")
-        return
+    import matplotlib                     # imported here: only the table step pays for it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     x = np.arange(len(rows))
     ours = [(np.nan, 0) if r["mean"] is None else (r["mean"], r["std"]) for r in rows]
     paper = [(np.nan, 0) if r["paper_mean"] is None else (r["paper_mean"], r["paper_std"])
