@@ -249,19 +249,22 @@ def plot_curve(run: Run, paper, path: Path):
 
 @contextlib.contextmanager
 def ctrl_c_saves_checkpoint():
-    """Ctrl-C: the first one lets the current step finish, then the loop saves a checkpoint and
-    exits (an interrupt inside optimizer.step() would leave half-updated weights); a second one
-    aborts at once. Yields a list that becomes non-empty on the first Ctrl-C."""
+    """Ctrl-C, or SIGTERM (a cluster preempting or requeueing the job): the first one lets the
+    current step finish, then the loop saves a checkpoint and exits (an interrupt inside
+    optimizer.step() would leave half-updated weights); a second one aborts at once. Yields a list
+    that becomes non-empty on the first signal."""
     stop = []
 
-    def on_sigint(*_):
+    def on_signal(signum, _frame):
         if stop:
             raise KeyboardInterrupt
-        stop.append(1)
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (again to abort without saving)")
+        stop.append(signum)
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                   f"(again to abort without saving)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
