@@ -251,16 +251,18 @@ def plot_curve(run: Run, paper, path: Path):
 def ctrl_c_saves_checkpoint():
     """Ctrl-C, or SIGTERM (a cluster preempting or requeueing the job): the first one lets the
     current step finish, then the loop saves a checkpoint and exits (an interrupt inside
-    optimizer.step() would leave half-updated weights); a second one aborts at once. Yields a list
-    that becomes non-empty on the first signal."""
+    optimizer.step() would leave half-updated weights); a second Ctrl-C aborts at once. A SIGTERM
+    never aborts: Slurm signals every process of a job, so a run under sweep.py gets Slurm's
+    SIGTERM and the sweep's SIGINT for one stop. Yields a list that is non-empty once stopping."""
     stop = []
 
     def on_signal(signum, _frame):
-        if stop:
+        if signum == signal.SIGINT and signal.SIGINT in stop:
             raise KeyboardInterrupt
+        if not stop:
+            tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                       f"(Ctrl-C again to abort without saving)")
         stop.append(signum)
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-                   f"(again to abort without saving)")
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -4,12 +4,16 @@ tests/slurm_check.sh (it needs root and apt; .ci/run runs it after the test suit
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import lamo
+import pytest
+import torch
+
 import data
+import lamo
 
 REPO = Path(__file__).parent
 
@@ -94,3 +98,26 @@ def test_two_processes_download_one_file_once(server, tmp_path):
     assert all("waiting for another process downloading d.hdf5" in e for e in errors)
     assert dest.read_bytes() == body and len(server.requests) == 1
     assert not dest.with_name("d.hdf5.part").exists()
+
+
+def test_a_requeued_job_checkpoints_on_sigterm_and_the_sweeps_sigint(tiny_hdf5, monkeypatch, tmp_path):
+    """Slurm's requeue or preemption sends SIGTERM to every process of the job, and sweep.py
+    passes a SIGINT on to its run: the pair is one stop, saved after the current step, never an
+    abort. (Two Ctrl-Cs still abort, test_lamo.py.)"""
+    real = lamo.action_loss
+    calls = []
+
+    def loss(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(lamo, "action_loss", loss)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        lamo.main(["--model", "dt", "--data", str(tiny_hdf5), "--steps", "40", "--eval-every", "20",
+                   "--eval-episodes", "1", "--targets", "100", "--out", str(out)])
+    assert stopped.value.code == 130
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 7

@@ -123,14 +123,18 @@ for run in hopper-medium-v2_f1_dt_s0 hopper-medium-v2_f1_dt_s1; do
     shards=$(grep -l "done  *$run" slurm-"$job"_*.out | wc -l)
     [ "$shards" = 1 ] || fail "$run finished in $shards shards, not exactly one"
 done
-grep -q "resuming .*_s0 at step [1-9]" "$runs/logs/hopper-medium-v2_f1_dt_s0.log" \
-    || fail "the requeued run did not resume from its checkpoint"
+log0="$runs/logs/hopper-medium-v2_f1_dt_s0.log"
+stopped=$(sed -n 's/^interrupted at step \([0-9]*\); checkpoint saved.*/\1/p' "$log0" | head -n 1)
+[ -n "$stopped" ] || fail "the requeued run saved no checkpoint when Slurm stopped it"
+grep -q "^resuming .*_s0 at step $stopped\$" "$log0" \
+    || fail "the requeued run did not resume at step $stopped, where it stopped"
 grep -q "hopper-medium-v2" "$runs/results.md" 2>/dev/null || fail "the aggregation job wrote no table"
 ! grep -l $'\r' slurm-*.out aggregate.out "$runs"/logs/*.log || fail "carriage returns in the logs above"
 echo "--- a shard's Slurm log (slurm-${job}_1.out), first lines:"
 head -n 8 "slurm-${job}_1.out"
 echo "--- the requeued run's log, its resumption:"
-grep -m 3 -A 2 "resuming" "$runs/logs/hopper-medium-v2_f1_dt_s0.log"
+grep -m 1 -B 1 "^interrupted at step" "$log0"
+grep -m 1 "^resuming" "$log0"
 echo "--- the table:"
 cat "$runs/results.md"
 echo "slurm check passed in $((SECONDS - T0)) s"
