@@ -37,7 +37,6 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     mkdir -p /run/munge /var/lib/munge /var/log/munge
     [ -f /etc/munge/munge.key ] || mungekey --create >/dev/null 2>&1 || create-munge-key >/dev/null 2>&1 \
         || fail "no /etc/munge/munge.key and it could not be created"
-    chown -R munge: /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
     munged --force --pid-file="$WORK/munged.pid" || fail "munged did not start"
     PIDS+=("$(cat "$WORK/munged.pid")")
 fi
