@@ -472,7 +472,7 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
     live = np.arange(N)                                                     # episode of each row
     for t in range(T):
         slot = t if task.pad_right and t < K else K - 1
-        if t and slot == K - 1:                                             # drop the oldest step
+        if t >= (K if task.pad_right else 1):          # window full: drop the oldest step
             for buf in (S, A, R, TS):
                 buf[:, :-1] = buf[:, 1:].clone()
             A[:, -1] = 0
