@@ -24,7 +24,7 @@ import re
 import sys
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, get_type_hints
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pack
 from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
 from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval, restore,
@@ -84,7 +85,7 @@ class Config:
     warmup_tokens: Optional[float] = flag(None, "> 0: warm up over this many action tokens instead (official Atari)")
     final_tokens: Optional[float] = flag(None, "with --warmup-tokens: cosine decay to 10%% at this many tokens")
     grad_clip: Optional[float] = flag(None, "global gradient-norm clip")
-    seed: int = flag(0, "training seed (init, batches, dropout)")
+    seed: int = flag(0, "training seed (init, batches, dropout); several train as one pack (pack.py)")
     # evaluation
     eval_every: Optional[int] = flag(None, "evaluate (and checkpoint) every this many steps")
     eval_episodes: Optional[int] = flag(None, "episodes per target")
@@ -697,9 +698,13 @@ def parse_args(argv=None) -> tuple[Config, dict]:
         if t is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
         else:
-            parser.add_argument(name, type=t, help=help, metavar=t.__name__.upper())
+            parser.add_argument(name, type=t, help=help, metavar=t.__name__.upper(),
+                                nargs="+" if f.name == "seed" else None)
     given = vars(parser.parse_args(argv))   # unknown flags are an argparse error
-    return Config(**given), given
+    if "seed" in given and len(given["seed"]) == 1:
+        given["seed"] = given["seed"][0]    # several stay a list: one pack of runs (main)
+    seed = given.get("seed", 0)
+    return Config(**{**given, "seed": seed[0] if isinstance(seed, list) else seed}), given
 
 
 def resolve(cfg: Config, given=()) -> Config:
@@ -812,24 +817,49 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
     return Config(**{**saved, **changed, "resume": "", "eval_only": ""}), src
 
 
+def pack_members(folder: Path) -> list[Path]:
+    """A pack's --out folder holds one run folder per seed: those not finished yet."""
+    members = sorted(p.parent for p in folder.glob("*/config.json"))
+    if not members:
+        raise LamoError(f"--resume {folder}: no ckpt.pt there, and no run folders of a pack")
+    return [m for m in members if not (m / "summary.json").exists()]
+
+
 def main(argv=None):
     cfg, given = parse_args(argv)
     try:
         if cfg.eval_only:
             cfg, src = load_saved_config(given)
             return eval_only(cfg, src)
-        if cfg.resume:
+        seeds = given["seed"] if isinstance(given.get("seed"), list) else [cfg.seed]
+        if cfg.resume and not (Path(cfg.resume) / "ckpt.pt").exists():   # a pack's --out folder
+            folders = pack_members(Path(cfg.resume))
+            cfgs = [load_saved_config({**given, "resume": str(f)})[0] for f in folders]
+            if not cfgs:
+                raise LamoError(f"--resume {cfg.resume}: every run of this pack has finished")
+        elif cfg.resume:
             cfg, folder = load_saved_config(given)
+            cfgs, folders = [cfg], [folder]
         else:
             cfg = resolve(cfg, given)
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            folder = Path(cfg.out or f"runs/{cfg.env}-f{cfg.frac:g}-{cfg.model}-s{cfg.seed}-{stamp}")
-            if folder.exists() and any(folder.iterdir()):
-                raise LamoError(f"run folder {folder} exists and is not empty; continue it with --resume {folder} "
-                                f"or choose another --out")
-        print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(cfg).items()), width=110,
+            cfgs = [replace(cfg, seed=seed) for seed in dict.fromkeys(seeds)]
+            # One seed: --out is the run folder. Several (a pack): --out holds one folder per seed.
+            folders = [Path(cfg.out) / f"s{c.seed}" if cfg.out and len(cfgs) > 1 else
+                       Path(cfg.out or f"runs/{c.env}-f{c.frac:g}-{c.model}-s{c.seed}-{stamp}")
+                       for c in cfgs]
+            for folder in folders:
+                if folder.exists() and any(folder.iterdir()):
+                    raise LamoError(f"run folder {folder} exists and is not empty; continue it with "
+                                    f"--resume {folder} or choose another --out")
+        print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(cfgs[0]).items()), width=110,
                             initial_indent="config   ", subsequent_indent=" " * 9))
-        return train(cfg, folder, resume=bool(cfg.resume or given.get("resume")))
+        resume = bool(cfg.resume)
+        if len(cfgs) == 1:
+            return train(cfgs[0], folders[0], resume)
+        print(f"pack     {len(cfgs)} runs in lockstep: " + ", ".join(map(str, folders)))
+        return pack.train([start_run(c, f, resume) for c, f in zip(cfgs, folders)],
+                          sys.modules[__name__])
     except LamoError as e:
         sys.exit(f"error: {e}")
 

@@ -1,0 +1,226 @@
+"""pack: several runs of one task trained as one model, in lockstep, in one process.
+
+    python lamo.py --env hopper-medium-v2 --frac 0.1 --seed 0 1 2 --out hop    # hop/s0 hop/s1 hop/s2
+
+The runs of one table cell differ only in their seeds, and for LaMo only in what trains (LoRA, the
+c_attn bias, embeddings and heads: a few million parameters each); the frozen GPT-2 body is the
+same. A pack keeps every run a run -- built by lamo.start_run exactly as it would be alone, with its
+own data subset and batcher, batch RNG, gradient clip (its own norm), NaN check, run folder and
+checkpoint -- and shares only the step: each parameter of the R models is stacked along a leading
+run axis (a frozen tensor equal in every run is kept once), every run's module then holds views of
+those stacks, and torch.func.vmap runs lamo's own single-run forward over the run axis through
+functional_call. So the frozen matmuls see all R x B windows at once, and the model section of
+lamo.py stays the only model. One AdamW over the stacked tensors is R AdamWs: it is elementwise,
+and the runs share lr, betas, eps, weight decay and step count.
+
+Deviation: dropout masks come from the process's one generator (vmap's randomness="different"):
+each run gets its own masks, but a run's masks depend on its pack-mates, so a run trained in a pack
+equals the same run trained alone only without dropout (tested at dropout 0). A pack is
+reproducible as a pack: its resume is bit-for-bit on CPU, like a single run's.
+
+lamo.py imports this file, so the method's functions (losses, schedule, evaluation) come in as the
+argument `lamo`, the module itself: no import circle.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+from torch.func import functional_call, vmap
+
+from data import Batch, LamoError, progress
+from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoint
+
+# What may differ between the runs of a pack; everything else is one config.
+PER_RUN = {"seed", "out", "resume"}
+# vmap has no batching rule for the CPU's fused attention kernel and loops over the runs there
+# (bench.py measures what that costs); on CUDA the runs' attention is one kernel.
+warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+class Pack:
+    """The stacked view of R runs: shared frozen tensors, stacked per-run tensors, one optimizer."""
+
+    def __init__(self, runs: list[Run]):
+        cfg, self.runs, self.R = runs[0].cfg, runs, len(runs)
+        self.template = runs[0].model                    # its structure; its tensors are replaced
+        named = [dict(run.model.named_parameters()) for run in runs]
+        self.shared, self.stacked = {}, {}
+        for name, p in named[0].items():
+            copies = [n[name] for n in named]
+            if not p.requires_grad and all(torch.equal(q, p) for q in copies[1:]):
+                self.shared[name] = p.detach()          # the frozen pre-trained body: one copy
+                views = [p.data] * self.R
+            else:
+                stack = torch.stack([q.detach() for q in copies])              # (R, *shape)
+                self.stacked[name] = torch.nn.Parameter(stack, requires_grad=p.requires_grad)
+                views = list(stack)
+            for q, view in zip(copies, views):           # each run's module now reads the stack
+                q.data = view
+        self.trainable = [n for n, p in self.stacked.items() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([self.stacked[n] for n in self.trainable], lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                                           fused=runs[0].device.type == "cuda")
+        self.load_optimizer_states()
+
+    def forward(self, states, actions, rtg, timesteps, mask):       # each (R, B, K, ...)
+        """lamo's DecisionTransformer.forward, once per run, batched over the run axis."""
+        def one(params, *batch):
+            return functional_call(self.template, {**self.shared, **params}, batch)
+        return vmap(one, randomness="different")(self.stacked, states, actions, rtg, timesteps, mask)
+
+    def lm_losses(self, lm_loss, blocks, precision: str) -> torch.Tensor:   # (R, B, T+1) -> (R,)
+        """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias)."""
+        def one(params, block):
+            weights = {k[4:]: v for k, v in {**self.shared, **params}.items() if k.startswith("gpt.")}
+            return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)), block,
+                           precision)
+        return vmap(one, randomness="different")(self.stacked, blocks)
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ per run: each run's gradients are scaled by its own
+        global norm, never by a pack-mate's. -> the norms before clipping (R,)."""
+        grads = [self.stacked[n].grad for n in self.trainable if self.stacked[n].grad is not None]
+        norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()   # (R,)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+        return norm
+
+    def load_optimizer_states(self):
+        """Stack the runs' AdamW states (from their checkpoints, on --resume) into the pack's."""
+        per_run = [dict(zip(self.trainable_of(run), run.params)) for run in self.runs]
+        for name in self.trainable:
+            states = [run.optimizer.state.get(params[name]) for run, params in zip(self.runs, per_run)]
+            if any(s is None for s in states):
+                continue                                 # a new pack: no state yet
+            self.optimizer.state[self.stacked[name]] = {
+                k: v.clone() if k == "step" else torch.stack([s[k] for s in states])
+                for k, v in states[0].items()}
+
+    def save_optimizer_states(self):
+        """The pack's AdamW state, sliced back into each run's own optimizer for its checkpoint,
+        so a pack's run folder is a single run's: --resume and --eval-only take it as it is."""
+        for r, run in enumerate(self.runs):
+            for name, param in zip(self.trainable_of(run), run.params):
+                state = self.optimizer.state.get(self.stacked[name])
+                if state:
+                    run.optimizer.state[param] = {k: v.clone() if k == "step" else v[r].clone()
+                                                  for k, v in state.items()}
+
+    def trainable_of(self, run: Run) -> list[str]:
+        """The names of run.params, in their order."""
+        return [n for n, p in run.model.named_parameters() if p.requires_grad]
+
+
+def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, discrete: bool):
+    """lamo.train_step for a pack: L_r = L_action,r + lambda L_LM,r for each run r, one backward
+    of the sum (each run's parameters get only its own gradient), each run clipped by its own
+    norm, one AdamW step. A run that has stopped (alive False) contributes nothing.
+    -> (R, 4): action loss, LM loss, grad norm, non-finite flag; on the device, no sync."""
+    b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
+    pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask)
+    loss_action = vmap(functools.partial(lamo.action_loss, discrete=discrete))(pred, b.actions, b.mask)
+    loss_lm = (pack.lm_losses(lamo.lm_loss, torch.stack(lm_blocks), pack.template.precision)
+               if lm_blocks is not None else torch.zeros_like(loss_action))
+    loss = loss_action + cfg.lm_coef * loss_lm                                   # (R,)
+    pack.optimizer.zero_grad(set_to_none=True)
+    torch.where(alive, loss, 0.0).sum().backward()
+    grad_norm = pack.clip_(cfg.grad_clip)
+    pack.optimizer.step()
+    return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm,
+                        (~torch.isfinite(loss)).float()], 1)
+
+
+def check_pack(runs: list[Run]):
+    """One-line errors for runs that cannot step together."""
+    first = {k: v for k, v in vars(runs[0].cfg).items() if k not in PER_RUN}
+    for run in runs[1:]:
+        other = {k: v for k, v in vars(run.cfg).items() if k not in PER_RUN}
+        differ = [k for k in first if first[k] != other[k]]
+        if differ:
+            raise LamoError(f"the runs of a pack must share --{differ[0].replace('_', '-')}: "
+                            f"{first[differ[0]]!r} vs {other[differ[0]]!r}")
+    if len({run.step for run in runs}) > 1:
+        raise LamoError("the runs of a pack resume at different steps ("
+                        + ", ".join(f"{run.folder}: {run.step}" for run in runs)
+                        + "); resume them one by one")
+    if runs[0].cfg.warmup_tokens:
+        raise LamoError("packs with a token-counted lr schedule (Atari) are not supported yet: "
+                        "their runs' learning rates differ; give one --seed")
+    if runs[0].cfg.compile:
+        raise LamoError("--compile does not apply to a pack yet; drop it or give one --seed")
+
+
+def train(runs: list[Run], lamo) -> list[dict]:
+    """lamo.train for R runs in lockstep. -> the finished runs' summaries."""
+    check_pack(runs)
+    cfg, device, R = runs[0].cfg, runs[0].device, len(runs)
+    discrete = runs[0].task.discrete
+    pack = Pack(runs)
+    logs = [MetricsLog(run) for run in runs]
+    alive = torch.ones(R, dtype=torch.bool, device=device)
+    stopped = set()                                   # runs that went non-finite
+    sums = torch.zeros(R, 4, device=device)
+    step = runs[0].step
+    bar = progress(total=cfg.steps, initial=step, desc=f"train pack of {R}", unit="step",
+                   dynamic_ncols=True, miniters=cfg.log_every)
+    pack.template.train()
+
+    def check_finite():                              # a run that went NaN stops; the rest go on
+        for r in range(R):
+            if r not in stopped and sums[r, 3].item() > 0:
+                print(f"run {runs[r].folder}: loss became NaN/inf before step {step}; stopped. Its "
+                      f"last good checkpoint is intact; the other runs of the pack go on")
+                stopped.add(r)
+                alive[r] = False
+
+    def save(r):
+        pack.save_optimizer_states()
+        save_checkpoint(runs[r])
+
+    with ctrl_c_saves_checkpoint() as stop, contextlib.ExitStack() as closing:
+        for log in logs:
+            closing.callback(log.close)
+        while step < cfg.steps:
+            lr = lamo.learning_rate(cfg, step, 0.0)
+            for group in pack.optimizer.param_groups:
+                group["lr"] = lr
+            batches = [run.batcher.sample(cfg.batch_size) for run in runs]
+            lm_blocks = [run.lm.sample() for run in runs] if runs[0].lm else None
+            sums += train_step(pack, batches, lm_blocks, alive, cfg, lamo, discrete)
+            step += 1
+            for run in runs:
+                run.step = step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                check_finite()
+                for r, log in enumerate(logs):
+                    if r not in stopped:
+                        log.losses(sums[r], lr)
+                sums.zero_()
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                check_finite()
+                for r, (run, log) in enumerate(zip(runs, logs)):
+                    if r in stopped:
+                        continue
+                    evaluation = lamo.evaluate(run.model, cfg, run.task, run.batcher.state_mean,
+                                               run.batcher.state_std, device)
+                    run.history.append({"step": step, "eval": evaluation})
+                    log.evaluation(run.history[-1])
+                    save(r)
+            bar.update(1)
+            bar.set_postfix_str(logs[0].status, refresh=False)
+            if stop:
+                bar.close()
+                check_finite()
+                for r in set(range(R)) - stopped:
+                    save(r)
+                print(f"interrupted at step {step}; checkpoints saved. Continue with: "
+                      f"python lamo.py --resume {runs[0].folder.parent}")
+                raise SystemExit(130)
+    bar.close()
+    if len(stopped) == R:
+        raise LamoError("every run of the pack went NaN/inf; their last good checkpoints are intact")
+    return [finish(run) for r, run in enumerate(runs) if r not in stopped]
