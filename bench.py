@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import lamo
+import pack
 from data import TrajectoryBatcher
 from gpt2_loader import VOCAB_SIZE
 from tasks import get_task
@@ -115,6 +116,39 @@ def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
         out["train_peak_gpu_gb" + key] = peak_gb(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return out
+
+
+def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup) -> float:
+    """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch. Every run starts
+    from the same seed, so with --pretrained none the frozen body is one shared copy, as OpenAI's
+    weights would be (timing only; real seeds differ)."""
+    members = []
+    for seed in range(R):
+        torch.manual_seed(0)
+        model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
+        params, opt = lamo.make_optimizer(model, cfg, device)
+        members.append(pack.Run(replace(cfg, seed=seed), HOPPER, None, device, model, params, opt,
+                                batcher, None, None, {}))
+    p = pack.Pack(members)
+    alive = torch.ones(R, dtype=torch.bool, device=device)
+    step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)], None, alive,
+                                   cfg, lamo, False)
+    return R / timed(step, steps, device, warmup=warmup)
+
+
+def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict:
+    """Run-steps/s of packs of each size for LaMo (GPT-2 small's shape) and the DT preset; R = 1
+    is one run alone through the pack's path, and the single-run rows above are one run per
+    process."""
+    out = {}
+    for name, cfg in (("lamo", lamo_cfg), ("dt", dt_cfg)):
+        for R in sizes:
+            peak_gb(device)
+            out[f"pack_{name}_{R}"] = pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup)
+            out[f"pack_{name}_{R}_peak_gpu_gb"] = peak_gb(device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 
@@ -258,6 +292,9 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[],
                    help="also LaMo training steps/s at these batch sizes: how much of the GPU one "
                         "B=64 run leaves idle, the headroom a pack of runs would fill")
+    p.add_argument("--packs", type=int, nargs="*", default=None,
+                   help="pack sizes R for run-steps/s of packs (default: gpu 1 4 8 16, cpu none; "
+                        "a LaMo step is ~20 s per run on 2 CPU cores)")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     device = lamo.pick_device(a.device)
@@ -289,6 +326,8 @@ def main(argv=None):
     res["eval_peak_gpu_gb"] = peak_gb(device)
     res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
     warmup = res["train_warmup_steps"]
+    sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
+    res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
     res["train_steps_per_s_by_batch"] = {
         B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
         for B in a.batch_sizes}
@@ -321,6 +360,11 @@ def main(argv=None):
              f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}"),
             *((f"training steps/s, LaMo, B={B} (x{B / 64:g} the tokens)", f"{v:.3f}")
               for B, v in res["train_steps_per_s_by_batch"].items()),
+            *((f"run-steps/s, pack of {R} {name} runs (one run alone: {single:.3f})",
+               f"{res[f'pack_{key}_{R}']:.3f}")
+              for key, name, single in (("lamo", "LaMo", res["train_steps_per_s"]),
+                                        ("dt", "DT", res["train_steps_per_s_dt"]))
+              for R in sizes),
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
     w = max(len(k) for k, _ in rows) + 2
     print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")

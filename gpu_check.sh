@@ -7,7 +7,8 @@
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
 # 2. bench.py --device cuda (LaMo on GPT-2 small's shape with and without the LM batch, the DT
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
-#    torch.profiler's top 15 operators of one training step and one evaluation forward;
+#    torch.profiler's top 15 operators of one training step and one evaluation forward, and
+#    run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT;
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps.
 # The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
@@ -40,7 +41,8 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
 step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider test_cuda.py
-step bench 200 python3 bench.py --device cuda --out "$REPORT/bench.json" --profile "$WORK/profile.txt" \
+step bench 240 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
+    --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 1000 --max-steps 1000 \
@@ -83,6 +85,8 @@ if (report / "bench.json").exists():
                f"{b['atari_sample_loop_ms']:.0f} / {b['atari_sample_vectorised_ms']:.1f}", "")]
     table += [(f"LaMo training steps/s at B={B} ({int(B) // 64}x the tokens of one run)", f"{v:.3g}", "")
               for B, v in b["train_steps_per_s_by_batch"].items()]
+    table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs", f"{b[k]:.3g}",
+               gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]
 metrics = work / "slice" / "metrics.jsonl"
 if metrics.exists():
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]

@@ -4,7 +4,7 @@
 
 The runs of one table cell differ only in their seeds, and for LaMo only in what trains (LoRA, the
 c_attn bias, embeddings and heads: a few million parameters each); the frozen GPT-2 body is the
-same. A pack keeps every run a run -- built by lamo.start_run exactly as it would be alone, with its
+same. (Runs may also differ in --frac and --frac-seed.) A pack keeps every run a run -- built by lamo.start_run exactly as it would be alone, with its
 own data subset and batcher, batch RNG, gradient clip (its own norm), NaN check, run folder and
 checkpoint -- and shares only the step: each parameter of the R models is stacked along a leading
 run axis (a frozen tensor equal in every run is kept once), every run's module then holds views of
@@ -34,9 +34,9 @@ from data import Batch, LamoError, progress
 from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoint
 
 # What may differ between the runs of a pack; everything else is one config.
-PER_RUN = {"seed", "out", "resume"}
+PER_RUN = {"seed", "frac", "frac_seed", "out", "resume"}
 # vmap has no batching rule for the CPU's fused attention kernel and loops over the runs there
-# (bench.py measures what that costs); on CUDA the runs' attention is one kernel.
+# (bench.py measures what packs gain or lose; on CUDA, the GPU check).
 warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
 
 

@@ -156,3 +156,15 @@ def test_sweep_gpus_runs_on_cuda(tiny_hdf5, tmp_path, monkeypatch):
     assert code == 0, log[-2000:]
     assert json.loads((run / "config.json").read_text())["device"] == "cuda"
     assert "device   cuda (" in log and (run / "summary.json").exists()
+
+
+def test_a_pack_on_cuda_matches_its_runs_alone(tiny_hdf5, tmp_path):
+    """pack.py on the GPU: two seeds in one pack against each seed alone, fp32, dropout off."""
+    common = ["--steps", "10", "--precision", "fp32", "--log-every", "1"]
+    lamo.main(run_args(tiny_hdf5, tmp_path / "pk", *common, "--seed", "0", "1"))
+    for seed in (0, 1):
+        lamo.main(run_args(tiny_hdf5, tmp_path / f"alone{seed}", *common, "--seed", str(seed)))
+        packed, alone = (
+            [json.loads(line)["action_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+             if "action_loss" in line] for folder in (tmp_path / "pk" / f"s{seed}", tmp_path / f"alone{seed}"))
+        np.testing.assert_allclose(list(packed), list(alone), rtol=1e-4)

@@ -139,6 +139,17 @@ def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, m
         lamo.main(["--resume", str(tmp_path / "cut")])
 
 
+def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
+    """What sweep.py's grids group: runs that differ in --frac (their own subset and batcher)."""
+    cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 4))[0])
+    members = [lamo.start_run(lamo.replace(cfg, frac=frac, seed=seed), tmp_path / f"f{frac}", False)
+               for frac, seed in ((0.5, 0), (1.0, 0))]
+    pack.train(members, lamo)
+    subsets = [json.loads((tmp_path / f"f{f}" / "subset.json").read_text()) for f in (0.5, 1.0)]
+    assert [s["n_trajectories"] for s in subsets] == [5, 10]
+    assert losses(tmp_path / "f0.5") != losses(tmp_path / "f1.0")
+
+
 def test_what_a_pack_refuses(tiny_hdf5, tmp_path):
     with pytest.raises(SystemExit, match="--compile does not apply to a pack"):
         lamo.main([*dt_args(tiny_hdf5, 2), "--seed", "0", "1", "--compile", "--out", str(tmp_path / "c")])
