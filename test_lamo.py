@@ -490,7 +490,12 @@ def test_dt_learns_to_condition_on_return(tmp_path, capsys):
 
 # ============================================================================ paper-comparable runs (issue 9)
 # action_loss of the first 6 steps of a tiny run (hf_tiny, tiny_hdf5, lambda 0), as the code before the
-# task table gave them (commit 2b9cacf): the refactor must not move a MuJoCo run by one bit.
+# task table gave them (commit 2b9cacf) on one machine. Compared within 1e-6 relative, not bit for bit:
+# another CPU's kernels round differently (an AVX-512 host: 1.9e-7 relative on the first loss, the
+# largest seen), while one-line changes to the MuJoCo path move them by 1.8e-6 (embed_ln or ln_f eps
+# 1e-5 -> 1e-6) to 3e-2 (timestep + 1); TEST-NOTES lists them. Changes below float32's resolution here
+# (the GPT-2 blocks' eps) are caught in float64 by the parity and token tests instead.
+PIN_RTOL = 1e-6
 PINNED = {"linear": [0.32108521461486816, 0.31066858768463135, 0.32103079557418823, 0.32055598497390747,
                      0.2982567250728607, 0.320565402507782],
           "mlp": [0.12472877651453018, 0.1218414157629013, 0.12182515114545822, 0.12720726430416107,
@@ -503,7 +508,10 @@ def test_mujoco_losses_pinned(embed, hf_tiny, tiny_hdf5, tmp_path):
     lamo.main(["--data", str(tiny_hdf5), "--pretrained", str(folder), "--lm-coef", "0", "--embed", embed,
                "--steps", "6", "--log-every", "1", "--eval-every", "6", "--eval-episodes", "1", "--targets", "100",
                "--out", str(tmp_path / "r")])
-    assert [m["action_loss"] for m in read_metrics(tmp_path / "r") if "action_loss" in m] == PINNED[embed]
+    losses = [m["action_loss"] for m in read_metrics(tmp_path / "r") if "action_loss" in m]
+    assert len(losses) == len(PINNED[embed])
+    rel = np.abs(np.array(losses) / np.array(PINNED[embed]) - 1)
+    assert rel.max() < PIN_RTOL, f"relative differences to the pinned losses: {rel.tolist()}"
 
 
 def test_task_defaults_from_the_official_scripts():
