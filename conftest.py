@@ -3,12 +3,65 @@ loopback HTTP server started here, on small files the tests make in the real for
 import http.server
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import data
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)   # a tiny GPT-2
+
+
+# ----------------------------------------------------------------------------- evaluation reference
+class RecordActions:
+    """Wraps a task's env factory: every env it makes appends the actions it is stepped with."""
+
+    def __init__(self, task):
+        self.task, self.actions = task, []
+
+    def __call__(self, task, max_steps):
+        import gymnasium as gym
+        taken = []
+        self.actions.append(taken)
+
+        class Recorder(gym.Wrapper):
+            def step(self, action):
+                taken.append(np.array(action).copy())
+                return self.env.step(action)
+        return Recorder(self.task.env(self.task, max_steps))
+
+
+def reference_episode(model, task, target, seed, mean, std, K, T, scale):
+    """One evaluation episode, a step at a time, the way training windows look: the last min(t+1, K)
+    real steps only (no padding, so no mask), states (obs - mean) / std, returns-to-go target minus
+    the rewards so far, / scale; the current action slot filled with junk (causality hides it), earlier
+    ones with the model's actions. -> the actions stepped with, and the model's output row for each step."""
+    env = task.make_env(T)
+    obs, _ = env.reset(seed=seed)
+    states, actions, rtgs, taken, outs = [], [], [], [], []
+    rtg = target
+    for t in range(T):
+        states.append((obs - mean) / std if mean is not None else obs)
+        rtgs.append(rtg / scale)
+        L = min(t + 1, K)
+        junk = 3 if task.discrete else np.full(task.act_dim, 7.0)
+        a = np.array((actions[len(actions) - L + 1:] if L > 1 else []) + [junk])
+        with torch.no_grad():
+            out = model(torch.tensor(np.array(states[-L:]), dtype=torch.float32)[None],
+                        torch.tensor(a, dtype=torch.long if task.discrete else torch.float32)[None],
+                        torch.tensor(rtgs[-L:], dtype=torch.float32).view(1, L, 1),
+                        torch.arange(t - L + 1, t + 1)[None])[0, -1]
+        outs.append(out)
+        raw = int(out.argmax()) if task.discrete else out.numpy()
+        actions.append(raw)                    # the window keeps the model's action, the env gets it clipped
+        action = raw if task.discrete else np.clip(raw, -1, 1)
+        taken.append(np.array(action))
+        obs, r, term, trunc, _ = env.step(action)
+        rtg -= r
+        if term or trunc:
+            break
+    env.close()
+    return taken, outs
 
 
 # ----------------------------------------------------------------------------- fixtures

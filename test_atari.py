@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+from conftest import RecordActions, reference_episode
 from data import LamoError
 
 
@@ -144,9 +145,10 @@ def test_length_weighted_subset():
     official = np.random.default_rng(0).choice(100, size=int(np.floor(100 * 0.1)),
                                                p=lengths / lengths.sum(), replace=False)
     assert np.array_equal(a, np.sort(official))
-    for n, f in [(2186, 0.1), (1000, 0.3), (10, 0.3), (7, 0.01), (5, 1.0), (100, 0.29)]:
+    for (n, f), k in {(2186, 0.1): 218, (1000, 0.3): 300, (10, 0.3): 3, (1191, 0.005): 5, (7, 0.01): 1,
+                      (5, 1.0): 5, (100, 0.29): 29, (3, 0.5): 1}.items():   # by hand, as in test_lamo
         idx = data.length_weighted_subset(np.arange(1, n + 1), f, 3)
-        assert len(idx) == max(1, int(np.floor(f * n + 1e-9))) == len(set(idx.tolist()))
+        assert len(idx) == k == len(set(idx.tolist())), (n, f)
         assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n
     # Length-weighted: over 200 seeds a long trajectory is kept far more often than a short one.
     counts = np.zeros(100)
@@ -323,6 +325,61 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     assert lrs[0] == 0 and 0 < lrs[1] < lrs[2] < lrs[3] < 1e-3   # token warm-up, from 0 at step 1
     ev = rows[-1]["eval"]["90"]
     assert ev["score_mean"] == pytest.approx(100 * (ev["return_mean"] - 1.7) / (31.8 - 1.7))
+
+
+K_EVAL = 4
+
+
+@pytest.fixture(scope="module")
+def atari_rollout():
+    """A tiny DT on Breakout through lamo.rollout (its env actions and every model output recorded)
+    and through conftest's step-by-step reference (unpadded windows of the last min(t+1, K) steps, no
+    mask, wpe positions from 0 as in a training window). -> (rollout actions, outputs, reference
+    actions, reference logits)."""
+    import dataclasses
+    import lamo
+    import tasks
+    task = tasks.get_task("breakout-medium")
+    torch.manual_seed(0)
+    m = lamo.build_model(lamo.resolve(lamo.Config(env="breakout-medium", model="dt", n_layer=1, n_embd=32,
+                                                  context_len=K_EVAL)), task).eval()
+    outs = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, *args):
+            outs.append(m(*args))
+            return outs[-1]
+
+    rec = RecordActions(task)
+    lamo.rollout(Recorder(), dataclasses.replace(task, env=rec), [(90, 3)], None, None, K_EVAL,
+                 torch.device("cpu"), max_steps=12)
+    want, ref = reference_episode(m, task, 90, 3, None, None, K_EVAL, 12, 1.0)
+    return [int(a) for a in rec.actions[0]], outs, [int(a) for a in want], ref
+
+
+def closest_row(outs, ref, t) -> float:
+    """How far the reference's logits for step t are from the nearest of rollout's K output rows
+    (slot-agnostic: which slot rollout reads is its business)."""
+    return (outs[t][0] - ref[t]).abs().max(-1).values.min().item()
+
+
+def test_atari_rollout_equals_training_windows(atari_rollout):
+    """Atari evaluation shows the model what training shows it: right-padded windows from slot 0 while
+    the episode is shorter than K (t < K - 1 here), the last K real steps once the window has rolled
+    (t >= 2K - 2). Same actions as the reference, and each step's logits among rollout's rows."""
+    got, outs, want, ref = atari_rollout
+    assert got == want and len(want) == 12 and len(set(want)) > 1   # the choice moves with the input
+    K = K_EVAL
+    for t in [*range(K - 1), *range(2 * K - 2, len(ref))]:
+        assert closest_row(outs, ref, t) < 1e-5, t
+
+
+@pytest.mark.xfail(strict=True, reason="bug in lamo.rollout (TEST-NOTES): with right padding the window "
+                   "is shifted at t = K - 1, before it is full, leaving an empty slot (timesteps [1, 2, 0, 3] "
+                   "for K = 4) until t = 2K - 3")
+def test_atari_rollout_window_has_no_hole(atari_rollout):
+    _, outs, _, ref = atari_rollout
+    assert max(closest_row(outs, ref, t) for t in range(K_EVAL - 1, 2 * K_EVAL - 2)) < 1e-5
 
 
 def test_atari_model_pieces():

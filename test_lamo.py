@@ -1,6 +1,7 @@
 """lamo's tests: all offline, CPU, tiny models (shared fixtures in conftest.py). Sections follow the
 issues: GPT-2 + LoRA, data, training and evaluation, paper-comparable runs, Kitchen. Atari's data side
 is in test_atari.py, sweep.py's in test_sweep.py."""
+import copy
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ import data
 import gpt2_loader
 import lamo
 import tasks
-from conftest import TINY
+from conftest import TINY, RecordActions, reference_episode
 from data import LamoError
 
 REPO = Path(__file__).parent
@@ -43,10 +44,11 @@ def tiktoken_gpt2(tmp_path_factory):
     mp.undo()
 
 
-def hub_file(model, path: Path, drop=()):
+def hub_file(model, path: Path, drop=(), dtype=torch.float32):
     """Write `model` the way the hub's model.safetensors is laid out: no prefix, causal-mask buffers kept."""
     from safetensors.torch import save_file
-    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd = {k.removeprefix("transformer."): v.to(dtype).contiguous() for k, v in model.state_dict().items()
+          if k != "lm_head.weight"}
     for i in range(model.config.n_layer):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
     save_file({k: v for k, v in sd.items() if not k.startswith(drop)}, str(path))
@@ -67,6 +69,10 @@ def test_logits_match_transformers(hf_tiny, tmp_path):
     hf, folder = hf_tiny
     ours = lamo.GPT2.from_pretrained(str(folder)).eval()
     assert (logits(ours, IDX) - logits(hf, IDX)).abs().max() < 1e-5
+    # In float64 the two agree to ~1e-13, so a near miss (exact-erf GELU instead of tanh: 1.6e-5 in
+    # float32; a LayerNorm eps of 1e-6) is 8 orders of magnitude away, not a hair over 1e-5.
+    hf64, ours64 = copy.deepcopy(hf).double(), copy.deepcopy(ours).double()
+    assert (logits(ours64, IDX) - logits(hf64, IDX)).abs().max() < 1e-10
     # The hub's layout: unprefixed names, attn.bias buffers present, config.json beside.
     hub = tmp_path / "hub"
     hub.mkdir()
@@ -83,6 +89,24 @@ def test_config_inferred_without_config_json(tmp_path):
     ours = lamo.GPT2.from_pretrained(str(hub_file(hf, tmp_path / "model.safetensors"))).eval()
     assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.n_positions) == (3, 2, 128, 128)
     assert (logits(ours, IDX) - logits(hf, IDX)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_files(hf_tiny, tmp_path, dtype):
+    """A checkpoint stored in bf16 or fp16 loads as those values in float32 (bf16 is 16 bits that numpy
+    cannot name: read as uint16, then viewed as bfloat16)."""
+    hf, folder = hf_tiny
+    (tmp_path / "half").mkdir()
+    shutil.copy(folder / "config.json", tmp_path / "half" / "config.json")      # 4 heads
+    rounded = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(dtype).float())
+    hub_file(hf, tmp_path / "half" / "model.safetensors", dtype=dtype)
+    ours = lamo.GPT2.from_pretrained(str(tmp_path / "half")).eval()
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    assert torch.equal(ours.h[1].mlp.c_fc.weight, rounded.transformer.h[1].mlp.c_fc.weight.t())
+    assert (logits(ours, IDX) - logits(rounded, IDX)).abs().max() < 1e-5
 
 
 def test_download_cache_resume_and_corruption(server, cache, capsys):
@@ -149,13 +173,50 @@ def test_lora_init_merge_and_trainable(hf_tiny):
     w0 = m.h[0].attn.c_attn.weight.detach().clone()
     unmerged = logits(m, IDX)
     assert (unmerged - logits(base, IDX)).abs().max() > 1e-3        # the update does something
+    # The adapter by hand, per projection: q|k|v += (alpha / r) B_j A_j x, alpha 32 / r 4 = 8.
+    c = m.h[0].attn.c_attn
+    x = torch.randn(3, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    A, B, W, b = (t.detach().double() for t in (c.lora_A, c.lora_B, c.weight, c.bias))
+    by_hand = x @ W.T + b + 8.0 * torch.cat([x @ A[j].T @ B[j].T for j in range(3)], -1)
+    with torch.no_grad():
+        assert (c(x.float()).double() - by_hand).abs().max() < 1e-5
+    # Merged: the weight is W + 8 B_j A_j, and the model is a plain GPT-2 (no adapter) holding the
+    # merged weights, so an adapter still running on top of them would count the update twice.
+    merged = {i: m.h[i].attn.c_attn.weight.detach() + 8.0 * torch.cat(
+        [m.h[i].attn.c_attn.lora_B[j] @ m.h[i].attn.c_attn.lora_A[j] for j in range(3)]).detach() for i in range(2)}
     m.merge()
+    assert (m.h[0].attn.c_attn.weight - merged[0]).abs().max() < 1e-6
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        for i in range(2):
+            plain.h[i].attn.c_attn.weight.copy_(merged[i])
+    assert (logits(m, IDX) - logits(plain, IDX)).abs().max() < 1e-5
     assert (logits(m, IDX) - unmerged).abs().max() < 1e-5
     m.unmerge()
     assert torch.equal(m.h[0].attn.c_attn.weight, w0)              # restored bit for bit
+    assert torch.equal(logits(m, IDX), unmerged)                    # and the adapter runs again
     lamo.mark_trainable(m)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable == {f"h.{i}.attn.c_attn.{k}" for i in range(2) for k in ("lora_A", "lora_B", "bias")}
+
+
+def test_lora_dropout_only_on_the_adapter_input():
+    """dropout(x) feeds the LoRA path only: with B = 0 a training-mode forward is the frozen layer's
+    exactly; with B != 0 it draws masks (two calls differ), and evaluation is deterministic."""
+    torch.manual_seed(0)
+    c = lamo.LoRAQKV(16, 4, 8.0, 0.5)
+    with torch.no_grad():
+        c.weight.normal_(0, 0.2)
+        c.bias.normal_(0, 0.2)
+    x = torch.randn(2, 7, 16)
+    frozen = torch.nn.functional.linear(x, c.weight, c.bias)
+    c.train()
+    assert torch.equal(c(x), frozen)
+    with torch.no_grad():
+        c.lora_B.normal_(0, 0.5)
+    assert not torch.allclose(c(x), c(x))
+    c.eval()
+    assert torch.equal(c(x), c(x)) and not torch.allclose(c(x), frozen)
 
 
 def test_lora_count_gpt2_small():
@@ -181,6 +242,11 @@ def test_bad_model_files(tmp_path, hf_tiny):
     shutil.copy(folder / "config.json", tmp_path / "nolayer" / "config.json")
     cases["missing 12 GPT-2 tensor(s), e.g. h.1.ln_1"] = tmp_path / "nolayer"
     cases["missing 12 GPT-2 tensor(s), e.g. h.0.ln_1"] = hub_file(hf, tmp_path / "gap.safetensors", drop=("h.0.",))
+    (tmp_path / "erf").mkdir()                        # a GPT-2-shaped model with another activation
+    hub_file(hf, tmp_path / "erf" / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "erf" / "config.json").write_text(json.dumps({**config, "activation_function": "gelu"}))
+    cases["activation_function 'gelu'; GPT-2 uses the tanh GELU"] = tmp_path / "erf"
     for expect, path in cases.items():
         with pytest.raises(LamoError) as e:
             lamo.GPT2.from_pretrained(str(path))
@@ -231,9 +297,20 @@ def test_refuse_inconsistent_files(tmp_path):
 def test_frac_subsets():
     a, b = data.subset_indices(1000, 0.1, 0), data.subset_indices(1000, 0.1, 0)
     assert np.array_equal(a, b) and not np.array_equal(a, data.subset_indices(1000, 0.1, 1))
-    for n, f in [(2186, 0.1), (1000, 0.3), (10, 0.3), (1191, 0.005), (7, 0.01), (5, 1.0)]:
+    # floor(frac * n), at least 1, worked by hand: 218.6 -> 218, 5.955 -> 5, 0.07 -> 1, 0.29 * 100 -> 29
+    # (float gives 28.999999999999996), 0.3 * 10 -> 3 (float: 3.0000000000000004).
+    for (n, f), k in {(2186, 0.1): 218, (1000, 0.3): 300, (10, 0.3): 3, (1191, 0.005): 5, (7, 0.01): 1,
+                      (5, 1.0): 5, (100, 0.29): 29, (3, 0.5): 1}.items():
         idx = data.subset_indices(n, f, 0)
-        assert len(idx) == max(1, int(np.floor(f * n + 1e-9))) == len(set(idx.tolist()))
+        assert len(idx) == k == len(set(idx.tolist())), (n, f)
+        assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n
+    # Uniform over trajectories (the MuJoCo/Kitchen rule), whatever their lengths.
+    lengths = [1] * 50 + [1000] * 50
+    trajs = [{"rewards": np.zeros(n)} for n in lengths]
+    counts = np.zeros(100)
+    for seed in range(200):
+        counts[HOPPER.subset(trajs, 0.1, seed)] += 1
+    assert 0.7 < counts[50:].sum() / counts[:50].sum() < 1.4
     for f in (0, -0.1, 1.5):
         with pytest.raises(LamoError, match=f"--frac must be in \\(0, 1\\], got {f}"):
             data.subset_indices(10, f, 0)
@@ -266,10 +343,32 @@ def test_batches_match_reference(tiny_hdf5):
     pairs = [(0, 0), (3, last), (3, last - 5), (5, 7), (9, 2)]        # start, padded ends, middle
     got = b.window(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
     assert isinstance(got, data.Batch)
-    want = reference_batch(trajs, pairs, 20, 50, 1000.0, b.state_mean, b.state_std)
+    obs = np.concatenate([t["observations"] for t in trajs])   # statistics over every transition (float32)
+    want = reference_batch(trajs, pairs, 20, 50, 1000.0, obs.mean(0), obs.std(0) + 1e-6)
     for g, w, name in zip(got, want, ("states", "actions", "rtg", "timesteps", "mask")):
         assert g.shape == w.shape and torch.allclose(g.float(), w, atol=1e-5), name
     assert got.mask[1].sum() == 1 and got.actions[1, 0, 0] == -10     # one real step, rest padding
+
+
+def test_batcher_normalises_draws_by_length_and_starts_uniformly():
+    """Two trajectories of 10 and 90 steps whose first observation is 0 and 1, the second constant:
+    states normalised over all 100 transitions (mean 0.9, std 0.3: -3 and 1/3; the constant one 0,
+    not NaN); the long one drawn 9 times in 10; starts uniform over every step (0..89)."""
+    trajs = [{"observations": np.tile(np.array([[v, 5.0]], np.float32), (n, 1)),
+              "actions": np.zeros((n, 1), np.float32), "rewards": np.ones(n, np.float32),
+              "terminals": np.zeros(n, bool)} for v, n in ((0.0, 10), (1.0, 90))]
+    b = data.TrajectoryBatcher(trajs, K=5, max_ep_len=1000, rtg_scale=1.0, seed=0)
+    batch = b.sample(20_000)
+    real = batch.mask.bool()
+    assert torch.allclose(batch.states[..., 0][real].unique(), torch.tensor([-3.0, 1 / 3]), atol=1e-4)
+    assert torch.equal(batch.states[..., 1][real].unique(), torch.zeros(1))
+    long = batch.states[:, -1, 0] > 0                     # the last slot is always a real step
+    assert abs(long.float().mean().item() - 0.9) < 0.015
+    first = (~real).sum(1)                                 # left padding: the first real slot
+    start = batch.timesteps[torch.arange(len(first)), first]
+    counts = torch.bincount(start[long], minlength=90)
+    assert len(counts) == 90 and counts.min() > 0.5 * counts.float().mean()   # every start, about as often
+    assert torch.equal(batch.rtg[:, -1, 0][long], 90.0 - batch.timesteps[:, -1][long].float())   # rtg by hand
 
 
 def test_downloads_d4rl_and_corpus(server, tmp_path, monkeypatch, cache):
@@ -307,6 +406,14 @@ def test_tokenizer_roundtrip_and_cache(tiktoken_gpt2, tiny_txt, monkeypatch):
     assert np.array_equal(data.lm_tokens(str(tiny_txt)), first)
     batch = data.LMBatcher(first, B=2, T=16, seed=0).sample()
     assert batch.shape == (2, 17) and batch.dtype == torch.int64
+    # Random blocks of 17 consecutive corpus tokens: each row is the corpus from some offset on.
+    corpus = np.asarray(first, dtype=np.int64)
+    seen = set()
+    for row in data.LMBatcher(first, B=64, T=16, seed=1).sample().numpy():
+        at = [i for i in range(len(corpus) - 16) if np.array_equal(corpus[i:i + 17], row)]
+        assert at, row
+        seen.add(tuple(row))
+    assert len(seen) > 5                      # the text repeats every ~16 tokens: several distinct blocks
 
 
 def test_collect_writes_d4rl_layout(tmp_path):
@@ -318,6 +425,19 @@ def test_collect_writes_d4rl_layout(tmp_path):
     trajs = data.load_trajectories(out, 11, 3)
     assert len(trajs) == 3
     assert all(t["observations"].shape[1] == 11 and t["actions"].shape[1] == 3 for t in trajs)
+    # Episodes cut by the time limit are marked as timeouts (not terminals), so they split too; the PD
+    # controller keeps the hopper up for 25 steps. Each row's next observation is the next row's own.
+    data.main(["collect", "--env", "Hopper-v4", "--policy", "noisy", "--episodes", "4", "--max-steps", "25",
+               "--out", str(tmp_path / "n.hdf5")])
+    with h5py.File(tmp_path / "n.hdf5") as f:
+        term, timeout = f["terminals"][()], f["timeouts"][()]
+        ends = np.flatnonzero(term | timeout)
+        assert len(ends) == 4 and ends[-1] == len(term) - 1 and not (term & timeout).any()
+        lengths = np.diff(np.concatenate([[-1], ends]))
+        assert timeout.sum() >= 1 and np.all(lengths[timeout[ends]] == 25) and np.all(lengths <= 25)
+        inner = np.setdiff1d(np.arange(len(term) - 1), ends)
+        assert np.array_equal(f["next_observations"][()][inner], f["observations"][()][inner + 1])
+    assert len(data.load_trajectories(tmp_path / "n.hdf5", 11, 3)) == 4
 
 
 # ============================================================================ training and evaluation (issue 4)
@@ -352,6 +472,9 @@ def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt)
     evals = [m for m in read_metrics(a) if "eval" in m]
     assert [m["step"] for m in evals] == [20, 40] and set(evals[0]["eval"]) == {"3600", "2600", "2200", "1800"}
     assert all(m["lm_loss"] > 5 for m in read_metrics(a) if "lm_loss" in m)   # the LM batch really ran
+    for e in evals[-1]["eval"].values():     # D4RL's hopper: random -20.272305, expert 3234.3 (by hand)
+        assert e["score_mean"] == pytest.approx(100 * (e["return_mean"] + 20.272305) / 3254.572305, rel=1e-9)
+        assert e["score_std"] == pytest.approx(100 * e["return_std"] / 3254.572305, rel=1e-9)
     # --resume continues at step 40 with exactly what one 80-step run produces.
     lamo.main(["--resume", str(a), "--steps", "80"])
     lamo.main([*common, "--steps", "80", "--out", str(b)])
@@ -381,6 +504,23 @@ def test_batched_eval_equals_sequential():
     one = [run([e])[0][0] for e in episodes]
     assert lengths.min() > 20                          # long enough to pass the K-step padded phase
     assert np.array_equal(batched, np.array(one))      # bit for bit, not approximately
+
+
+def test_rollout_equals_a_step_by_step_reference():
+    """rollout (batched, left-padded and masked K-slot windows) takes the actions that the reference
+    loop above takes, episode by episode: padding, mask, normalisation, returns-to-go and timesteps
+    as training shows them to the model. K = 5 over 40 steps covers the padded and the rolling phase."""
+    m = dt_model(3)
+    g = np.random.default_rng(0)
+    mean, std = g.normal(0, 0.5, 11), g.uniform(0.5, 2.0, 11)
+    episodes = [(3600, 7), (1800, 8), (900, 9)]
+    rec = RecordActions(HOPPER)
+    task = replace(HOPPER, env=rec)
+    lamo.rollout(m, task, episodes, mean, std, 5, torch.device("cpu"), max_steps=40)
+    for (target, seed), got in zip(episodes, rec.actions, strict=True):
+        want, _ = reference_episode(m, HOPPER, target, seed, mean, std, 5, 40, 1000.0)   # scale by hand
+        assert len(got) == len(want) > 5
+        assert np.allclose(np.array(got), np.array(want), atol=1e-5), (target, seed)
 
 
 @pytest.mark.parametrize("embed", ["linear", "mlp"])
@@ -426,6 +566,69 @@ def test_trainable_sets_and_lambda_zero(hf_tiny, tiny_hdf5, monkeypatch, tmp_pat
                "--eval-every", "3", "--eval-episodes", "1", "--targets", "100", "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="--lm-corpus has no effect"):   # a flag that would do nothing
         lamo.main(["--data", str(tiny_hdf5), "--lm-coef", "0", "--lm-corpus", "x.txt"])
+
+
+def test_lm_loss_is_transformers_loss(hf_tiny):
+    """The language loss is GPT-2's next-token cross-entropy: transformers' own loss with labels = the
+    block (it shifts them itself), with position embeddings."""
+    hf, folder = hf_tiny
+    ours = lamo.GPT2.from_pretrained(str(folder)).eval()
+    block = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(block, labels=block).loss
+        assert abs(lamo.lm_loss(ours, block).item() - want.item()) < 1e-5
+
+
+def tiny_run(tmp_path, name, *flags, data_path):
+    """A 1-layer, d=32 DT-preset run on `data_path`, evaluated once on a 10-step episode."""
+    out = tmp_path / name
+    lamo.main(["--model", "dt", "--n-layer", "1", "--n-embd", "32", "--dropout", "0", "--data", str(data_path),
+               "--eval-episodes", "1", "--eval-max-steps", "10", "--targets", "100", "--out", str(out), *flags])
+    return out
+
+
+def test_logged_losses_are_averages_and_lr_warms_up(tiny_hdf5, tmp_path):
+    """--log-every 2 logs the mean of the two steps' losses (the last, partial window its own); the lr
+    of step i (from 1) under --warmup 4 is lr * min(1, i / 4): 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3."""
+    flags = ["--steps", "5", "--eval-every", "5", "--warmup", "4", "--lr", "1e-3"]
+    one = [m for m in read_metrics(tiny_run(tmp_path, "one", *flags, "--log-every", "1", data_path=tiny_hdf5))
+           if "action_loss" in m]
+    two = [m for m in read_metrics(tiny_run(tmp_path, "two", *flags, "--log-every", "2", data_path=tiny_hdf5))
+           if "action_loss" in m]
+    assert np.allclose([m["lr"] for m in one], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-12, atol=0)
+    assert [m["step"] for m in two] == [2, 4, 5]
+    for key in ("action_loss", "grad_norm"):
+        v = [m[key] for m in one]
+        assert np.allclose([m[key] for m in two], [(v[0] + v[1]) / 2, (v[2] + v[3]) / 2, v[4]], rtol=1e-6), key
+    assert len({m["action_loss"] for m in one}) == 5
+
+
+def test_grad_clip_bounds_the_update(tiny_hdf5, tmp_path):
+    """Clipping the gradient to a global norm of 1e-12 leaves AdamW (eps 1e-8) almost nothing to step
+    with: the weights stay where lr 0 leaves them, while the default clip moves them."""
+    flags = ["--steps", "3", "--eval-every", "3", "--log-every", "1", "--weight-decay", "0", "--warmup", "1",
+             "--lr", "1e-3"]
+    runs = {name: torch.load(tiny_run(tmp_path, name, *flags, *extra, data_path=tiny_hdf5) / "ckpt.pt",
+                             weights_only=False)["trainable"]
+            for name, extra in (("still", ["--lr", "0"]), ("clipped", ["--grad-clip", "1e-12"]), ("free", []))}
+    diff = lambda a, b: max((runs[a][k] - runs[b][k]).abs().max().item() for k in runs[a])
+    assert diff("clipped", "still") < 1e-6 and diff("free", "still") > 1e-4
+
+
+def test_lm_coef_weights_the_language_gradient(hf_tiny, tiny_hdf5, tiny_txt, tmp_path):
+    """The step-1 gradient is g_action + lambda * g_LM (both the same for every lambda: same seed, same
+    batches), so its squared norm is quadratic in lambda: its third difference over lambda = 1, 2, 3, 4
+    vanishes, and lambda changes it."""
+    norms = []
+    for lam in (1, 2, 3, 4):
+        out = tmp_path / f"lm{lam}"
+        lamo.main(["--data", str(tiny_hdf5), "--pretrained", str(hf_tiny[1]), "--lm-coef", str(lam), "--dropout", "0",
+                   "--lm-corpus", str(tiny_txt), "--lm-seq-len", "16", "--steps", "1", "--eval-every", "1",
+                   "--eval-episodes", "1", "--eval-max-steps", "5", "--targets", "100", "--out", str(out)])
+        norms.append(read_metrics(out)[0]["grad_norm"] ** 2)
+    n1, n2, n3, n4 = norms
+    assert abs(n2 - n1) > 1e-3 * n1
+    assert abs(n4 - 3 * n3 + 3 * n2 - n1) < 1e-4 * n4
 
 
 @pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")   # raised inside torch's compiler
@@ -474,23 +677,55 @@ def test_nan_stops_and_ctrl_c_saves(tiny_hdf5, monkeypatch, tmp_path):
     assert json.loads((tmp_path / "int" / "summary.json").read_text())["step"] == 40
 
 
+def collect_with_gains(path, episodes, max_steps, seed):
+    """A D4RL-layout hdf5 of Hopper-v4 episodes, each driven by k x (the PD controller of data.py's
+    collector) + 10% uniform noise, k drawn per episode in [-1, 1]: k near 1 stands (return ~300 in
+    300 steps), k below 0 pushes the joints the wrong way and falls (~10-30). -> episode returns."""
+    env = data.make_env("Hopper-v4", max_steps)
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        gain, done, ret = rng.uniform(-1, 1), False, 0.0
+        while not done:
+            a = (gain * data.noisy_controller(obs, 3, 0.0, rng) + 0.1 * rng.uniform(-1, 1, 3)).astype(np.float32)
+            nxt, r, term, trunc, _ = env.step(a)
+            for k, v in zip(cols, (obs, a, r, term, trunc and not term)):
+                cols[k].append(v)
+            obs, done, ret = nxt, term or trunc, ret + r
+        returns.append(ret)
+    with h5py.File(path, "w") as f:
+        for k, v in cols.items():
+            f[k] = np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32)
+    return np.array(returns)
+
+
 def test_dt_learns_to_condition_on_return(tmp_path, capsys):
-    """A PD controller with per-episode noise gives returns from ~20 to ~300; trained on that, the DT
-    preset must act better for a high target than a low one, and beat the data's mean."""
-    path = data.collect("Hopper-v4", "noisy", 60, tmp_path / "noisy.hdf5", seed=1, max_steps=300)
-    mean_return = data.trajectory_returns(data.load_trajectories(path)).mean()
-    lamo.main(["--model", "dt", "--data", str(path), "--steps", "1200", "--eval-every", "1200", "--warmup", "50",
-               "--lr", "1e-3", "--batch-size", "64", "--context-len", "5", "--eval-episodes", "4",
-               "--targets", "1000,50", "--out", str(tmp_path / "run")])
+    """Trained on episodes whose return is set by a per-episode gain on a PD controller (returns ~5 to
+    ~325, mean 141), the DT preset must act on the return it is asked for: a high target stands, a low
+    one falls, and the high one beats the data's mean. The gain, not the noise, sets the return, so the
+    two targets ask for different deterministic behaviours (with data.py's noisy collector, whose
+    low returns come from noise whose mean is still a standing controller, the outcome hung on float
+    rounding: it failed with 1 thread and passed with 2)."""
+    returns = collect_with_gains(tmp_path / "gains.hdf5", 60, 300, seed=1)
+    lamo.main(["--model", "dt", "--data", str(tmp_path / "gains.hdf5"), "--steps", "1200", "--eval-every", "1200",
+               "--warmup", "50", "--lr", "1e-3", "--batch-size", "64", "--context-len", "5", "--eval-episodes", "4",
+               "--targets", "1000,30", "--out", str(tmp_path / "run")])
     ev = [m for m in read_metrics(tmp_path / "run") if "eval" in m][-1]["eval"]
-    high, low = ev["1000"]["return_mean"], ev["50"]["return_mean"]
-    print(f"dataset mean {mean_return:.1f}, target 1000 -> {high:.1f}, target 50 -> {low:.1f}")
-    assert high > 1.5 * low and high > 1.5 * mean_return
+    high, low = ev["1000"]["return_mean"], ev["30"]["return_mean"]
+    print(f"dataset mean {returns.mean():.1f}, target 1000 -> {high:.1f}, target 30 -> {low:.1f}")
+    assert high > 3 * low and high > 1.5 * returns.mean()
 
 
 # ============================================================================ paper-comparable runs (issue 9)
 # action_loss of the first 6 steps of a tiny run (hf_tiny, tiny_hdf5, lambda 0), as the code before the
-# task table gave them (commit 2b9cacf): the refactor must not move a MuJoCo run by one bit.
+# task table gave them (commit 2b9cacf) on one machine. Compared within 1e-6 relative, not bit for bit:
+# another CPU's kernels round differently (an AVX-512 host: 1.9e-7 relative on the first loss, the
+# largest seen), while one-line changes to the MuJoCo path move them by 1.8e-6 (embed_ln or ln_f eps
+# 1e-5 -> 1e-6) to 3e-2 (timestep + 1); TEST-NOTES lists them. Changes below float32's resolution here
+# (the GPT-2 blocks' eps) are caught in float64 by the parity and token tests instead.
+PIN_RTOL = 1e-6
 PINNED = {"linear": [0.32108521461486816, 0.31066858768463135, 0.32103079557418823, 0.32055598497390747,
                      0.2982567250728607, 0.320565402507782],
           "mlp": [0.12472877651453018, 0.1218414157629013, 0.12182515114545822, 0.12720726430416107,
@@ -503,7 +738,36 @@ def test_mujoco_losses_pinned(embed, hf_tiny, tiny_hdf5, tmp_path):
     lamo.main(["--data", str(tiny_hdf5), "--pretrained", str(folder), "--lm-coef", "0", "--embed", embed,
                "--steps", "6", "--log-every", "1", "--eval-every", "6", "--eval-episodes", "1", "--targets", "100",
                "--out", str(tmp_path / "r")])
-    assert [m["action_loss"] for m in read_metrics(tmp_path / "r") if "action_loss" in m] == PINNED[embed]
+    losses = [m["action_loss"] for m in read_metrics(tmp_path / "r") if "action_loss" in m]
+    assert len(losses) == len(PINNED[embed])
+    rel = np.abs(np.array(losses) / np.array(PINNED[embed]) - 1)
+    assert rel.max() < PIN_RTOL, f"relative differences to the pinned losses: {rel.tolist()}"
+
+
+def test_learning_rate_schedules_by_hand():
+    """Steps: linear warm-up then constant. Tokens (official Atari): linear warm-up to lr, then
+    0.5 (1 + cos(pi p)) with p the progress from warmup_tokens to final_tokens, never below 10%."""
+    steps = lamo.Config(lr=1e-3, warmup=4, warmup_tokens=0.0)
+    assert [lamo.learning_rate(steps, i, 0) for i in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    tok = lamo.Config(lr=1e-3, warmup=1, warmup_tokens=100.0, final_tokens=1100.0)
+    got = [lamo.learning_rate(tok, 99, t) for t in (0, 50, 100, 350, 600, 850, 1100, 5000)]
+    assert got == pytest.approx([0, 5e-4, 1e-3, 8.535534e-4, 5e-4, 1.464466e-4, 1e-4, 1e-4], rel=1e-6)
+
+
+def test_summary_rule_by_hand():
+    """summary.json's numbers: per target the final and best score and the mean over evaluations after
+    80% of the steps; the headline is the best target by that mean. The paper's protocol (an evaluation
+    every 2,500 of 100k steps) gives the last 8."""
+    import runs
+    history = [{"step": 10 * i, "eval": {"100": {"score_mean": float(i), "return_mean": 2.0 * i},
+                                         "50": {"score_mean": 20.0 if i <= 8 else i - 4.0, "return_mean": 1.0}}}
+               for i in range(1, 11)]
+    s = runs.summarize(history, 100)
+    assert s["targets"]["100"] == {"final": 10, "best": 10, "last20": 9.5, "last20_return": 19, "n_last20": 2}
+    assert s["targets"]["50"] == {"final": 6, "best": 20, "last20": 5.5, "last20_return": 1, "n_last20": 2}
+    assert (s["headline"], s["headline_target"]) == (9.5, "100")
+    paper = [{"step": 2500 * i, "eval": {"1": {"score_mean": 0.0, "return_mean": 0.0}}} for i in range(1, 41)]
+    assert runs.summarize(paper, 100_000)["targets"]["1"]["n_last20"] == 8
 
 
 def test_task_defaults_from_the_official_scripts():
@@ -516,6 +780,19 @@ def test_task_defaults_from_the_official_scripts():
     assert lamo.resolve(lamo.Config(env="hopper-medium-v2", lm_coef=0.1)).lm_coef == 0.1
     with pytest.raises(LamoError, match="unknown task 'hopper-v9'; known: hopper-medium-v2"):
         lamo.resolve(lamo.Config(env="hopper-v9"))
+
+
+def test_scores_and_scales_by_hand():
+    """Normalised scores from REFERENCE.md's reference returns, worked by hand; return-to-go scales."""
+    cases = {"hopper-medium-v2": ([3234.3, -20.272305, 1607.0138475], [100, 0, 50]),
+             "walker2d-medium-v2": ([4592.3, 1.629008], [100, 0]),
+             "halfcheetah-medium-v2": ([12135.0, -280.178953, 5927.4105235], [100, 0, 50]),
+             "kitchen-complete-v2": ([0, 1, 2, 4], [0, 25, 50, 100]),
+             "breakout-medium": ([31.8, 1.7, 16.75], [100, 0, 50])}
+    for name, (returns, scores) in cases.items():
+        assert np.allclose(tasks.get_task(name).score(returns), scores, rtol=0, atol=1e-8), name
+    assert [tasks.get_task(n).rtg_scale for n in ("hopper-medium-v2", "kitchen-partial-v2", "breakout-medium")] \
+        == [1000, 1, 1]
 
 
 class ConstantPolicy(torch.nn.Module):
@@ -561,15 +838,57 @@ def test_dt_preset_relu_and_eps(hf_tiny):
 
 def test_embeddings_stay_fp32_under_bf16():
     """Returns-to-go 3000 and 3001 (scale 1000) must give different tokens in a bf16 run; bf16's step
-    at 3.0 is 1/64, so an embedding inside autocast would see the same input twice."""
+    at 3.0 is 1/64, so an embedding inside autocast would see the same input twice. Checked inside the
+    model's own forward (hooks), where the body's autocast is."""
     m = lamo.build_model(lamo.resolve(lamo.Config(model="dt", embed="mlp")), HOPPER, precision="bf16").eval()
     states, actions, steps = torch.zeros(2, 1, 11), torch.zeros(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
     rtg = torch.tensor([3.000, 3.001]).view(2, 1, 1)
-    tokens = m.embed(states, actions, rtg, steps)
-    assert tokens.dtype == torch.float32 and not torch.equal(tokens[0], tokens[1])
+    seen = {}
+    hook = lambda name: (lambda mod, inp, out: seen.__setitem__(name, out))
+    for name in ("embed_return", "embed_state", "embed_action", "embed_timestep", "embed_ln"):
+        getattr(m, name).register_forward_hook(hook(name))
+    m.gpt.h[0].attn.c_attn.register_forward_hook(hook("body"))
+    out = m(states, actions, rtg, steps)
+    assert all(seen[k].dtype == torch.float32 for k in seen if k != "body"), {k: v.dtype for k, v in seen.items()}
+    assert not torch.equal(seen["embed_return"][0], seen["embed_return"][1])
+    assert not torch.equal(seen["embed_ln"][0], seen["embed_ln"][1])
+    assert seen["body"].dtype == torch.bfloat16                        # the body does run in bf16
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):   # what the test guards against
         assert torch.equal(*m.embed_return(rtg))
-    assert torch.isfinite(m(states, actions, rtg, steps)).all()   # the bf16 body runs
+
+
+@pytest.mark.parametrize("embed", ["linear", "mlp"])
+def test_mujoco_tokens_and_head_by_hand(embed):
+    """The MuJoCo/Kitchen token sequence and action head, written out in float64 from the weights:
+    per timestep R, s, a; embed_ln (eps 1e-5) over the stacked tokens, then the timestep embedding; no
+    wpe; the action read from the s token's hidden state; mlp: fc2(GELU_erf(fc1 x)) + fc1 x and a
+    Linear-GELU-Linear head without tanh; linear: Linear and a Linear + tanh head."""
+    m32 = dt_model(5, embed=embed)
+    m = copy.deepcopy(m32).double()
+    g = torch.Generator().manual_seed(0)
+    B, K = 2, 4
+    s, a = torch.randn(B, K, 11, generator=g, dtype=torch.float64), torch.randn(B, K, 3, generator=g, dtype=torch.float64)
+    r, t = torch.rand(B, K, 1, generator=g, dtype=torch.float64), torch.tensor([[0, 1, 2, 3], [500, 501, 502, 503]])
+    F = torch.nn.functional
+    lin = lambda layer, x: x @ layer.weight.T + layer.bias
+    emb = (lambda mod, x: lin(mod, x)) if embed == "linear" else \
+        (lambda mod, x: lin(mod.fc2, 0.5 * lin(mod.fc1, x) * (1 + torch.erf(lin(mod.fc1, x) / 2 ** 0.5))) + lin(mod.fc1, x))
+    with torch.no_grad():
+        stacked = torch.stack([emb(m.embed_return, r), emb(m.embed_state, s), emb(m.embed_action, a)], 2).reshape(B, 3 * K, -1)
+        mu, var = stacked.mean(-1, keepdim=True), stacked.var(-1, unbiased=False, keepdim=True)
+        tokens = (stacked - mu) / torch.sqrt(var + 1e-5) * m.embed_ln.weight + m.embed_ln.bias
+        tokens = tokens + m.embed_timestep.weight[t].repeat_interleave(3, 1)
+        assert (m.embed(s, a, r, t) - tokens).abs().max() < 1e-12
+        # The head, on the body's output at the s_t tokens (the forward casts to float32 after the body).
+        h = m32.gpt.body(tokens.float())[:, 1::3]
+        head = m32.predict_action
+        if embed == "linear":
+            want = torch.tanh(lin(head[0], h))
+        else:
+            x = lin(head[0], h)
+            want = lin(head[2], 0.5 * x * (1 + torch.erf(x / 2 ** 0.5)))
+        assert (m32(s.float(), a.float(), r.float(), t) - want).abs().max() < 1e-5
 
 
 # ============================================================================ Kitchen (issue 10)
@@ -579,15 +898,26 @@ KITCHEN = tasks.get_task("kitchen-complete-v2")
 @pytest.fixture(scope="session")
 def tiny_minari(tmp_path_factory):
     """A 3-episode Minari dataset recorded by minari's own DataCollector in FrankaKitchen-v1 (random
-    actions, 30 steps), in a temporary MINARI_DATASETS_PATH; -> (dataset id, what was recorded)."""
+    actions, 30 steps), in a temporary MINARI_DATASETS_PATH; -> (dataset id, what was recorded).
+    Random actions complete no subtask, so a wrapper under the collector sets each step's reward
+    (0 to 3, as if that many subtasks were done): a loader that zeroed or shifted them would show."""
     import gymnasium as gym
     import gymnasium_robotics
     from minari import DataCollector
     mp = pytest.MonkeyPatch()
     mp.setenv("MINARI_DATASETS_PATH", str(tmp_path_factory.mktemp("minari")))
     gym.register_envs(gymnasium_robotics)
-    env = DataCollector(gym.make("FrankaKitchen-v1", tasks_to_complete=list(tasks.KITCHEN_TASKS["complete"]),
-                                 max_episode_steps=30), record_infos=False)
+
+    class SetRewards(gym.Wrapper):
+        rng = np.random.default_rng(0)
+
+        def step(self, action):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            return obs, float(self.rng.integers(0, 4)), terminated, truncated, info
+
+    env = DataCollector(SetRewards(gym.make("FrankaKitchen-v1", max_episode_steps=30,
+                                            tasks_to_complete=list(tasks.KITCHEN_TASKS["complete"]))),
+                        record_infos=False)
     env.action_space.seed(0)
     recorded = []
     for ep in range(3):
@@ -616,7 +946,7 @@ def test_minari_loader_matches_the_collector(tiny_minari):
     for t, r in zip(trajs, recorded, strict=True):
         assert len(t["observations"]) == len(t["actions"]) == len(r["actions"]) == 30   # T+1 obs -> T
         assert np.allclose(t["observations"], r["observations"]) and np.allclose(t["actions"], r["actions"])
-        assert t["rewards"].sum() == r["rewards"].sum()
+        assert np.array_equal(t["rewards"], r["rewards"]) and r["rewards"].sum() > 10   # step by step
     folder = Path(files[0]).parent.parent                      # a dataset folder works like its id
     assert all(np.array_equal(a["actions"], b["actions"]) for a, b in zip(KITCHEN.load(str(folder))[0], trajs))
     env = KITCHEN.make_env(5)
@@ -635,7 +965,7 @@ def test_kitchen_end_to_end(tiny_minari, hf_tiny, tiny_txt, tmp_path):
     assert summary["paper"] == {"mean": 64.2, "std": 5.3, "table": "Table 1"}   # the paper's cell for this run
     assert all(m["lm_loss"] > 0 for m in read_metrics(out) if "lm_loss" in m)   # lambda 0.1 by default
     ev = [m for m in read_metrics(out) if "eval" in m][-1]["eval"]
-    assert all(e["score_mean"] == 25 * e["return_mean"] for e in ev.values())   # 100 * return / 4
+    assert all(e["score_mean"] == pytest.approx(25 * e["return_mean"]) for e in ev.values())   # 100 * return / 4
 
 
 def test_kitchen_errors(tiny_minari, monkeypatch):

@@ -209,17 +209,35 @@ def test_commands_and_worker_environments(tmp_path):
     assert sweep.lamo_args(run, run_dir, ["--steps", "10"], "proj") == ["--resume", str(run_dir)]
     (run_dir / "summary.json").write_text("{}")
     assert sweep.run_state(run_dir) == "done"
-    # 3 workers on 2 GPUs: round-robin; the cores split 3 ways
+    # 3 workers on 2 GPUs: round-robin
     envs = [sweep.child_env(slot, 3, ["0", "1"]) for slot in range(3)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
-    cores = len(os.sched_getaffinity(0))
-    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, cores // 3))}
     assert "CUDA_VISIBLE_DEVICES" not in sweep.child_env(0, 1, [])
+    cores = len(os.sched_getaffinity(0))
     # a value given twice is one run, not two processes writing one folder
     cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 0.1], ["dt", "dt"])
     assert [r.name for r in sweep.make_runs(cells, [0, 0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f0.1_dt_s1"]
     assert sweep.child_env(0, 1, [])["MKL_NUM_THREADS"] == str(cores)
+
+
+def test_threads_split_by_hand(monkeypatch):
+    """On 8 cores: --jobs 1, 2, 3, 8, 16 give each run 8, 4, 2, 1, 1 threads (whole cores, at least 1)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for jobs, threads in {1: "8", 2: "4", 3: "2", 8: "1", 16: "1"}.items():
+        env = sweep.child_env(jobs - 1, jobs, [])
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads, jobs
+
+
+def test_runs_are_seed_major_and_ties_go_to_the_higher_target():
+    cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"])
+    assert [r.name for r in sweep.make_runs(cells, [0, 1])] == [
+        "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f1_dt_s0",
+        "hopper-medium-v2_f0.1_dt_s1", "hopper-medium-v2_f1_dt_s1"]
+    # a tie between targets goes to the higher one, by value (120 > 90, though "90" > "120" as text)
+    tie = sweep.cell_result([summary(t90=50, t120=50), summary(t90=40, t120=40)])
+    assert (tie["target"], tie["mean"], tie["std"]) == ("120", 45, 5)
+    assert sweep.cell_result([summary(t90=51, t120=50)])["target"] == "90"
 
 
 def summary(**last20) -> dict:
