@@ -461,12 +461,7 @@ def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt)
     r = subprocess.run([sys.executable, "lamo.py", *common, "--steps", "40", "--out", str(a)],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    expected = {"config.json", "subset.json", "metrics.jsonl", "ckpt.pt", "summary.json"}
-    try:
-        import matplotlib  # noqa: F401
-        expected.add("curve.png")
-    except ImportError:
-        pass
+    expected = {"config.json", "subset.json", "metrics.jsonl", "ckpt.pt", "summary.json", "curve.png"}
     assert expected <= {p.name for p in a.iterdir()}
     assert "headline" in r.stdout and json.loads((a / "summary.json").read_text())["step"] == 40
     evals = [m for m in read_metrics(a) if "eval" in m]
