@@ -854,7 +854,7 @@ def main(argv=None):
                                     f"--resume {folder} or choose another --out")
         print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(cfgs[0]).items()), width=110,
                             initial_indent="config   ", subsequent_indent=" " * 9))
-        resume = bool(cfg.resume)
+        resume = bool(given.get("resume"))
         if len(cfgs) == 1:
             return train(cfgs[0], folders[0], resume)
         print(f"pack     {len(cfgs)} runs in lockstep: " + ", ".join(map(str, folders)))
