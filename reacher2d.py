@@ -294,8 +294,12 @@ def record(act, cfg: PPOConfig, batch_envs: int = 40, max_tries: int = 200) -> t
             raise LamoError(f"only {len(kept)} of {tried} episodes had a return > {cfg.min_return:g}; "
                             f"lower --min-return or train further (--target-return)")
         b = run_episodes(envs, act)
-        tried += batch_envs
-        for e in np.flatnonzero(b["rewards"].sum(0) > cfg.min_return)[:cfg.episodes - len(kept)]:
+        for e, ret in enumerate(b["rewards"].sum(0)):
+            if len(kept) == cfg.episodes:
+                break
+            tried += 1
+            if ret <= cfg.min_return:
+                continue
             kept.append({  # test.py's dict: float64 states, float32 actions, (100, 1) rewards/terminals
                 "observations": b["obs"][:, e].astype(np.float64),              # (100, 12)
                 "next_observations": b["next_obs"][:, e].astype(np.float64),    # (100, 12)

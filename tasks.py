@@ -178,7 +178,7 @@ def atari_task(game: str) -> Task:
 REACHER_LAMO = replace(MUJOCO_LAMO, context_len=5)
 REACHER_DT = replace(MUJOCO_DT, context_len=5)
 REACHER = Task(
-    name="reacher2d-medium", source=f"the authors' Drive folder {reacher2d.DRIVE}",
+    name="reacher2d-medium", source="$LAMO_CACHE/reacher2d/reacher2d-medium-v2.pkl",  # no URL exists
     loader=reacher2d.load, env=reacher2d.make_env, gym_id="Reacher2dEnv (reacher2d.py)",
     obs_shape=(12,), act_dim=2, discrete=False, episode_len=100, max_timestep=100,
     rtg_scale=10.0, targets=(76, 40), ref_min=0.0, ref_max=100.0,

@@ -69,6 +69,7 @@ def test_reward_is_one_inside_the_l1_band(offset, reward):
 
 
 def test_actions_are_clipped():
+    """Out-of-range actions act as their clipped value (step clips; the motors' ctrlrange would too)."""
     a, b = reacher2d.Reacher2dEnv(), reacher2d.Reacher2dEnv()
     a.reset(seed=3), b.reset(seed=3)
     assert np.array_equal(a.step(np.array([5.0, -7.0]))[0], b.step(np.array([1.0, -1.0]))[0])
@@ -189,6 +190,9 @@ def test_generator_filters_and_stops_at_the_target(tmp_path):
     rng = np.random.default_rng(0)
     kept, tried = reacher2d.record(lambda obs: rng.uniform(-1, 1, (len(obs), 2)), cfg, batch_envs=8)
     assert len(kept) == 4 and tried > 4 and all(e["rewards"].sum() > 0 for e in kept)
+    everything = reacher2d.record(lambda obs: np.zeros((len(obs), 2)), replace(cfg, min_return=-1, episodes=3),
+                                  batch_envs=2)
+    assert [len(everything[0]), everything[1]] == [3, 3]                  # tried counts what it looked at
     with pytest.raises(LamoError, match=r"^only 0 of 2 episodes had a return > 100; lower --min-return"):
         reacher2d.record(lambda obs: np.zeros((len(obs), 2)), replace(cfg, min_return=100, episodes=1),
                          batch_envs=2, max_tries=1)
