@@ -70,7 +70,7 @@ class Reacher2dEnv(MujocoEnv):
         self.do_simulation(action, self.frame_skip)
         tip, tar = self._tip_and_target()
         dist = np.abs(tip - tar).sum()                 # L1, not Euclidean, as the official code
-        reward = 1.0 if dist < 0.1 else 0.0            # the dense term -0.1 * dist is commented out there
+        reward = 1.0 if dist < 0.1 else 0.0            # official: the dense -0.1 * dist commented out
         if self.render_mode == "human":
             self.render()
         return self._get_obs(), reward, False, False, {"reward_bonus": reward, "dist": dist}
@@ -233,7 +233,8 @@ def mean_return(policy, cfg: PPOConfig, envs, gen) -> float:
     """The "medium" test: eval_episodes episodes sampled as test.py records them (std collect_std),
     from the same seeded starts at every check, so checks compare policies, not luck."""
     seeds = 1_000_000 + np.arange(len(envs))
-    return float(run_episodes(envs, sampler(policy, cfg.collect_std, gen), seeds)["rewards"].sum(0).mean())
+    episodes = run_episodes(envs, sampler(policy, cfg.collect_std, gen), seeds)
+    return float(episodes["rewards"].sum(0).mean())
 
 
 def train_medium(cfg: PPOConfig) -> tuple[ActorCritic, dict]:
@@ -266,7 +267,8 @@ def train_medium(cfg: PPOConfig) -> tuple[ActorCritic, dict]:
         bar.update(cfg.update_every)
         if step % cfg.check_every == 0:
             ret = mean_return(old, cfg, eval_envs, gen)
-            history.append({"step": step, "std": std, "train_return": float(train_return), "eval_return": ret})
+            history.append({"step": step, "std": std, "train_return": float(train_return),
+                            "eval_return": ret})
             bar.set_postfix(std=std, train=f"{train_return:.1f}", eval=f"{ret:.1f}")
             tqdm.write(f"step {step}: std {std:g}, mean return {train_return:.1f} (training), "
                        f"{ret:.1f} (std {cfg.collect_std:g}, the medium test)")
@@ -274,8 +276,9 @@ def train_medium(cfg: PPOConfig) -> tuple[ActorCritic, dict]:
                 bar.close()
                 return old, {"steps": step, "eval_return": ret, "history": history}
     bar.close()
-    best = max(history, key=lambda h: h["eval_return"], default={"eval_return": float("nan"), "step": 0})
-    raise LamoError(f"PPO did not reach --target-return {cfg.target_return:g} in {cfg.train_steps} steps "
+    best = max(history, key=lambda h: h["eval_return"], default={"eval_return": np.nan, "step": 0})
+    raise LamoError(f"PPO did not reach --target-return {cfg.target_return:g} in {cfg.train_steps} "
+                    f"steps "
                     f"(best {best['eval_return']:.1f} at step {best['step']}); lower --target-return "
                     f"or raise --train-steps")
 

@@ -35,7 +35,7 @@ def fingertip(q1, q2):
     """By hand from the MJCF: the shoulder body is turned 0.785 rad about z, its link is 0.6 long;
     the elbow body turns back by 0.785; the fingertip site sits 0.45 along the elbow link."""
     a = 0.785 + q1
-    return np.array([0.6 * np.cos(a) + 0.45 * np.cos(q1 + q2), 0.6 * np.sin(a) + 0.45 * np.sin(q1 + q2)])
+    return 0.6 * np.array([np.cos(a), np.sin(a)]) + 0.45 * np.array([np.cos(q1 + q2), np.sin(q1 + q2)])
 
 
 def test_model_and_observation_layout():
@@ -81,9 +81,11 @@ def test_reset_distribution_and_seeding():
         obs, _ = env.reset(seed=seed)
         goal = obs[8:10]
         assert 0.5 <= np.linalg.norm(goal) <= 1.0 and np.array_equal(goal, env.goal)  # the annulus
-        assert np.all(np.abs(env.data.qpos) <= 2.0) and np.all(env.data.qvel == 0) and np.all(obs[4:6] == 0)
+        assert np.all(np.abs(env.data.qpos) <= 2.0) and np.all(env.data.qvel == 0)
+        assert np.all(obs[4:6] == 0)
     first = env.reset(seed=7)[0]
-    assert np.array_equal(first, env.reset(seed=7)[0]) and not np.array_equal(first, env.reset(seed=8)[0])
+    assert np.array_equal(first, env.reset(seed=7)[0])
+    assert not np.array_equal(first, env.reset(seed=8)[0])
 
 
 def test_no_termination_in_100_steps():
@@ -100,7 +102,8 @@ def test_no_termination_in_100_steps():
 def official_episodes(n=3, seed=0):
     """test.py's layout: a list of dicts, rewards and terminals (100, 1), next_observations kept."""
     rng = np.random.default_rng(seed)
-    return [{"observations": rng.normal(size=(100, 12)), "next_observations": rng.normal(size=(100, 12)),
+    return [{"observations": rng.normal(size=(100, 12)),
+             "next_observations": rng.normal(size=(100, 12)),
              "actions": rng.normal(size=(100, 2)).astype(np.float32),
              "rewards": (rng.uniform(size=(100, 1)) < 0.3).astype(np.float64),
              "terminals": np.zeros((100, 1), dtype=bool)} for _ in range(n)]
@@ -115,7 +118,8 @@ def test_loader_reads_the_official_pickle_and_hdf5(tmp_path):
     for t, e in zip(trajs, episodes, strict=True):
         assert t["rewards"].shape == t["terminals"].shape == (100,)       # the trailing axis dropped
         assert t["observations"].shape == (100, 12) and t["actions"].shape == (100, 2)
-        assert np.allclose(t["observations"], e["observations"]) and t["rewards"].sum() == e["rewards"].sum()
+        assert np.allclose(t["observations"], e["observations"])
+        assert t["rewards"].sum() == e["rewards"].sum()
     with h5py.File(tmp_path / "r.hdf5", "w") as f:                      # D4RL's layout, 3 x 100 steps
         for k in ("observations", "actions", "rewards", "terminals"):
             f[k] = np.concatenate([e[k] for e in episodes]).squeeze()
@@ -145,7 +149,8 @@ def test_ppo_pieces_by_hand():
     assert np.allclose(reacher2d.discounted_returns(np.array([0.0, 1.0, 0.0, 1.0]), 0.5),
                        [0.625, 1.25, 0.5, 1.0])
     cfg = reacher2d.PPOConfig()
-    stds = [reacher2d.action_std(s, cfg) for s in (0, 249_999, 250_000, 500_000, 2_250_000, 2_500_000, 3e6)]
+    steps = (0, 249_999, 250_000, 500_000, 2_250_000, 2_500_000, 3_000_000)
+    stds = [reacher2d.action_std(s, cfg) for s in steps]
     assert stds == [0.6, 0.6, 0.55, 0.5, 0.15, 0.1, 0.1]
     policy = reacher2d.ActorCritic(12, 2)
     x = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
@@ -190,12 +195,11 @@ def test_generator_filters_and_stops_at_the_target(tmp_path):
     rng = np.random.default_rng(0)
     kept, tried = reacher2d.record(lambda obs: rng.uniform(-1, 1, (len(obs), 2)), cfg, batch_envs=8)
     assert len(kept) == 4 and tried > 4 and all(e["rewards"].sum() > 0 for e in kept)
-    everything = reacher2d.record(lambda obs: np.zeros((len(obs), 2)), replace(cfg, min_return=-1, episodes=3),
-                                  batch_envs=2)
-    assert [len(everything[0]), everything[1]] == [3, 3]                  # tried counts what it looked at
-    with pytest.raises(LamoError, match=r"^only 0 of 2 episodes had a return > 100; lower --min-return"):
-        reacher2d.record(lambda obs: np.zeros((len(obs), 2)), replace(cfg, min_return=100, episodes=1),
-                         batch_envs=2, max_tries=1)
+    still = lambda obs: np.zeros((len(obs), 2))
+    everything = reacher2d.record(still, replace(cfg, min_return=-1, episodes=3), batch_envs=2)
+    assert [len(everything[0]), everything[1]] == [3, 3]          # tried counts what it looked at
+    with pytest.raises(LamoError, match=r"^only 0 of 2 episodes had a return > 100; lower --min"):
+        reacher2d.record(still, replace(cfg, min_return=100, episodes=1), batch_envs=2, max_tries=1)
     tiny = reacher2d.PPOConfig(train_steps=400, update_every=200, epochs=1, check_every=200,
                                eval_episodes=2, target_return=101)   # a return above 100 is impossible
     with pytest.raises(LamoError, match=r"^PPO did not reach --target-return 101 in 400 steps \(best "):
@@ -219,13 +223,14 @@ def test_lamo_end_to_end_on_generated_data(tmp_path):
 
 
 def test_task_entry_and_table1():
-    assert (REACHER.rtg_scale, REACHER.targets, REACHER.episode_len, REACHER.max_timestep) == (10, (76, 40), 100, 100)
+    assert (REACHER.rtg_scale, REACHER.targets) == (10, (76, 40))
+    assert (REACHER.episode_len, REACHER.max_timestep) == (100, 100)
     assert REACHER.score([0, 36, 100]).tolist() == [0, 36, 100]
-    lamo_cfg = lamo.resolve(lamo.Config(env="reacher2d-medium"))
-    assert (lamo_cfg.context_len, lamo_cfg.steps, lamo_cfg.embed, lamo_cfg.lm_coef) == (5, 100_000, "mlp", 0)
-    assert (lamo_cfg.lr, lamo_cfg.weight_decay, lamo_cfg.warmup, lamo_cfg.eval_episodes) == (1e-4, 1e-5, 2500, 20)
+    c = lamo.resolve(lamo.Config(env="reacher2d-medium"))
+    assert (c.context_len, c.steps, c.embed, c.lm_coef) == (5, 100_000, "mlp", 0)       # run.sh
+    assert (c.lr, c.weight_decay, c.warmup, c.eval_episodes) == (1e-4, 1e-5, 2500, 20)
     assert lamo.resolve(lamo.Config(env="reacher2d-medium", model="dt")).context_len == 5
-    cells = {frac: (tasks.PAPER["reacher2d-medium", frac, "lamo"][:2], tasks.PAPER["reacher2d-medium", frac, "dt"][:2])
+    cells = {frac: tuple(tasks.PAPER["reacher2d-medium", frac, model][:2] for model in ("lamo", "dt"))
              for frac in (0.1, 0.3, 1.0)}
     assert cells == {0.1: ((12.4, 3.8), (2.3, 1.5)), 0.3: ((31.2, 7.6), (6.4, 2.6)),
                      1.0: ((33.0, 8.3), (22.8, 6.0))}
