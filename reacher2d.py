@@ -129,10 +129,12 @@ class PPOConfig:
     std_min: float = 0.1               # ... down to this
     # "Medium" (our choice; the official code keeps no record of which checkpoint it used):
     # train.py overwrites its checkpoint every 1e5 steps, so we test the policy there and stop at
-    # the first checkpoint whose mean return over eval_episodes reaches target_return.
+    # the first checkpoint whose mean return over eval_episodes reaches target_return. The default
+    # is what this recipe reaches: on seed 0 its test return stays between 0.1 and 2.5 from 100k
+    # to 3M steps (3 x a random policy's 0.6; REACHER-NOTES.md); the > 20 filter then makes the data.
     check_every: int = 100_000
     eval_episodes: int = 40
-    target_return: float = 30.0
+    target_return: float = 2.0
     collect_std: float = 0.1           # test.py samples with action_std = 0.1, whatever the checkpoint
     min_return: float = 20.0           # test.py keeps an episode if its return is > 20 ...
     episodes: int = 49                 # ... until it has 49 (`ep` counts from 1 to 50): 4,900 steps
@@ -158,8 +160,8 @@ class ActorCritic(nn.Module):
 def run_episodes(envs, act, seeds=None) -> dict[str, np.ndarray]:
     """All envs in lockstep for EPISODE_LEN steps; act(obs (E, 12)) -> actions (E, 2).
     -> time-major arrays: obs, next_obs (T, E, 12), actions (T, E, 2), rewards (T, E)."""
-    obs = np.stack([env.reset(seed=None if seeds is None else int(s))[0]
-                    for env, s in zip(envs, seeds if seeds is not None else [None] * len(envs))])
+    seeds = [None] * len(envs) if seeds is None else [int(s) for s in seeds]   # None: continue
+    obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
     out = {"obs": [], "next_obs": [], "actions": [], "rewards": []}
     for _ in range(EPISODE_LEN):
         a = act(obs)                                                         # (E, 2), unclipped
