@@ -7,7 +7,7 @@ baseline. lamo.py holds no per-task branch: it reads these fields. Adding a task
 TASKS (plus a loader in data.py if its file format is new); README walks through the Kitchen entry.
 
 "Official code" is srzer/LaMo-2023; a value's source is in the comment beside it.
-Imports run one way: data <- tasks <- runs <- lamo <- bench, sweep.
+Imports run one way: data <- reacher2d <- tasks <- runs <- lamo <- bench, sweep.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 import data
+import reacher2d
 from data import LamoError
 
 
@@ -167,9 +168,25 @@ def atari_task(game: str) -> Task:
         # right-padded (causality hides the padding, so no attention mask); AdamW's default eps.
         wpe=True, timestep_before_ln=True, pad_right=True, adam_eps_pretrained=1e-8)
 
+
+# ----------------------------------------------------------------------------- Reacher2d (the official env)
+# The official experiment.py's reacher2d branch: max_ep_len 100 (also the timestep table), targets
+# 76, 40, return scale 10; its env's get_normalized_score is return / 100 (0 random, 100 expert).
+# run.sh: K 5 for reacher2d (20 otherwise), lr 1e-4, wd 1e-5, warm-up 2500, MLP embeddings, LoRA,
+# 40 x 2500 = 100k steps (the paper's App. D says 37.5k; the code wins), 20 episodes per target.
+# run.sh picks K by env, not by model, and no DT script ships: the DT baseline takes K 5 too.
+REACHER_LAMO = replace(MUJOCO_LAMO, context_len=5)
+REACHER_DT = replace(MUJOCO_DT, context_len=5)
+REACHER = Task(
+    name="reacher2d-medium", source="$LAMO_CACHE/reacher2d/reacher2d-medium-v2.pkl",  # no URL exists
+    loader=reacher2d.load, env=reacher2d.make_env, gym_id="Reacher2dEnv (reacher2d.py)",
+    obs_shape=(12,), act_dim=2, discrete=False, episode_len=100, max_timestep=100,
+    rtg_scale=10.0, targets=(76, 40), ref_min=0.0, ref_max=100.0,
+    score_name="normalised score (return / 100)", lamo=REACHER_LAMO, dt=REACHER_DT)
+
 TASKS = {t.name: t for t in [mujoco_task(e, d) for e in MUJOCO
                              for d in ("medium", "medium-replay", "medium-expert", "expert")]
-         + [kitchen_task(d) for d in KITCHEN_TASKS] + [atari_task(g) for g in ATARI]}
+         + [kitchen_task(d) for d in KITCHEN_TASKS] + [REACHER] + [atari_task(g) for g in ATARI]}
 
 
 def get_task(name: str) -> Task:
@@ -180,8 +197,9 @@ def get_task(name: str) -> Task:
 
 # ----------------------------------------------------------------------------- the paper's numbers
 # Published scores, (mean, std) over 3 seeds, keyed by (task, data ratio); not measured by us.
-# MuJoCo and Kitchen: D4RL normalised score; Atari: human-normalised score. The paper ran Kitchen on
-# D4RL's kitchen-*-v0, we on Minari's v2 re-recording (comparable in kind, not bit for bit).
+# MuJoCo and Kitchen: D4RL normalised score; Reacher2d: return / 100; Atari: human-normalised score.
+# The paper ran Kitchen on D4RL's kitchen-*-v0, we on Minari's v2 re-recording (comparable in kind,
+# not bit for bit); Reacher2d on the authors' unpublished data (ours is regenerated, reacher2d.py).
 PAPER_TABLES = {
     "Table 3": {  # MuJoCo medium: (LaMo, DT)
         ("hopper-medium-v2", 1.0): ((74.1, 5.3), (60.9, 3.3)),
@@ -197,13 +215,16 @@ PAPER_TABLES = {
         ("walker2d-medium-v2", 0.01): ((74.5, 4.7), (38.9, 9.3)),
         ("walker2d-medium-v2", 0.1): ((70.4, 4.2), (70.2, 7.5)),
     },
-    "Table 1": {  # Kitchen: (LaMo, DT)
+    "Table 1": {  # Kitchen and Reacher2d: (LaMo, DT)
         ("kitchen-partial-v2", 1.0): ((46.6, 5.3), (33.8, 14.5)),
         ("kitchen-partial-v2", 0.01): ((11.6, 3.0), (0.9, 0.9)),
         ("kitchen-partial-v2", 0.1): ((35.1, 5.2), (22.6, 6.8)),
         ("kitchen-complete-v2", 1.0): ((64.2, 5.3), (52.8, 3.7)),
         ("kitchen-complete-v2", 0.3): ((45.9, 2.9), (31.5, 4.5)),
         ("kitchen-complete-v2", 0.5): ((50.6, 6.1), (36.6, 5.1)),
+        ("reacher2d-medium", 1.0): ((33.0, 8.3), (22.8, 6.0)),
+        ("reacher2d-medium", 0.1): ((12.4, 3.8), (2.3, 1.5)),
+        ("reacher2d-medium", 0.3): ((31.2, 7.6), (6.4, 2.6)),
     },
     "Table 2": {  # Atari: (LaMo, DT)
         ("breakout-medium", 1.0): ((473.4, 195.6), (402.8, 147.6)),

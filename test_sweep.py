@@ -171,9 +171,11 @@ def test_table3_dry_run_lists_the_72_runs(tmp_path, monkeypatch, capsys):
     # Kitchen: GPT-2 medium for the paper's LaMo cells Complete 30% and Partial 100% only
     monkeypatch.chdir(tmp_path)
     assert sweep.main(["--grid", "table1", "--dry-run"]) == 0
-    kitchen = capsys.readouterr().out.splitlines()
+    table1 = [line for line in capsys.readouterr().out.splitlines() if "python lamo.py" in line]
+    kitchen = [line for line in table1 if "--env kitchen-" in line]
     medium = [line for line in kitchen if "--pretrained gpt2-medium" in line]
-    assert len([line for line in kitchen if "python lamo.py" in line]) == 36 and len(medium) == 6
+    assert len(kitchen) == 36 and len(medium) == 6
+    assert len(table1) == 36 + 18 == len(kitchen) + len([ln for ln in table1 if "--env reacher2d-" in ln])
     assert all("--model lamo" in line and ("complete-v2 --frac 0.3 " in line or
                                            "partial-v2 --frac 1.0 " in line) for line in medium)
 
