@@ -258,7 +258,7 @@ def train_medium(cfg: PPOConfig) -> tuple[ActorCritic, dict]:
     for i, env in enumerate(envs):                 # seeded once; later resets continue each stream
         env.reset(seed=cfg.seed * 100_000 + i)
     step, history = 0, []
-    bar = tqdm(total=cfg.train_steps, desc="PPO on Reacher2d", unit="step", unit_scale=True)
+    bar = data.progress(total=cfg.train_steps, desc="PPO on Reacher2d", unit="step", unit_scale=True)
     while step < cfg.train_steps:
         std, keep = action_std(step, cfg), {}
         batch = run_episodes(envs, sampler(old, std, gen, keep))
@@ -293,7 +293,8 @@ def record(act, cfg: PPOConfig, batch_envs: int = 40, max_tries: int = 200) -> t
     for i, env in enumerate(envs):
         env.reset(seed=cfg.seed * 100_000 + 50_000 + i)     # a stream apart from training's
     kept, tried = [], 0
-    bar = tqdm(total=cfg.episodes, desc="recording episodes > {:g}".format(cfg.min_return), unit="ep")
+    bar = data.progress(total=cfg.episodes, desc=f"recording episodes > {cfg.min_return:g}",
+                        unit="ep")
     while len(kept) < cfg.episodes:
         if tried >= max_tries * cfg.episodes:
             raise LamoError(f"only {len(kept)} of {tried} episodes had a return > {cfg.min_return:g}; "
