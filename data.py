@@ -76,7 +76,8 @@ def dataset_sha256(path: Path) -> str:
     return known[str(path)]["sha256"]
 
 
-LOG_SECONDS = float(os.environ.get("LAMO_LOG_SECONDS", 30))   # log-file progress lines at most this often
+# A progress line in a log file at most this often (and every `miniters` updates, if rarer).
+LOG_SECONDS = float(os.environ.get("LAMO_LOG_SECONDS", 30))
 
 
 class LineProgress(tqdm):
@@ -115,7 +116,7 @@ def progress(*args, **kwargs) -> tqdm:
 
 @contextlib.contextmanager
 def locked(dest: Path):
-    """An exclusive lock on `dest.lock` (flock; on a shared filesystem too, where it supports it), so
+    """An exclusive lock on `dest.lock` (flock; on a shared filesystem too, where it has flock), so
     two processes (two shards of a sweep) never write one `.part` at once: the second waits and then
     finds the file complete."""
     lock = dest.with_name(dest.name + ".lock")
@@ -463,7 +464,8 @@ def lm_tokens(corpus: str = "") -> np.ndarray:
         tok = gpt2_tokenizer()
         tmp = out.with_name(out.name + ".part")
         with open(tmp, "wb") as f:
-            for ids in progress(encode_chunked(tok, text), desc=f"tokenising {out.stem}", unit="MB"):
+            for ids in progress(encode_chunked(tok, text), desc=f"tokenising {out.stem}",
+                                unit="MB"):
                 f.write(ids.astype(np.uint16).tobytes())
         tmp.rename(out)
     return np.memmap(out, dtype=np.uint16, mode="r")

@@ -85,7 +85,7 @@ class Config:
     warmup_tokens: Optional[float] = flag(None, "> 0: warm up over this many action tokens instead (official Atari)")
     final_tokens: Optional[float] = flag(None, "with --warmup-tokens: cosine decay to 10%% at this many tokens")
     grad_clip: Optional[float] = flag(None, "global gradient-norm clip")
-    seed: int = flag(0, "training seed (init, batches, dropout); several train as one pack (pack.py)")
+    seed: int = flag(0, "training seed (init, batches, dropout); several: one pack (pack.py)")
     # evaluation
     eval_every: Optional[int] = flag(None, "evaluate (and checkpoint) every this many steps")
     eval_episodes: Optional[int] = flag(None, "episodes per target")
@@ -611,7 +611,8 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
           f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | embed {cfg.embed} | "
           f"layers {body.n_layer}, d {body.n_embd}, {cfg.activation} | lambda {cfg.lm_coef}\n"
           f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
-          f"device   {device} ({device_name(device)}) | precision {cfg.precision} | run folder {folder}")
+          f"device   {device} ({device_name(device)}) | precision {cfg.precision}\n"
+          f"folder   {folder}")
     return run
 
 

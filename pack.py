@@ -2,11 +2,11 @@
 
     python lamo.py --env hopper-medium-v2 --frac 0.1 --seed 0 1 2 --out hop    # hop/s0 hop/s1 hop/s2
 
-The runs of one table cell differ only in their seeds, and for LaMo only in what trains (LoRA, the
-c_attn bias, embeddings and heads: a few million parameters each); the frozen GPT-2 body is the
-same. (Runs may also differ in --frac and --frac-seed.) A pack keeps every run a run -- built by lamo.start_run exactly as it would be alone, with its
-own data subset and batcher, batch RNG, gradient clip (its own norm), NaN check, run folder and
-checkpoint -- and shares only the step: each parameter of the R models is stacked along a leading
+The runs of one table cell differ only in their seeds (a pack also takes other --frac and
+--frac-seed), and for LaMo only in what trains (LoRA, the c_attn bias, embeddings and heads: a few
+million parameters each); the frozen GPT-2 body is the same. A pack keeps every run a run -- built
+by lamo.start_run exactly as it would be alone, with its own data subset and batcher, batch RNG,
+gradient clip (its own norm), NaN check, run folder and checkpoint -- and shares only the step: each parameter of the R models is stacked along a leading
 run axis (a frozen tensor equal in every run is kept once), every run's module then holds views of
 those stacks, and torch.func.vmap runs lamo's own single-run forward over the run axis through
 functional_call. So the frozen matmuls see all R x B windows at once, and the model section of
@@ -37,7 +37,8 @@ from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoi
 PER_RUN = {"seed", "frac", "frac_seed", "out", "resume"}
 # vmap has no batching rule for the CPU's fused attention kernel and loops over the runs there
 # (bench.py measures what packs gain or lose; on CUDA, the GPU check).
-warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
+warnings.filterwarnings(
+    "ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
 class Pack:
@@ -69,12 +70,14 @@ class Pack:
         """lamo's DecisionTransformer.forward, once per run, batched over the run axis."""
         def one(params, *batch):
             return functional_call(self.template, {**self.shared, **params}, batch)
-        return vmap(one, randomness="different")(self.stacked, states, actions, rtg, timesteps, mask)
+        batch = (states, actions, rtg, timesteps, mask)
+        return vmap(one, randomness="different")(self.stacked, *batch)
 
     def lm_losses(self, lm_loss, blocks, precision: str) -> torch.Tensor:   # (R, B, T+1) -> (R,)
         """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias)."""
         def one(params, block):
-            weights = {k[4:]: v for k, v in {**self.shared, **params}.items() if k.startswith("gpt.")}
+            weights = {k.removeprefix("gpt."): v for k, v in {**self.shared, **params}.items()
+                       if k.startswith("gpt.")}
             return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)), block,
                            precision)
         return vmap(one, randomness="different")(self.stacked, blocks)
@@ -93,7 +96,8 @@ class Pack:
         """Stack the runs' AdamW states (from their checkpoints, on --resume) into the pack's."""
         per_run = [dict(zip(self.trainable_of(run), run.params)) for run in self.runs]
         for name in self.trainable:
-            states = [run.optimizer.state.get(params[name]) for run, params in zip(self.runs, per_run)]
+            states = [run.optimizer.state.get(params[name])
+                      for run, params in zip(self.runs, per_run)]
             if any(s is None for s in states):
                 continue                                 # a new pack: no state yet
             self.optimizer.state[self.stacked[name]] = {
@@ -122,7 +126,8 @@ def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, di
     -> (R, 4): action loss, LM loss, grad norm, non-finite flag; on the device, no sync."""
     b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
     pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask)
-    loss_action = vmap(functools.partial(lamo.action_loss, discrete=discrete))(pred, b.actions, b.mask)
+    per_run_loss = vmap(functools.partial(lamo.action_loss, discrete=discrete))
+    loss_action = per_run_loss(pred, b.actions, b.mask)                          # (R,)
     loss_lm = (pack.lm_losses(lamo.lm_loss, torch.stack(lm_blocks), pack.template.precision)
                if lm_blocks is not None else torch.zeros_like(loss_action))
     loss = loss_action + cfg.lm_coef * loss_lm                                   # (R,)
@@ -222,5 +227,6 @@ def train(runs: list[Run], lamo) -> list[dict]:
                 raise SystemExit(130)
     bar.close()
     if len(stopped) == R:
-        raise LamoError("every run of the pack went NaN/inf; their last good checkpoints are intact")
+        raise LamoError("every run of the pack went NaN/inf; their last good checkpoints are "
+                        "intact")
     return [finish(run) for r, run in enumerate(runs) if r not in stopped]

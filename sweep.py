@@ -254,7 +254,8 @@ def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str 
                     shutil.rmtree(run_dir)      # lamo.py refuses a non-empty --out
                 # --gpus: each run is told to train on CUDA, so a run that sees no GPU fails
                 # at once instead of training GPT-2 on the CPU for days (device auto would).
-                args = lamo_args(run, run_dir, lamo_flags, wandb) + (["--device", "cuda"] if gpus else [])
+                args = lamo_args(run, run_dir, lamo_flags, wandb)
+                args += ["--device", "cuda"] if gpus else []
                 proc = launch(args, sweep_dir / "logs" / f"{run.name}.log",
                               child_env(slot, jobs, gpus))
                 running[proc] = (run, slot, time.time())
@@ -467,9 +468,10 @@ def visible_gpus(indices: list[str]) -> list[str]:
     CUDA_VISIBLE_DEVICES=5,7, --gpus 1 is GPU 7, never someone else's GPU 1."""
     if not indices:
         return []
-    count = torch.cuda.device_count()          # honours CUDA_VISIBLE_DEVICES; starts no CUDA context
+    count = torch.cuda.device_count()        # honours CUDA_VISIBLE_DEVICES; starts no CUDA context
     parent = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [g.strip() for g in parent.split(",")] if parent is not None else [str(i) for i in range(count)]
+    ids = ([g.strip() for g in parent.split(",")] if parent is not None
+           else [str(i) for i in range(count)])
     for g in indices:
         if not g.isdigit() or int(g) >= count:
             seen = f"indices 0..{count - 1}" if count else "none; drop --gpus to run on the CPU"
