@@ -108,11 +108,16 @@ def test_precision_is_resolved_once_and_saved(fake_gpu, tiny_hdf5, tmp_path, mon
 def test_no_tf32_on_any_cuda_device(fake_gpu, monkeypatch, name):
     """Defect 5: TF32 went on globally for the exact string 'cuda' (so --precision fp32 was not
     fp32) and stayed off for 'cuda:1'. Now fp32 is IEEE fp32 on every device."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert lamo.pick_device(name) == torch.device(name)
-    assert torch.backends.cuda.matmul.allow_tf32 is False
-    assert torch.backends.cudnn.allow_tf32 is False
+    # Set and put back by hand: these are properties of torch's backend modules, which pytest's
+    # monkeypatch (9.2) records as absent and then fails to delete.
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert lamo.pick_device(name) == torch.device(name)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_device_errors_are_one_line(monkeypatch):
