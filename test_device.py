@@ -105,7 +105,7 @@ def test_precision_is_resolved_once_and_saved(fake_gpu, tiny_hdf5, tmp_path, mon
 
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:1"])
-def test_no_tf32_on_any_cuda_device(fake_gpu, monkeypatch, name):
+def test_no_tf32_on_any_cuda_device(fake_gpu, name):
     """Defect 5: TF32 went on globally for the exact string 'cuda' (so --precision fp32 was not
     fp32) and stayed off for 'cuda:1'. Now fp32 is IEEE fp32 on every device."""
     # Set and put back by hand: these are properties of torch's backend modules, which pytest's
