@@ -83,7 +83,7 @@ if (report / "bench.json").exists():
                f"{b['sample_loop_ms']:.2f} / {b['sample_vectorised_ms']:.3f}", ""),
               ("Atari batch sampling ms, official loop / ours",
                f"{b['atari_sample_loop_ms']:.0f} / {b['atari_sample_vectorised_ms']:.1f}", "")]
-    table += [(f"LaMo training steps/s at B={B} ({int(B) // 64}x the tokens of one run)", f"{v:.3g}", "")
+    table += [(f"LaMo training steps/s at B={B} ({int(B) / 64:g}x the tokens of one run)", f"{v:.3g}", "")
               for B, v in b["train_steps_per_s_by_batch"].items()]
     table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs", f"{b[k]:.3g}",
                gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import warnings
 
 import torch
@@ -210,9 +211,11 @@ def train(runs: list[Run], lamo) -> list[dict]:
                 for r, (run, log) in enumerate(zip(runs, logs)):
                     if r in stopped:
                         continue
+                    t0 = time.perf_counter()
                     evaluation = lamo.evaluate(run.model, cfg, run.task, run.batcher.state_mean,
                                                run.batcher.state_std, device)
-                    run.history.append({"step": step, "eval": evaluation})
+                    run.history.append({"step": step, "eval": evaluation,
+                                        "eval_s": round(time.perf_counter() - t0, 3)})
                     log.evaluation(run.history[-1])
                     save(r)
             bar.update(1)
