@@ -22,11 +22,10 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import lamo
 import pack
-from data import TrajectoryBatcher
+from data import TrajectoryBatcher, progress
 from gpt2_loader import VOCAB_SIZE
 from tasks import get_task
 
@@ -169,7 +168,7 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     returns, lengths = run(episodes)
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
-    seq = [run([e])[0][0] for e in tqdm(episodes, desc="eval one at a time")]
+    seq = [run([e])[0][0] for e in progress(episodes, desc="eval one at a time")]
     t_seq = time.perf_counter() - t0
     assert np.array_equal(returns, np.array(seq)), "batched and one-at-a-time evaluation disagree"
     t_env, env_returns = time_env_alone(max_steps, episodes, lengths)
