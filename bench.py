@@ -88,13 +88,29 @@ def timed(fn, n, device, warmup=1):
     return (time.perf_counter() - t0) / n
 
 
+def new_model(cfg, device):
+    """A freshly built model for cfg at its default precision, with its AdamW. -> (model, params,
+    optimizer)"""
+    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
+    return (model, *lamo.make_optimizer(model, cfg, device))
+
+
+def measured(fn, device) -> tuple:
+    """fn()'s result and the peak GPU memory it took (None off CUDA); its memory freed after."""
+    peak_gb(device)
+    result = fn()
+    peak = peak_gb(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result, peak
+
+
 def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
     """Steps/s of lamo.train_step on one freshly built model, freed on return (so the next variant
     is measured without this one's memory)."""
     torch.manual_seed(0)
-    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
+    model, params, opt = new_model(cfg, device)
     fwd = torch.compile(model) if cfg.compile else model
-    params, opt = lamo.make_optimizer(model, cfg, device)
     lm_block = (torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
                 if cfg.lm_coef else None)
     step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size), lm_block,
@@ -110,11 +126,8 @@ def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
     warmup = (2 if cfg.compile else 1) if device.type == "cuda" else 0
     out = {"train_warmup_steps": warmup}
     for key, c in (("", cfg), ("_with_lm", replace(cfg, lm_coef=0.1)), ("_dt", dt_cfg)):
-        peak_gb(device)
-        out["train_steps_per_s" + key] = train_steps_per_s(c, device, batcher, steps, warmup)
-        out["train_peak_gpu_gb" + key] = peak_gb(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        out["train_steps_per_s" + key], out["train_peak_gpu_gb" + key] = measured(
+            lambda: train_steps_per_s(c, device, batcher, steps, warmup), device)
     return out
 
 
@@ -125,8 +138,7 @@ def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup) -> float:
     members = []
     for seed in range(R):
         torch.manual_seed(0)
-        model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
-        params, opt = lamo.make_optimizer(model, cfg, device)
+        model, params, opt = new_model(cfg, device)
         members.append(pack.Run(replace(cfg, seed=seed), HOPPER, None, device, model, params, opt,
                                 batcher, None, None, {}))
     p = pack.Pack(members)
@@ -143,11 +155,8 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     out = {}
     for name, cfg in (("lamo", lamo_cfg), ("dt", dt_cfg)):
         for R in sizes:
-            peak_gb(device)
-            out[f"pack_{name}_{R}"] = pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup)
-            out[f"pack_{name}_{R}_peak_gpu_gb"] = peak_gb(device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            out[f"pack_{name}_{R}"], out[f"pack_{name}_{R}_peak_gpu_gb"] = measured(
+                lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup), device)
     return out
 
 
@@ -251,8 +260,7 @@ def profile_tables(cfg, device, batcher, n_episodes, top=15) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     torch.manual_seed(0)
-    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
-    params, opt = lamo.make_optimizer(model, cfg, device)
+    model, params, opt = new_model(cfg, device)
     step = lambda: lamo.train_step(model, model, opt, params, batcher.sample(cfg.batch_size), None,
                                    cfg, False)
     K = cfg.context_len
@@ -320,9 +328,9 @@ def main(argv=None):
     res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
     res.update(bench_atari_sampling(device))
     # (b) evaluation, then (a) training, each with its own peak GPU memory
-    peak_gb(device)
-    res.update(bench_eval(eval_cfg, device, a.eval_episodes, max_steps))
-    res["eval_peak_gpu_gb"] = peak_gb(device)
+    evaluation, res["eval_peak_gpu_gb"] = measured(
+        lambda: bench_eval(eval_cfg, device, a.eval_episodes, max_steps), device)
+    res.update(evaluation)
     res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
     warmup = res["train_warmup_steps"]
     sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])

@@ -145,18 +145,22 @@ def run_state(run_dir: Path) -> str:
     return "restart" if run_dir.exists() else "new"
 
 
-def lamo_args(run: Run, run_dir: Path, lamo_flags: list[str], wandb: str | None) -> list[str]:
+def lamo_args(run: Run, run_dir: Path, lamo_flags: list[str], wandb: str | None,
+              cuda: bool = False) -> list[str]:
     """lamo.py's arguments for this run. A resumed run gets only --resume: its config.json holds
-    every flag it started with (and lamo.py refuses changes to most of them)."""
+    every flag it started with (and lamo.py refuses changes to most of them). cuda (--gpus): the
+    run is told to train on CUDA, resumed or not, so a run that sees no GPU fails at once instead
+    of training GPT-2 on the CPU for days (device auto would)."""
+    device = ["--device", "cuda"] if cuda else []
     if run_state(run_dir) == "resume":
-        return ["--resume", str(run_dir)]
+        return ["--resume", str(run_dir), *device]
     args = ["--env", run.cell.task, "--frac", str(run.cell.frac), "--seed", str(run.seed),
             "--model", run.cell.model, "--out", str(run_dir)]
     # The sweep's own lamo flags come after the cell's, so that they win (argparse keeps the last).
     args += [*run.cell.flags, *lamo_flags]
     if wandb:
         args += ["--wandb", wandb, "--wandb-group", run.cell.name]
-    return args
+    return args + device
 
 
 def threads_per_job(jobs: int) -> int:
@@ -252,10 +256,7 @@ def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str 
                 run_dir = sweep_dir / run.name
                 if run_state(run_dir) == "restart":
                     shutil.rmtree(run_dir)      # lamo.py refuses a non-empty --out
-                # --gpus: each run is told to train on CUDA, so a run that sees no GPU fails
-                # at once instead of training GPT-2 on the CPU for days (device auto would).
-                args = lamo_args(run, run_dir, lamo_flags, wandb)
-                args += ["--device", "cuda"] if gpus else []
+                args = lamo_args(run, run_dir, lamo_flags, wandb, cuda=bool(gpus))
                 proc = launch(args, sweep_dir / "logs" / f"{run.name}.log",
                               child_env(slot, jobs, gpus))
                 running[proc] = (run, slot, time.time())
@@ -516,8 +517,7 @@ def main(argv=None) -> int:
     print(f"sweep {sweep_dir}{shard_note}: {len(runs)} runs: {counts}")
     if args.dry_run:
         for run, state in states.items():
-            run_args = lamo_args(run, sweep_dir / run.name, lamo_flags, args.wandb) + \
-                (["--device", "cuda"] if gpus else [])
+            run_args = lamo_args(run, sweep_dir / run.name, lamo_flags, args.wandb, cuda=bool(gpus))
             print(f"  {state:<8} python lamo.py {shlex.join(run_args)}")
         return 0
 
