@@ -28,6 +28,7 @@ import pack
 from data import TrajectoryBatcher, progress
 from gpt2_loader import VOCAB_SIZE
 from tasks import get_task
+from workers import Envs, default_workers
 
 HOPPER = get_task("hopper-medium-v2")
 OBS_DIM = HOPPER.obs_shape[0]
@@ -160,15 +161,22 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     return out
 
 
-def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
-    """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
-    action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
+def still_model(cfg, device):
+    """A random model for evaluations whose action head is zeroed, so its hopper does nothing and
+    lasts ~140 steps; LoRA merged, as lamo.evaluate does."""
     torch.manual_seed(0)
-    model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device).eval()
+    model = new_model(cfg, device)[0].eval()
     with torch.no_grad():
         for p in model.predict_action[-2 if cfg.embed == "linear" else -1].parameters():
             p.zero_()
     model.gpt.merge()
+    return model
+
+
+def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
+    """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
+    action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
+    model = still_model(cfg, device)
     targets = [float(t) for t in HOPPER.targets]
     episodes = [(targets[i % len(targets)], 10_000 + i) for i in range(n_episodes)]
     zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
@@ -187,6 +195,28 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
             "eval_sequential_env_steps_per_s": steps / t_seq, "eval_env_alone_env_steps_per_s": steps / t_env,
             "forward_ms_per_episode_batch_1": time_forward(model, 1, cfg.context_len, device) * 1e3,
             "forward_ms_per_episode_batched": time_forward(model, n_episodes, cfg.context_len, device) * 1e3}
+
+
+def bench_eval_workers(cfg, device, n_episodes, max_steps, counts) -> dict:
+    """Env-steps/s of the batched evaluation with its envs stepped by 1 and by N worker processes
+    (--eval-workers); returns checked equal. A worker pool starts once per run, so its start-up
+    is timed apart."""
+    model = still_model(cfg, device)
+    targets = [float(t) for t in HOPPER.targets]
+    episodes = [(targets[i % len(targets)], 10_000 + i) for i in range(n_episodes)]
+    zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
+    out, first = {}, None
+    for n in counts:
+        t0 = time.perf_counter()
+        with Envs(HOPPER, n) as envs:
+            out[f"eval_workers_{n}_start_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            returns, lengths = lamo.rollout(model, HOPPER, episodes, zeros, ones, cfg.context_len,
+                                            device, max_steps, envs)
+            out[f"eval_workers_{n}_env_steps_per_s"] = lengths.sum() / (time.perf_counter() - t0)
+        first = returns if first is None else first
+        assert np.array_equal(first, returns), f"{n} workers returned other returns than {counts[0]}"
+    return out
 
 
 @torch.inference_mode()
@@ -302,6 +332,9 @@ def main(argv=None):
     p.add_argument("--packs", type=int, nargs="*", default=None,
                    help="pack sizes R for run-steps/s of packs (default: gpu 1 4 8 16, cpu none; "
                         "a LaMo step is ~20 s per run on 2 CPU cores)")
+    p.add_argument("--eval-workers", type=int, nargs="*", default=None,
+                   help="worker-process counts for the evaluation's envs (default: 1 and the "
+                        "cores available, or 2)")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     device = lamo.pick_device(a.device)
@@ -331,6 +364,8 @@ def main(argv=None):
     evaluation, res["eval_peak_gpu_gb"] = measured(
         lambda: bench_eval(eval_cfg, device, a.eval_episodes, max_steps), device)
     res.update(evaluation)
+    counts = a.eval_workers or [1, max(2, default_workers())]
+    res.update(bench_eval_workers(eval_cfg, device, a.eval_episodes, max_steps, counts))
     res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
     warmup = res["train_warmup_steps"]
     sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
@@ -358,6 +393,9 @@ def main(argv=None):
             ("  model forward ms per episode, batch of 1", f"{res['forward_ms_per_episode_batch_1']:.2f}"),
             (f"  model forward ms per episode, batch of {a.eval_episodes}", f"{res['forward_ms_per_episode_batched']:.2f}"),
             ("  peak GPU memory GB", gb("eval_peak_gpu_gb")),
+            *((f"eval env-steps/s, {a.eval_episodes} episodes batched, {n} worker process"
+               f"{'es' if n > 1 else ''} (pool start {res[f'eval_workers_{n}_start_s']:.1f} s)",
+               f"{res[f'eval_workers_{n}_env_steps_per_s']:.0f}") for n in counts),
             ("eval env-steps/s, env stepping alone, no model (MuJoCo's floor)", f"{res['eval_env_alone_env_steps_per_s']:.0f}"),
             ("  ceiling on that ratio: one at a time / env alone", f"{res['ratio_eval_ceiling']:.1f}x"),
             ("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),

@@ -41,13 +41,13 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
 step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider test_cuda.py
-step bench 240 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
+step bench 270 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 1000 --max-steps 1000 \
     --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"
-step slice 180 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
+step slice 150 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
     --device cuda --steps 2000 --eval-every 1000 --log-every 100 --out "$WORK/slice"
 cp "$WORK/slice/curve.png" "$REPORT/slice_curve.png" 2>/dev/null
 
@@ -87,6 +87,9 @@ if (report / "bench.json").exists():
               for B, v in b["train_steps_per_s_by_batch"].items()]
     table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs", f"{b[k]:.3g}",
                gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]
+    table += [(f"evaluation env-steps/s, {b['eval_episodes']} episodes, {k.split('_')[2]} env "
+               f"worker processes", f"{b[k]:.0f}", "") for k in b
+              if k.startswith("eval_workers_") and k.endswith("_env_steps_per_s")]
 metrics = work / "slice" / "metrics.jsonl"
 if metrics.exists():
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
@@ -108,6 +111,21 @@ if metrics.exists():
                    f"{eval_s:.1f}", ""),
                   ("hopper protocol extrapolated: 100k steps + 40 evaluations, hours", f"{hours:.2f}", ""),
                   ("  same if every episode ran its 1000 steps, hours", f"{worst:.2f}", "")]
+        # Table 3: 36 LaMo + 36 DT runs of 100k steps, 40 evaluations each at the slice's cost
+        # (LaMo's; DT's are cheaper). Training from bench.json: one run at a time, and as packs
+        # of the R with the most run-steps/s; evaluations are not counted as packed.
+        if (report / "bench.json").exists():
+            evals_h = 72 * 40 * eval_s / 3600
+            alone = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
+            best = {m: max((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
+                           and not k.endswith("_gb")) for m in ("lamo", "dt")}
+            if all(best.values()):
+                packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
+                table += [("Table 3 projected, one run at a time: training + evaluation, "
+                           "GPU-hours", f"{alone:.1f} + {evals_h:.1f}", ""),
+                          (f"Table 3 projected, packs of {best['lamo'][1]} LaMo / "
+                           f"{best['dt'][1]} DT runs: training + evaluation, GPU-hours",
+                           f"{packed:.1f} + {evals_h:.1f}", "")]
 if table:
     lines += ["", "| measurement | value | peak GPU GB |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in table]

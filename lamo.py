@@ -39,6 +39,7 @@ from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
 from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval, restore,
                   save_checkpoint)
 from tasks import Recipe, Task, get_task
+from workers import Envs, default_workers
 
 
 # ============================================================================ 1. config
@@ -92,6 +93,8 @@ class Config:
     targets: str = flag("", "comma-separated target returns; default: the paper's for the task")
     eval_seed: int = flag(10_000, "episode i of every evaluation resets its env with seed eval_seed + i")
     eval_max_steps: Optional[int] = flag(None, "cut evaluation episodes at this many steps; default: the task's")
+    eval_workers: int = flag(0, "processes stepping the evaluation envs; 0: one per 10 episodes, at most "
+                                "one per core (workers.py)")
     # run
     log_every: int = flag(100, "log losses every this many steps")
     device: str = flag("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
@@ -447,7 +450,8 @@ def build_model(cfg: Config, task: Task, precision: str = "fp32") -> DecisionTra
 # ============================================================================ 4. batched evaluation
 @torch.inference_mode()
 def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
-            max_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+            max_steps: int | None = None, envs: Envs | None = None,
+            runs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run every (target, seed) episode at once: one model forward per env step for all live
     episodes, over a rolling K-step window per episode (a finished episode's row is dropped).
     Left-padded tasks (DT's MuJoCo convention) start with K-1 masked padding slots, as the official
@@ -457,76 +461,103 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
     by batch size). Right-padded tasks (official Atari, with wpe) fill the window from slot 0 and
     read the newest slot, so positions match training. Continuous actions are clipped to the action
     space before env.step, as D4RL's NormalizedBoxEnv does; discrete ones are the argmax.
+    envs: where the envs step (workers.Envs; default: here, one after another). A pack's evaluation
+    passes runs, each episode's run, and its pack.Policy as model: each row through its own run's
+    weights; state_mean/state_std may then be one row per episode.
     Deviation: the official code evaluates one episode at a time. -> (returns, lengths) per episode."""
     N, T = len(episodes), max_steps or task.episode_len
-    envs = [task.make_env(T) for _ in range(N)]
-    obs = np.stack([env.reset(seed=seed)[0] for env, (_, seed) in zip(envs, episodes)])
-    normalise = (lambda o: o) if state_mean is None else (lambda o: (o - state_mean) / state_std)
+    own_envs = envs is None
+    envs = envs or Envs(task)
+    obs = envs.reset(T, [seed for _, seed in episodes])
+    if state_mean is not None:                                              # one row per episode
+        state_mean = np.broadcast_to(state_mean, (N, *task.obs_shape))
+        state_std = np.broadcast_to(state_std, (N, *task.obs_shape))
     S = torch.zeros(N, K, *task.obs_shape, device=device)                   # states
     A = torch.zeros(N, K, *(() if task.discrete else (task.act_dim,)), device=device,
                     dtype=torch.long if task.discrete else torch.float32)   # actions; 0 until taken
     R = torch.zeros(N, K, 1, device=device)                                 # returns-to-go / scale
     TS = torch.zeros(N, K, dtype=torch.long, device=device)                 # timesteps
     rtg = torch.tensor([tgt / task.rtg_scale for tgt, _ in episodes], device=device)   # (N,)
-    space = envs[0].action_space
+    space = envs.action_space
     returns, lengths = np.zeros(N), np.zeros(N, dtype=int)
     live = np.arange(N)                                                     # episode of each row
-    for t in range(T):
-        slot = t if task.pad_right and t < K else K - 1
-        if t >= (K if task.pad_right else 1):          # window full: drop the oldest step
-            for buf in (S, A, R, TS):
-                buf[:, :-1] = buf[:, 1:].clone()
-            A[:, -1] = 0
-        S[:, slot] = torch.as_tensor(normalise(obs), dtype=torch.float32, device=device)
-        R[:, slot, 0] = rtg
-        TS[:, slot] = min(t, task.max_timestep - 1)
-        left_pad = not task.pad_right and t < K - 1
-        mask = (torch.arange(K, device=device) >= K - 1 - t).float().expand(len(live), -1) if left_pad else None
-        out = model(S, A, R, TS, mask)[:, slot]                              # (n, act)
-        action = out.argmax(-1) if task.discrete else out
-        A[:, slot] = action
-        action = action.cpu().numpy()                                        # one host sync per env step
-        if not task.discrete:
-            action = np.clip(action, space.low, space.high)
-        steps = [envs[i].step(a) for i, a in zip(live, action)]
-        r = np.array([s[1] for s in steps])
-        returns[live] += r
-        lengths[live] += 1
-        going = np.array([not (s[2] or s[3]) for s in steps])
-        rtg = rtg - torch.as_tensor(r / task.rtg_scale, dtype=torch.float32, device=device)
-        live = live[going]
-        if len(live) == 0 or t + 1 == T:
-            break
-        if not going.all():                                                 # drop finished rows
-            keep = torch.as_tensor(going, device=device)
-            S, A, R, TS, rtg = S[keep], A[keep], R[keep], TS[keep], rtg[keep]
-        obs = np.stack([s[0] for s, g in zip(steps, going) if g])
-    for env in envs:
-        env.close()
+    try:
+        for t in range(T):
+            slot = t if task.pad_right and t < K else K - 1
+            if t >= (K if task.pad_right else 1):          # window full: drop the oldest step
+                for buf in (S, A, R, TS):
+                    buf[:, :-1] = buf[:, 1:].clone()
+                A[:, -1] = 0
+            if state_mean is not None:
+                obs = (obs - state_mean[live]) / state_std[live]
+            S[:, slot] = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            R[:, slot, 0] = rtg
+            TS[:, slot] = min(t, task.max_timestep - 1)
+            mask = None
+            if not task.pad_right and t < K - 1:           # left padding still in the window
+                mask = (torch.arange(K, device=device) >= K - 1 - t).float().expand(len(live), -1)
+            window = (S, A, R, TS, mask)
+            out = (model(*window) if runs is None else model(*window, runs[live]))[:, slot]
+            action = out.argmax(-1) if task.discrete else out                   # (n, act)
+            A[:, slot] = action
+            action = action.cpu().numpy()                                 # one host sync per env step
+            if not task.discrete:
+                action = np.clip(action, space.low, space.high)
+            obs, r, done = envs.step(live, action)
+            returns[live] += r
+            lengths[live] += 1
+            rtg = rtg - torch.as_tensor(r / task.rtg_scale, dtype=torch.float32, device=device)
+            going = ~done
+            live = live[going]
+            if len(live) == 0 or t + 1 == T:
+                break
+            if not going.all():                                             # drop finished rows
+                keep = torch.as_tensor(going, device=device)
+                S, A, R, TS, rtg = S[keep], A[keep], R[keep], TS[keep], rtg[keep]
+                obs = obs[going]
+    finally:
+        if own_envs:
+            envs.close()
     return returns, lengths
 
 
-def evaluate(model, cfg: Config, task: Task, state_mean, state_std, device) -> dict:
+def evaluate(model, cfg: Config, task: Task, state_mean, state_std, device,
+             envs: Envs | None = None) -> dict:
     """All targets x episodes in one batched rollout, LoRA merged. -> {target: return and score
     statistics over the episodes}."""
-    targets = parse_targets(cfg.targets)
-    episodes = [(tgt, cfg.eval_seed + i) for tgt in targets for i in range(cfg.eval_episodes)]
+    targets, episodes = eval_episodes(cfg)
     model.eval()
     model.gpt.merge()
     try:
         returns, lengths = rollout(model, task, episodes, state_mean, state_std, cfg.context_len,
-                                   device, cfg.eval_max_steps)
+                                   device, cfg.eval_max_steps, envs)
     finally:
         model.gpt.unmerge()
         model.train()
+    return eval_stats(returns, lengths, targets, task)
+
+
+def eval_episodes(cfg: Config) -> tuple[list[float], list[tuple[float, int]]]:
+    """-> the targets, and the (target, env seed) of each episode: --eval-episodes per target."""
+    targets = parse_targets(cfg.targets)
+    return targets, [(tgt, cfg.eval_seed + i) for tgt in targets for i in range(cfg.eval_episodes)]
+
+
+def eval_stats(returns, lengths, targets, task: Task) -> dict:
+    """Episodes ordered target by target (eval_episodes) -> {target: statistics}."""
     out = {}
-    for j, tgt in enumerate(targets):
-        rows = slice(j * cfg.eval_episodes, (j + 1) * cfg.eval_episodes)
-        r, s = returns[rows], task.score(returns[rows])
-        out[f"{tgt:g}"] = {"return_mean": r.mean(), "return_std": r.std(),
-                           "score_mean": s.mean(), "score_std": s.std(),
-                           "length_mean": lengths[rows].mean()}
+    for tgt, r, n in zip(targets, np.split(returns, len(targets)), np.split(lengths, len(targets))):
+        s = task.score(r)
+        out[f"{tgt:g}"] = {"return_mean": r.mean(), "return_std": r.std(), "score_mean": s.mean(),
+                           "score_std": s.std(), "length_mean": n.mean()}
     return {k: {m: float(v) for m, v in d.items()} for k, d in out.items()}
+
+
+def eval_envs(cfg: Config, task: Task, runs: int = 1) -> Envs:
+    """The evaluation's env pool, kept for the whole run: --eval-workers, or one worker per 10
+    episodes (fewer and the pipes cost more than the stepping saves) up to the cores available."""
+    episodes = runs * len(parse_targets(cfg.targets)) * cfg.eval_episodes
+    return Envs(task, cfg.eval_workers or max(1, min(default_workers(), episodes // 10)))
 
 
 # ============================================================================ 5. training
@@ -630,7 +661,7 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     bar = progress(total=cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    miniters=cfg.log_every)
     model.train()
-    with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log):
+    with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log), eval_envs(cfg, run.task) as envs:
         while run.step < cfg.steps:
             lr = learning_rate(cfg, run.step, run.schedule_tokens)
             for group in run.optimizer.param_groups:
@@ -647,8 +678,8 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 log.check_finite(sums)
                 t0 = time.perf_counter()
-                evaluation = evaluate(model, cfg, run.task, run.batcher.state_mean, run.batcher.state_std,
-                                      run.device)
+                evaluation = evaluate(model, cfg, run.task, run.batcher.state_mean,
+                                      run.batcher.state_std, run.device, envs)
                 run.history.append({"step": run.step, "eval": evaluation,
                                     "eval_s": round(time.perf_counter() - t0, 3)})
                 log.evaluation(run.history[-1])
@@ -672,7 +703,8 @@ def eval_only(cfg: Config, ckpt_path: Path) -> dict:
     task = get_task(cfg.env)
     model = build_model(cfg, task, resolve_precision(cfg.precision, device)).to(device)
     load_trainable(model, ckpt)
-    ev = evaluate(model, cfg, task, ckpt["state_mean"], ckpt["state_std"], device)
+    with eval_envs(cfg, task) as envs:
+        ev = evaluate(model, cfg, task, ckpt["state_mean"], ckpt["state_std"], device, envs)
     print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} episodes per target):")
     if ckpt["last_eval"] is not None:
         same = ev == ckpt["last_eval"]
@@ -682,8 +714,10 @@ def eval_only(cfg: Config, ckpt_path: Path) -> dict:
 
 
 # ============================================================================ 6. command line
-RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "wandb", "wandb_group"}
-EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "device", "precision"}
+RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "wandb", "wandb_group",
+                    "eval_workers"}
+EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "device", "precision",
+                  "eval_workers"}
 
 
 def parse_args(argv=None) -> tuple[Config, dict]:
@@ -700,12 +734,13 @@ def parse_args(argv=None) -> tuple[Config, dict]:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
         else:
             parser.add_argument(name, type=t, help=help, metavar=t.__name__.upper(),
-                                nargs="+" if f.name == "seed" else None)
+                                nargs="+" if f.name in pack.PER_RUN else None)
     given = vars(parser.parse_args(argv))   # unknown flags are an argparse error
-    if "seed" in given and len(given["seed"]) == 1:
-        given["seed"] = given["seed"][0]    # several stay a list: one pack of runs (main)
-    seed = given.get("seed", 0)
-    return Config(**{**given, "seed": seed[0] if isinstance(seed, list) else seed}), given
+    for k in pack.PER_RUN & given.keys():
+        if len(given[k]) == 1:
+            given[k] = given[k][0]           # several stay a list: one pack of runs (main)
+    first = {k: v[0] if isinstance(v, list) else v for k, v in given.items()}
+    return Config(**first), given
 
 
 def resolve(cfg: Config, given=()) -> Config:
@@ -818,12 +853,52 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
     return Config(**{**saved, **changed, "resume": "", "eval_only": ""}), src
 
 
-def pack_members(folder: Path) -> list[Path]:
-    """A pack's --out folder holds one run folder per seed: those not finished yet."""
-    members = sorted(p.parent for p in folder.glob("*/config.json"))
-    if not members:
-        raise LamoError(f"--resume {folder}: no ckpt.pt there, and no run folders of a pack")
-    return [m for m in members if not (m / "summary.json").exists()]
+def pack_members(folders: list[Path], extend: bool) -> list[Path]:
+    """--resume DIR... : run folders, or a pack's --out folder holding one run folder per run, of
+    which those not finished yet (all of them with extend: a new --steps)."""
+    members = []
+    for folder in folders:
+        inside = sorted(p.parent for p in folder.glob("*/config.json"))
+        if (folder / "ckpt.pt").exists():
+            members.append(folder)
+        elif inside:
+            members += [m for m in inside if extend or not (m / "summary.json").exists()]
+        else:
+            raise LamoError(f"--resume {folder}: no ckpt.pt there, and no run folders of a pack")
+    return members
+
+
+def pack_runs(cfg: Config, given: dict) -> list[tuple[Config, Path]]:
+    """The runs a new command asks for: each per-run flag (pack.PER_RUN) takes one value for every
+    run or one value per run, so `--seed 0 1 2` is three runs and `--frac 0.1 1 --seed 0 0` two.
+    With one --out and several runs, --out holds a folder per run, named by what differs."""
+    lists = {k: given[k] for k in pack.PER_RUN if isinstance(given.get(k), list)}
+    R = max(map(len, lists.values()), default=1)
+    for k, v in lists.items():
+        if len(v) != R:
+            longest = max(lists, key=lambda k: len(lists[k]))
+            raise LamoError(f"--{k.replace('_', '-')} has {len(v)} values and "
+                            f"--{longest.replace('_', '-')} {R}: give a per-run flag one value "
+                            f"for every run, or one per run")
+    cfgs = [replace(cfg, **{k: v[r] for k, v in lists.items()}) for r in range(R)]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    differ = [k for k in ("frac", "frac_seed", "seed") if k in lists]
+    short = {"frac": "f", "frac_seed": "fs", "seed": "s"}
+    def name(c):
+        return "_".join(f"{short[k]}{getattr(c, k):g}" for k in differ or ["seed"])
+    folders = [Path(c.out) if "out" in lists else
+               Path(cfg.out) / name(c) if cfg.out and R > 1 else
+               Path(cfg.out or f"runs/{c.env}-f{c.frac:g}-{c.model}-s{c.seed}-{stamp}")
+               for c in cfgs]
+    twice = [f for f in folders if folders.count(f) > 1]
+    if twice:
+        raise LamoError(f"two runs would share the run folder {twice[0]}: give each its own "
+                        f"--out, or other --seed/--frac/--frac-seed")
+    for folder in folders:
+        if folder.exists() and any(folder.iterdir()):
+            raise LamoError(f"run folder {folder} exists and is not empty; continue it with "
+                            f"--resume {folder} or choose another --out")
+    return [(replace(c, out=str(f)), f) for c, f in zip(cfgs, folders)]
 
 
 def main(argv=None):
@@ -832,35 +907,21 @@ def main(argv=None):
         if cfg.eval_only:
             cfg, src = load_saved_config(given)
             return eval_only(cfg, src)
-        seeds = given["seed"] if isinstance(given.get("seed"), list) else [cfg.seed]
-        if cfg.resume and not (Path(cfg.resume) / "ckpt.pt").exists():   # a pack's --out folder
-            folders = pack_members(Path(cfg.resume))
-            cfgs = [load_saved_config({**given, "resume": str(f)})[0] for f in folders]
-            if not cfgs:
-                raise LamoError(f"--resume {cfg.resume}: every run of this pack has finished")
-        elif cfg.resume:
-            cfg, folder = load_saved_config(given)
-            cfgs, folders = [cfg], [folder]
-        else:
-            cfg = resolve(cfg, given)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            cfgs = [replace(cfg, seed=seed) for seed in dict.fromkeys(seeds)]
-            # One seed: --out is the run folder. Several (a pack): --out holds one folder per seed.
-            folders = [Path(cfg.out) / f"s{c.seed}" if cfg.out and len(cfgs) > 1 else
-                       Path(cfg.out or f"runs/{c.env}-f{c.frac:g}-{c.model}-s{c.seed}-{stamp}")
-                       for c in cfgs]
-            for folder in folders:
-                if folder.exists() and any(folder.iterdir()):
-                    raise LamoError(f"run folder {folder} exists and is not empty; continue it with "
-                                    f"--resume {folder} or choose another --out")
-        print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(cfgs[0]).items()), width=110,
-                            initial_indent="config   ", subsequent_indent=" " * 9))
         resume = bool(given.get("resume"))
-        if len(cfgs) == 1:
-            return train(cfgs[0], folders[0], resume)
-        print(f"pack     {len(cfgs)} runs in lockstep: " + ", ".join(map(str, folders)))
-        return pack.train([start_run(c, f, resume) for c, f in zip(cfgs, folders)],
-                          sys.modules[__name__])
+        if resume:
+            folders = pack_members([Path(f) for f in pack.as_list(given["resume"])],
+                                   extend="steps" in given)
+            if not folders:
+                raise LamoError(f"--resume {cfg.resume}: every run there has finished")
+            runs = [(load_saved_config({**given, "resume": str(f)})[0], f) for f in folders]
+        else:
+            runs = pack_runs(resolve(cfg, given), given)
+        print(textwrap.fill("  ".join(f"{k}={v}" for k, v in asdict(runs[0][0]).items()), width=110,
+                            initial_indent="config   ", subsequent_indent=" " * 9))
+        if len(runs) == 1:
+            return train(*runs[0], resume)
+        print(f"pack     {len(runs)} runs in lockstep: " + ", ".join(str(f) for _, f in runs))
+        return pack.train([start_run(c, f, resume) for c, f in runs], sys.modules[__name__])
     except LamoError as e:
         sys.exit(f"error: {e}")
 

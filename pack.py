@@ -28,14 +28,20 @@ import functools
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
 from data import Batch, LamoError, progress
 from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoint
 
-# What may differ between the runs of a pack; everything else is one config.
+# What may differ between the runs of a pack; everything else is one config. On lamo.py's command
+# line each takes several values (one per run), and --resume several run folders.
 PER_RUN = {"seed", "frac", "frac_seed", "out", "resume"}
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 # vmap has no batching rule for the CPU's fused attention kernel and loops over the runs there
 # (bench.py measures what packs gain or lose; on CUDA, the GPU check).
 warnings.filterwarnings(
@@ -67,21 +73,40 @@ class Pack:
                                            fused=runs[0].device.type == "cuda")
         self.load_optimizer_states()
 
-    def forward(self, states, actions, rtg, timesteps, mask):       # each (R, B, K, ...)
-        """lamo's DecisionTransformer.forward, once per run, batched over the run axis."""
+    def forward(self, states, actions, rtg, timesteps, mask=None, params=None):  # (R, B, K, ...)
+        """lamo's DecisionTransformer.forward, once per run, batched over the run axis.
+        params: the stacked tensors to use (default: all runs'; fits() passes the first few)."""
         def one(params, *batch):
             return functional_call(self.template, {**self.shared, **params}, batch)
-        batch = (states, actions, rtg, timesteps, mask)
-        return vmap(one, randomness="different")(self.stacked, *batch)
+        batch = (states, actions, rtg, timesteps) + (() if mask is None else (mask,))
+        return vmap(one, randomness="different")(params or self.stacked, *batch)
 
-    def lm_losses(self, lm_loss, blocks, precision: str) -> torch.Tensor:   # (R, B, T+1) -> (R,)
-        """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias)."""
+    def policy(self, S, A, R, TS, mask, runs: np.ndarray):          # (n, K, ...), runs (n,)
+        """The pack as lamo.rollout's model: row i through the weights of run runs[i]. Rows come
+        grouped by run (ascending), a run's rows fewer as its episodes end; each run's rows go
+        into a (R, m, ...) block padded to the longest (padding rows are computed and dropped).
+        -> (n, K, act)."""
+        counts = np.bincount(runs, minlength=self.R)
+        m = int(counts.max())
+        first = np.cumsum(counts) - counts                   # each run's first row
+        slot = torch.as_tensor(runs * m + np.arange(len(runs)) - first[runs], device=S.device)
+
+        def padded(x, fill=0):                                                   # (n, ...) -> (R, m, ...)
+            out = x.new_full((self.R * m, *x.shape[1:]), fill)
+            out[slot] = x
+            return out.view(self.R, m, *x.shape[1:])
+        window = [padded(x) for x in (S, A, R, TS)] + ([] if mask is None else [padded(mask, 1)])
+        return self.forward(*window).flatten(0, 1)[slot]
+
+    def lm_losses(self, lm_loss, blocks, precision: str, params=None) -> torch.Tensor:
+        """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias).
+        (R, B, T+1) token ids -> (R,)."""
         def one(params, block):
             weights = {k.removeprefix("gpt."): v for k, v in {**self.shared, **params}.items()
                        if k.startswith("gpt.")}
             return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)), block,
                            precision)
-        return vmap(one, randomness="different")(self.stacked, blocks)
+        return vmap(one, randomness="different")(params or self.stacked, blocks)
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ per run: each run's gradients are scaled by its own
@@ -120,17 +145,24 @@ class Pack:
         return [n for n, p in run.model.named_parameters() if p.requires_grad]
 
 
+def losses(pack: Pack, batches: list[Batch], lm_blocks, cfg, lamo, discrete: bool, params=None):
+    """Each run's action loss and LM loss. -> two (R,) tensors."""
+    b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
+    pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
+    per_run_loss = vmap(functools.partial(lamo.action_loss, discrete=discrete))
+    loss_action = per_run_loss(pred, b.actions, b.mask)                          # (R,)
+    loss_lm = (pack.lm_losses(lamo.lm_loss, torch.stack(lm_blocks), pack.template.precision,
+                              params)
+               if lm_blocks is not None else torch.zeros_like(loss_action))
+    return loss_action, loss_lm
+
+
 def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, discrete: bool):
     """lamo.train_step for a pack: L_r = L_action,r + lambda L_LM,r for each run r, one backward
     of the sum (each run's parameters get only its own gradient), each run clipped by its own
     norm, one AdamW step. A run that has stopped (alive False) contributes nothing.
     -> (R, 4): action loss, LM loss, grad norm, non-finite flag; on the device, no sync."""
-    b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
-    pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask)
-    per_run_loss = vmap(functools.partial(lamo.action_loss, discrete=discrete))
-    loss_action = per_run_loss(pred, b.actions, b.mask)                          # (R,)
-    loss_lm = (pack.lm_losses(lamo.lm_loss, torch.stack(lm_blocks), pack.template.precision)
-               if lm_blocks is not None else torch.zeros_like(loss_action))
+    loss_action, loss_lm = losses(pack, batches, lm_blocks, cfg, lamo, discrete)
     loss = loss_action + cfg.lm_coef * loss_lm                                   # (R,)
     pack.optimizer.zero_grad(set_to_none=True)
     torch.where(alive, loss, 0.0).sum().backward()
@@ -138,6 +170,90 @@ def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, di
     pack.optimizer.step()
     return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm,
                         (~torch.isfinite(loss)).float()], 1)
+
+
+# ----------------------------------------------------------------------------- does it fit?
+def largest_pack(usable: float, allocated: float, R: int, run_bytes: float, adam_bytes: float,
+                 step1: float, step2: float) -> int:
+    """How many runs fit, from what a pack of R measured before its first step (all in bytes):
+    usable, the GPU memory this process can have; allocated, what it holds now (the shared body
+    once, R runs' parameters); run_bytes, one run's parameters; adam_bytes, one run's AdamW
+    state, not allocated yet (two fp32 moments per trainable number); step1 and step2, the
+    peak memory a forward and backward of one and of two runs added. Each run adds
+    run_bytes + adam_bytes + (step2 - step1); the step's own overhead is step1 - (step2 - step1).
+    -> the largest R' with allocated - R run_bytes + R' (run_bytes + adam_bytes) + step(R') <=
+    usable."""
+    per_run = run_bytes + adam_bytes + (step2 - step1)
+    fixed = allocated - R * run_bytes + step1 - (step2 - step1)
+    return max(0, int((usable - fixed) // per_run))
+
+
+def step_memory(pack: Pack, batches, lm_blocks, cfg, lamo, discrete: bool, r: int) -> float:
+    """Peak GPU bytes that a forward and backward of the pack's first r runs adds."""
+    device = pack.runs[0].device
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    params = {k: v[:r].detach().requires_grad_(v.requires_grad) for k, v in pack.stacked.items()}
+    loss_action, loss_lm = losses(pack, batches[:r], lm_blocks and lm_blocks[:r], cfg, lamo,
+                                  discrete, params)
+    (loss_action + cfg.lm_coef * loss_lm).sum().backward()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def out_of_memory(pack: Pack, batches, lm_blocks, cfg, lamo, discrete: bool) -> LamoError:
+    """The one-line error for a pack whose first step ran out of GPU memory: how many runs the
+    memory allows, measured on the pack's first one and two runs."""
+    device, R = pack.runs[0].device, pack.R
+    pack.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    try:
+        step1 = step_memory(pack, batches, lm_blocks, cfg, lamo, discrete, 1)
+        step2 = step_memory(pack, batches, lm_blocks, cfg, lamo, discrete, min(2, R))
+    except torch.OutOfMemoryError:
+        return LamoError(f"a pack of {R} runs ran out of GPU memory at its first step, and so "
+                         f"does one run alone: use a smaller model or --batch-size")
+    finally:
+        torch.cuda.empty_cache()
+    if R == 1:
+        step2 = 2 * step1                      # no second run to measure: assume it adds as much
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    # What this process may hold: the card's free memory and its own cache, under the cap of
+    # torch.cuda.set_per_process_memory_fraction if one is set.
+    usable = min(free + torch.cuda.memory_reserved(device),
+                 torch.cuda.get_per_process_memory_fraction(device) * total)
+    run_bytes = sum(v[0].numel() * v.element_size() for v in pack.stacked.values())
+    adam_bytes = sum(8 * pack.stacked[n][0].numel() for n in pack.trainable)
+    fits = largest_pack(usable, allocated, R, run_bytes, adam_bytes, step1, step2)
+    return LamoError(f"a pack of {R} runs ran out of GPU memory at its first step; about {fits} "
+                     f"fit in the {usable / 2**30:.1f} GiB this process may use (measured: "
+                     f"{(run_bytes + adam_bytes + step2 - step1) / 2**20:.1f} MiB per run); "
+                     f"give fewer --seed values, or sweep.py --pack {max(fits, 1)}")
+
+
+def evaluate(pack: Pack, members: list[int], cfg, lamo, envs) -> list[dict]:
+    """lamo.evaluate for the runs `members` of a pack: every run's episodes (runs x targets x
+    episodes) in one batched rollout, each row through its own run's weights and normalised by
+    its own run's state statistics. LoRA stays unmerged (the frozen body is one tensor for all
+    runs; merging would need a copy per run). -> each member's evaluation."""
+    task, device = pack.runs[0].task, pack.runs[0].device
+    targets, episodes = lamo.eval_episodes(cfg)
+    runs = np.repeat(members, len(episodes))                          # each episode's run
+    stats = [pack.runs[r].batcher for r in members]
+    mean = std = None
+    if stats[0].state_mean is not None:
+        mean = np.repeat(np.stack([b.state_mean for b in stats]), len(episodes), axis=0)
+        std = np.repeat(np.stack([b.state_std for b in stats]), len(episodes), axis=0)
+    pack.template.eval()
+    try:
+        returns, lengths = lamo.rollout(pack.policy, task, episodes * len(members), mean, std,
+                                        cfg.context_len, device, cfg.eval_max_steps, envs, runs)
+    finally:
+        pack.template.train()
+    return [lamo.eval_stats(r, n, targets, task)
+            for r, n in zip(np.split(returns, len(members)), np.split(lengths, len(members)))]
 
 
 def check_pack(runs: list[Run]):
@@ -170,7 +286,7 @@ def train(runs: list[Run], lamo) -> list[dict]:
     alive = torch.ones(R, dtype=torch.bool, device=device)
     stopped = set()                                   # runs that went non-finite
     sums = torch.zeros(R, 4, device=device)
-    step = runs[0].step
+    step = first_step = runs[0].step
     bar = progress(total=cfg.steps, initial=step, desc=f"train pack of {R}", unit="step",
                    dynamic_ncols=True, miniters=cfg.log_every)
     pack.template.train()
@@ -190,13 +306,22 @@ def train(runs: list[Run], lamo) -> list[dict]:
     with ctrl_c_saves_checkpoint() as stop, contextlib.ExitStack() as closing:
         for log in logs:
             closing.callback(log.close)
+        envs = closing.enter_context(lamo.eval_envs(cfg, runs[0].task, R))
         while step < cfg.steps:
             lr = lamo.learning_rate(cfg, step, 0.0)
             for group in pack.optimizer.param_groups:
                 group["lr"] = lr
             batches = [run.batcher.sample(cfg.batch_size) for run in runs]
             lm_blocks = [run.lm.sample() for run in runs] if runs[0].lm else None
-            sums += train_step(pack, batches, lm_blocks, alive, cfg, lamo, discrete)
+            try:
+                sums += train_step(pack, batches, lm_blocks, alive, cfg, lamo, discrete)
+                too_big = False
+            except torch.OutOfMemoryError:
+                if step > first_step:              # not the first step: no estimate to give
+                    raise
+                too_big = True                     # measured below, once the step's memory is free
+            if too_big:
+                raise out_of_memory(pack, batches, lm_blocks, cfg, lamo, discrete)
             step += 1
             for run in runs:
                 run.step = step
@@ -208,15 +333,13 @@ def train(runs: list[Run], lamo) -> list[dict]:
                 sums.zero_()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 check_finite()
-                for r, (run, log) in enumerate(zip(runs, logs)):
-                    if r in stopped:
-                        continue
-                    t0 = time.perf_counter()
-                    evaluation = lamo.evaluate(run.model, cfg, run.task, run.batcher.state_mean,
-                                               run.batcher.state_std, device)
-                    run.history.append({"step": step, "eval": evaluation,
-                                        "eval_s": round(time.perf_counter() - t0, 3)})
-                    log.evaluation(run.history[-1])
+                members = [r for r in range(R) if r not in stopped]
+                t0 = time.perf_counter()
+                evaluations = evaluate(pack, members, cfg, lamo, envs)
+                seconds = round(time.perf_counter() - t0, 3)          # the whole pack's rollout
+                for r, evaluation in zip(members, evaluations):
+                    runs[r].history.append({"step": step, "eval": evaluation, "eval_s": seconds})
+                    logs[r].evaluation(runs[r].history[-1])
                     save(r)
             bar.update(1)
             bar.set_postfix_str(logs[0].status, refresh=False)

@@ -10,6 +10,7 @@ import torch
 
 import data
 import lamo
+import pack
 import sweep
 import tasks
 
@@ -168,3 +169,19 @@ def test_a_pack_on_cuda_matches_its_runs_alone(tiny_hdf5, tmp_path):
             [json.loads(line)["action_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
              if "action_loss" in line] for folder in (tmp_path / "pk" / f"s{seed}", tmp_path / f"alone{seed}"))
         np.testing.assert_allclose(list(packed), list(alone), rtol=1e-4)
+
+
+def test_a_packs_memory_estimate_on_cuda(tiny_hdf5, tmp_path):
+    """pack.out_of_memory's measurement on a real GPU, called on a pack of 3 that fits: each run
+    costs more than nothing, and more than 3 runs fit (the estimate is not below a pack that
+    ran). (The error path itself: test_pack.py, on the CPU.)"""
+    args = run_args(tiny_hdf5, tmp_path / "x", "--steps", "2", "--batch-size", "256")
+    cfg = lamo.resolve(lamo.parse_args(args)[0])
+    members = [lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", False) for s in range(3)]
+    p = pack.Pack(members)
+    batches = [run.batcher.sample(cfg.batch_size) for run in members]
+    pack.train_step(p, batches, None, torch.ones(3, dtype=torch.bool, device=CUDA), cfg, lamo, False)
+    message = str(pack.out_of_memory(p, batches, None, cfg, lamo, False))
+    fits = int(message.split("about ")[1].split()[0])
+    per_run = float(message.split("measured: ")[1].split()[0])
+    assert fits > 3 and per_run > 0, message
