@@ -321,6 +321,9 @@ def collect_atari(env_id: str, policy: str, episodes: int, out: Path, seed: int 
     cut by `max_steps` is marked terminal on its last step too, so each episode is a trajectory.
     The env keeps its own settings (v5: sticky actions, as Dopamine recorded DQN-Replay); only its
     frame skip moves into AtariPreprocessing."""
+    if not env_id.startswith("ALE/"):
+        raise LamoError(f"--env {env_id} is not an ALE env (ALE/Breakout-v5, ...); D4RL-layout "
+                        f"files are written by python data.py collect --env {env_id} --out FILE")
     if policy != "random":
         raise LamoError(f"--policy {policy} is for MuJoCo envs; use --policy random with {env_id}")
     from gymnasium.wrappers import TimeLimit

@@ -388,11 +388,15 @@ def test_freeway_end_to_end(new_games, hf_tiny, tmp_path):
     assert ev["score_mean"] == pytest.approx(100 * ev["return_mean"] / 29.6)
 
 
-def test_data_py_collect_points_atari_at_atari_py(tmp_path):
+def test_each_collect_points_at_the_other(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --env ALE/Pong-v5 is an Atari env; DQN-Replay files "
                                          r"are written by python atari.py collect --env ALE/Pong-v5"):
         data.main(["collect", "--env", "ALE/Pong-v5", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match=r"^error: --env Hopper-v4 is not an ALE env .*python data.py "
+                                         r"collect --env Hopper-v4 --out FILE$"):
+        atari.main(["collect", "--env", "Hopper-v4", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
 
 
 K_EVAL = 4
