@@ -30,8 +30,8 @@ from data import Batch, LamoError, cache_dir, download, progress, to_device
 ATARI_URL = ("https://storage.googleapis.com/atari-replay-datasets/dqn/{game}/1/replay_logs/"
              "%24store%24_{field}_ckpt.10.gz")
 ATARI_FIELDS = ("observation", "action", "reward", "terminal")
-# ours -> the name DQN-Replay's bucket and ALE give the game (the bucket's folders are
-# capitalised this way: dqn/Freeway/, dqn/Asterix/; ALE: FreewayNoFrameskip-v4, AsterixNoFrameskip-v4)
+# ours -> the name DQN-Replay's bucket folder and ALE's id use, as d4rl-atari's capitalize_game_name
+# makes both (d4rl_atari/envs.py): freeway -> dqn/Freeway/ and FreewayNoFrameskip-v4
 ATARI_GAMES = {"breakout": "Breakout", "qbert": "Qbert", "pong": "Pong",
                "freeway": "Freeway", "asterix": "Asterix"}
 

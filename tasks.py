@@ -180,8 +180,8 @@ ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, contex
 # config.yaml defaults (3e-4, 0.1: Pong's Table 6 values; Qbert's are not in the official code).
 # Freeway and Asterix (the paper's App. Table 10, 10% data) have no yaml and no Table 6 row that we
 # could read: lr / wd are the config.yaml defaults, as for Qbert; the targets are our choice (not
-# verified against the paper): the game's human score in get_hns.py, rounded up to a round number
-# (Freeway 30 for 29.6, Asterix 8500 for 8503.3), as Qbert's 14000 sits just above its 13455.
+# verified against the paper): the game's human score in get_hns.py, rounded to a round number
+# (Freeway 30 for 29.6, Asterix 8500 for 8503.3), as Qbert's 14000 sits near its 13455.
 # Action counts: ALE's minimal sets, as DQN-Replay recorded them and d4rl-atari's env plays them
 # (ale-py 0.12: Freeway NOOP, UP, DOWN; Asterix NOOP and the 8 directions).
 # game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score (get_hns.py)
