@@ -249,7 +249,7 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
     (280 MB) instead of 1M (7 GB), in memory; both read the same uint8 array (the official code holds
     every frame as float32 on the device, so its batch is float32; ours stays uint8, which the model
     divides by 255 on the device)."""
-    from data import AtariReplay, FrameStackBatcher
+    from atari import AtariReplay, FrameStackBatcher
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (n_frames, 84, 84), dtype=np.uint8)
     terminal = np.zeros(n_frames, np.uint8)

@@ -4,10 +4,11 @@ A task names its data (where it comes from and which loader reads it), its evalu
 shapes and episode length, its return-to-go scale, targets and score, the structural choices of the
 official code for its domain, and the paper's default hyper-parameters for LaMo and for the DT
 baseline. lamo.py holds no per-task branch: it reads these fields. Adding a task is one entry in
-TASKS (plus a loader in data.py if its file format is new); README walks through the Kitchen entry.
+TASKS (plus a loader in data.py, or in its domain's file like atari.py, if its file format is
+new); README walks through the Kitchen entry.
 
 "Official code" is srzer/LaMo-2023; a value's source is in the comment beside it.
-Imports run one way: data <- reacher2d <- tasks <- runs <- lamo <- bench, sweep.
+Imports run one way: data <- reacher2d, atari <- tasks <- runs <- lamo <- bench, sweep.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+import atari
 import data
 import reacher2d
 from data import LamoError
@@ -47,7 +49,7 @@ class Recipe:
 class Task:
     name: str
     source: str                          # a URL, a Minari dataset id, or a DQN-Replay game
-    loader: Callable[..., Any]           # (task, --data) -> (trajectories, files read); in data.py
+    loader: Callable[..., Any]           # (task, --data) -> (trajectories, files read)
     env: Callable[..., Any]              # (task, max_steps) -> Gymnasium env, obs already obs_shape
     obs_shape: tuple[int, ...]
     act_dim: int                         # action dimensions, or the number of discrete actions
@@ -109,6 +111,36 @@ def mujoco_task(env: str, dataset: str) -> Task:
         lamo=replace(MUJOCO_LAMO, embed=EMBED.get(env, "mlp")), dt=MUJOCO_DT)
 
 
+# ----------------------------------------------------------------------------- Ant (D4RL)
+# ant-medium-v2 is in the paper's App. Table 11 only; the official code has no Ant branch
+# (experiment.py at 3e4fcc8 knows hopper, halfcheetah, walker2d, reacher2d, kitchen), so:
+# - recipe: run.sh's, as for walker2d and halfcheetah (MLP embeddings, lr 1e-4, wd 1e-5, K 20, ...);
+# - return scale 1000 and 1000-step episodes, as for every D4RL MuJoCo task in experiment.py;
+# - targets (4000, 3000): our choice, not verified against the paper: the first just above D4RL's
+#   expert score, as experiment.py's first target is for hopper (3600 > 3234.3) and walker2d
+#   (5000 > 4592.3), the second a quarter lower;
+# - ref min / max: D4RL's ANT_RANDOM_SCORE -325.6 and ANT_EXPERT_SCORE 3879.7
+#   (Farama-Foundation/D4RL, d4rl/gym_mujoco/__init__.py).
+# Observation: D4RL's ant files hold 111 columns, gym's Ant-v2 observation: qpos[2:] and qvel (27)
+# then 84 clipped contact forces. Recorded with mujoco-py on MuJoCo 2, which stopped computing
+# cfrc_ext (openai/gym#1541, #2593), the 84 are zeros in every step (Farama-Foundation/D4RL#143:
+# "no observation with non-zero component between indexes 27 to 110 in ant-medium-v2"), and the
+# returns have no contact cost. Gymnasium's Ant-v4 here (mujoco 3.x) does fill them: with
+# use_contact_forces=True it returns 111 columns, 24 of them non-zero in 200 random steps, and adds
+# a contact cost to the reward. So we evaluate in Ant-v4 with use_contact_forces=False (27 columns,
+# reward without contact cost, as D4RL's data was recorded) and the loader keeps the first 27 of
+# D4RL's columns after checking the other 84 are zero (data.load_d4rl_ant). Deviation: the paper's
+# policy saw 111 inputs, 84 always zero; with our normalisation ((0 - 0) / std) those carry
+# nothing, so dropping them removes no information.
+ANT = Task(
+    name="ant-medium-v2", source=D4RL_URL.format(file="ant_medium-v2"),
+    loader=data.load_d4rl_ant, env=data.make_mujoco_env, gym_id="Ant-v4",
+    env_kwargs=(("use_contact_forces", False),),
+    obs_shape=(data.ANT_STATE,), act_dim=8, discrete=False, episode_len=1000, max_timestep=1000,
+    rtg_scale=1000.0, targets=(4000, 3000), ref_min=-325.6, ref_max=3879.7,
+    score_name="D4RL normalised score", lamo=MUJOCO_LAMO, dt=MUJOCO_DT)
+
+
 # ----------------------------------------------------------------------------- Franka Kitchen (Minari)
 # The paper's D4RL kitchen-*-v0 needs mujoco-py; Minari's D4RL/kitchen/*-v2 holds the same
 # demonstrations re-recorded in Gymnasium-Robotics' FrankaKitchen-v1. Values: the official
@@ -146,11 +178,19 @@ ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, contex
                     lora_bias=False, grad_clip=1.0, warmup_tokens=375e6, final_tokens=260e9)
 # Only breakout.yaml ships; for Qbert and Pong the targets are the paper's Table 6 and lr / wd the
 # config.yaml defaults (3e-4, 0.1: Pong's Table 6 values; Qbert's are not in the official code).
+# Freeway and Asterix (the paper's App. Table 10, 10% data) have no yaml and no Table 6 row that we
+# could read: lr / wd are the config.yaml defaults, as for Qbert; the targets are our choice (not
+# verified against the paper): the game's human score in get_hns.py, rounded to a round number
+# (Freeway 30 for 29.6, Asterix 8500 for 8503.3), as Qbert's 14000 sits near its 13455.
+# Action counts: ALE's minimal sets, as DQN-Replay recorded them and d4rl-atari's env plays them
+# (ale-py 0.12: Freeway NOOP, UP, DOWN; Asterix NOOP and the 8 directions).
 # game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score (get_hns.py)
 ATARI = {
     "breakout": (4, (90, 120), 1e-3, 0.01, 1.7, 31.8),
     "qbert": (6, (14000,), 3e-4, 0.1, 163.9, 13455.0),
     "pong": (6, (10, 20), 3e-4, 0.1, -20.7, 9.3),
+    "freeway": (3, (30,), 3e-4, 0.1, 0.0, 29.6),
+    "asterix": (9, (8500,), 3e-4, 0.1, 210.0, 8503.3),
 }
 
 
@@ -158,12 +198,12 @@ def atari_task(game: str) -> Task:
     n_actions, targets, lr, wd, random_score, human_score = ATARI[game]
     lamo = replace(ATARI_LAMO, lr=lr, weight_decay=wd)
     return Task(
-        name=f"{game}-medium", source=game, loader=data.load_atari,
-        env=data.make_atari_task_env, gym_id=f"{data.atari_game(game)}NoFrameskip-v4",
+        name=f"{game}-medium", source=game, loader=atari.load_atari,
+        env=atari.make_atari_task_env, gym_id=f"{atari.atari_game(game)}NoFrameskip-v4",
         obs_shape=(4, 84, 84), act_dim=n_actions, discrete=True, episode_len=4096,
         max_timestep=4096, rtg_scale=1.0, targets=targets, ref_min=random_score, ref_max=human_score,
         score_name="human-normalised score", lamo=lamo, dt=replace(lamo, embed="linear"),
-        subset=data.atari_subset, batcher=data.FrameStackBatcher,
+        subset=atari.atari_subset, batcher=atari.FrameStackBatcher,
         # official Atari: HF GPT2Model on inputs_embeds adds wpe; time added before embed_ln; windows
         # right-padded (causality hides the padding, so no attention mask); AdamW's default eps.
         wpe=True, timestep_before_ln=True, pad_right=True, adam_eps_pretrained=1e-8)
@@ -186,7 +226,8 @@ REACHER = Task(
 
 TASKS = {t.name: t for t in [mujoco_task(e, d) for e in MUJOCO
                              for d in ("medium", "medium-replay", "medium-expert", "expert")]
-         + [kitchen_task(d) for d in KITCHEN_TASKS] + [REACHER] + [atari_task(g) for g in ATARI]}
+         + [ANT] + [kitchen_task(d) for d in KITCHEN_TASKS] + [REACHER]
+         + [atari_task(g) for g in ATARI]}
 
 
 def get_task(name: str) -> Task:

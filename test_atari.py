@@ -1,5 +1,5 @@
 """Tests of Atari (issue 11): DQN-Replay files, their download and decompression, trajectories,
-the length-weighted --frac rule, the frame-stacking batcher, the evaluation env, `data.py collect`,
+the length-weighted --frac rule, the frame-stacking batcher, the evaluation env, `atari.py collect`,
 the model's Atari pieces and the CLI end to end. All offline, on CPU: downloads go to the loopback
 HTTP server of conftest.py over files that `collect` wrote here."""
 import gzip
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import atari
 import data
 from conftest import RecordActions, reference_episode
 from data import LamoError
@@ -22,12 +23,12 @@ EPISODES, MAX_STEPS = 3, 200
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
-    """`python data.py collect` in ALE/Breakout-v5: 3 random episodes (seeded: two end by losing the
+    """`python atari.py collect` in ALE/Breakout-v5: 3 random episodes (seeded: two end by losing the
     game, at 146 and 129 steps, and one at the 200-step cap). The folder held a stale .npy."""
     out = tmp_path_factory.mktemp("collect") / "breakout"
     out.mkdir()
-    (out / data.replay_file("observation", "npy")).write_bytes(b"from an earlier collect")
-    data.main(["collect", "--env", "ALE/Breakout-v5", "--policy", "random",
+    (out / atari.replay_file("observation", "npy")).write_bytes(b"from an earlier collect")
+    atari.main(["collect", "--env", "ALE/Breakout-v5", "--policy", "random",
                "--episodes", str(EPISODES), "--max-steps", str(MAX_STEPS), "--out", str(out)])
     return out
 
@@ -40,12 +41,12 @@ def read_gz(path: Path) -> np.ndarray:
 def copy_gz(src: Path, dest: Path) -> Path:
     """The four .gz files of folder `src` in a new folder `dest` (tests decompress there)."""
     dest.mkdir()
-    for f in data.ATARI_FIELDS:
-        (dest / data.replay_file(f)).write_bytes((src / data.replay_file(f)).read_bytes())
+    for f in atari.ATARI_FIELDS:
+        (dest / atari.replay_file(f)).write_bytes((src / atari.replay_file(f)).read_bytes())
     return dest
 
 
-def synthetic_replay(tmp_path, lengths, tail=0, seed=0) -> data.AtariReplay:
+def synthetic_replay(tmp_path, lengths, tail=0, seed=0) -> atari.AtariReplay:
     """Trajectories of the given lengths (+ an unterminated tail) with distinct random frames,
     written as .npy files and loaded through the memmap path, as atari_dataset() leaves them."""
     rng = np.random.default_rng(seed)
@@ -58,8 +59,8 @@ def synthetic_replay(tmp_path, lengths, tail=0, seed=0) -> data.AtariReplay:
     folder = tmp_path / "synthetic"
     folder.mkdir(exist_ok=True)
     for k, v in arrays.items():
-        np.save(folder / data.replay_file(k, "npy"), v)
-    return data.AtariReplay.load(folder)
+        np.save(folder / atari.replay_file(k, "npy"), v)
+    return atari.AtariReplay.load(folder)
 
 
 # ----------------------------------------------------------------------------- files and downloads
@@ -67,7 +68,7 @@ def test_collect_writes_dqn_replay_layout(collected):
     names = sorted(p.name for p in collected.iterdir())           # the stale .npy is gone too
     fields = ("observation", "action", "reward", "terminal")
     assert names == sorted(f"$store$_{f}_ckpt.10.gz" for f in fields)
-    obs, act, rew, term = (read_gz(collected / data.replay_file(f)) for f in data.ATARI_FIELDS)
+    obs, act, rew, term = (read_gz(collected / atari.replay_file(f)) for f in atari.ATARI_FIELDS)
     n = len(act)
     assert obs.shape == (n, 84, 84) and obs.dtype == np.uint8
     assert act.shape == rew.shape == term.shape == (n,)
@@ -80,50 +81,50 @@ def test_collect_writes_dqn_replay_layout(collected):
 
 
 def test_download_decompress_memmap_once(collected, server, monkeypatch, cache, tmp_path):
-    for f in data.ATARI_FIELDS:
+    for f in atari.ATARI_FIELDS:
         server.files[f"/dqn/Breakout/1/replay_logs/%24store%24_{f}_ckpt.10.gz"] = \
-            (collected / data.replay_file(f)).read_bytes()
-    monkeypatch.setattr(data, "ATARI_URL",
+            (collected / atari.replay_file(f)).read_bytes()
+    monkeypatch.setattr(atari, "ATARI_URL",
                         server.url + "/dqn/{game}/1/replay_logs/%24store%24_{field}_ckpt.10.gz")
-    folder = data.atari_dataset("breakout")
+    folder = atari.atari_dataset("breakout")
     assert folder == cache / "atari" / "Breakout" and len(server.requests) == 4
     assert not list(folder.glob("*.part"))
-    replay = data.AtariReplay.load(folder)
+    replay = atari.AtariReplay.load(folder)
     assert isinstance(replay.frames, np.memmap)
-    obs, act, rew, term = (read_gz(collected / data.replay_file(f)) for f in data.ATARI_FIELDS)
+    obs, act, rew, term = (read_gz(collected / atari.replay_file(f)) for f in atari.ATARI_FIELDS)
     assert np.array_equal(replay.frames, obs) and np.array_equal(replay.actions, act)
     assert np.array_equal(replay.rewards, rew) and len(replay) == EPISODES
     assert replay.lengths.sum() == len(act)
     assert np.array_equal(replay.starts[1:], np.flatnonzero(term)[:-1] + 1)
     assert f"{EPISODES} trajectories, {len(act)} steps" in replay.describe()
     # A second call: no request, no decompression.
-    monkeypatch.setattr(data, "gunzip", lambda *a: pytest.fail("decompressed again"))
-    assert data.atari_dataset("breakout") == folder and len(server.requests) == 4
+    monkeypatch.setattr(atari, "gunzip", lambda *a: pytest.fail("decompressed again"))
+    assert atari.atari_dataset("breakout") == folder and len(server.requests) == 4
     # A local folder of .gz files works the same way, without the network.
     monkeypatch.undo()
     local = copy_gz(collected, tmp_path / "local")
-    assert data.atari_dataset("breakout", str(local)) == local
-    assert np.array_equal(data.AtariReplay.load(local).frames, obs)
+    assert atari.atari_dataset("breakout", str(local)) == local
+    assert np.array_equal(atari.AtariReplay.load(local).frames, obs)
     assert len(server.requests) == 4
 
 
 def test_truncated_or_corrupt_gz_and_unknown_game(collected, tmp_path):
-    src = collected / data.replay_file("observation")
+    src = collected / atari.replay_file("observation")
     for name, blob in (("truncated", src.read_bytes()[:-5000]), ("garbage", b"not gzip" * 100)):
         folder = copy_gz(collected, tmp_path / name)
         (folder / src.name).write_bytes(blob)
         with pytest.raises(LamoError) as e:
-            data.atari_dataset("breakout", str(folder))
+            atari.atari_dataset("breakout", str(folder))
         msg = str(e.value)
         assert "\n" not in msg and str(folder / src.name) in msg
         assert "delete it and download it again" in msg
-        assert not (folder / data.replay_file("observation", "npy")).exists()     # no half file
+        assert not (folder / atari.replay_file("observation", "npy")).exists()     # no half file
         assert not list(folder.glob("*.part"))
-    known = "known: breakout, qbert, pong"
+    known = "known: breakout, qbert, pong, freeway, asterix"
     with pytest.raises(LamoError, match=f"^unknown Atari game 'space-invaders'; {known}$"):
-        data.atari_dataset("space-invaders")
+        atari.atari_dataset("space-invaders")
     with pytest.raises(LamoError, match=r"unknown Atari game 'Breakout'"):
-        data.make_atari_env("Breakout", 10)
+        atari.make_atari_env("Breakout", 10)
 
 
 def test_trajectories_drop_the_unterminated_tail(tmp_path, capsys):
@@ -138,26 +139,26 @@ def test_trajectories_drop_the_unterminated_tail(tmp_path, capsys):
 # ----------------------------------------------------------------------------- --frac
 def test_length_weighted_subset():
     lengths = np.array([10] * 50 + [1000] * 50)
-    a = data.length_weighted_subset(lengths, 0.1, 0)
-    assert np.array_equal(a, data.length_weighted_subset(lengths, 0.1, 0))
-    assert not np.array_equal(a, data.length_weighted_subset(lengths, 0.1, 1))
+    a = atari.length_weighted_subset(lengths, 0.1, 0)
+    assert np.array_equal(a, atari.length_weighted_subset(lengths, 0.1, 0))
+    assert not np.array_equal(a, atari.length_weighted_subset(lengths, 0.1, 1))
     # The official ratio_dataset's draw: the same indices from the same seed.
     official = np.random.default_rng(0).choice(100, size=int(np.floor(100 * 0.1)),
                                                p=lengths / lengths.sum(), replace=False)
     assert np.array_equal(a, np.sort(official))
     for (n, f), k in {(2186, 0.1): 218, (1000, 0.3): 300, (10, 0.3): 3, (1191, 0.005): 5, (7, 0.01): 1,
                       (5, 1.0): 5, (100, 0.29): 29, (3, 0.5): 1}.items():   # by hand, as in test_lamo
-        idx = data.length_weighted_subset(np.arange(1, n + 1), f, 3)
+        idx = atari.length_weighted_subset(np.arange(1, n + 1), f, 3)
         assert len(idx) == k == len(set(idx.tolist())), (n, f)
         assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n
     # Length-weighted: over 200 seeds a long trajectory is kept far more often than a short one.
     counts = np.zeros(100)
     for seed in range(200):
-        counts[data.length_weighted_subset(lengths, 0.1, seed)] += 1
+        counts[atari.length_weighted_subset(lengths, 0.1, seed)] += 1
     assert counts[50:].mean() > 20 * counts[:50].mean()
     for f in (0, -0.1, 1.5):
         with pytest.raises(LamoError, match=f"--frac must be in \\(0, 1\\], got {f}"):
-            data.length_weighted_subset(lengths, f, 0)
+            atari.length_weighted_subset(lengths, f, 0)
 
 
 # ----------------------------------------------------------------------------- frame-stacking batcher
@@ -194,7 +195,7 @@ def test_frame_stacking_windows_match_reference(tmp_path):
     K, T = 30, 50
     replay = synthetic_replay(tmp_path, [3, 80, 25, 200, 31])
     subset = np.array([0, 1, 2, 3, 4])
-    b = data.FrameStackBatcher(replay, subset, K=K, max_timestep=T, rtg_scale=2.0, seed=0)
+    b = atari.FrameStackBatcher(replay, subset, K=K, max_timestep=T, rtg_scale=2.0, seed=0)
     assert b.state_mean is None and b.state_std is None and isinstance(b.rng, np.random.Generator)
     pairs = [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4),   # episode start: 3, 2, 1, 0 zero frames
              (0, 0), (2, 0), (4, 0),                   # right-padded short trajectories, 31 = K + 1
@@ -207,7 +208,7 @@ def test_frame_stacking_windows_match_reference(tmp_path):
     assert batch.timesteps[9].max() == T - 1
     # Random draws on a subset, with the rng's state carried across calls.
     sub = np.array([1, 3, 4])
-    b = data.FrameStackBatcher(replay, sub, K=K, max_timestep=T, rtg_scale=1.0, seed=1)
+    b = atari.FrameStackBatcher(replay, sub, K=K, max_timestep=T, rtg_scale=1.0, seed=1)
     for _ in range(3):
         state = b.rng.bit_generator.state
         batch = b.sample(16)
@@ -260,7 +261,7 @@ def test_sample_equals_official_buffer_on_unpadded_steps(tmp_path):
     """Same seed, same draws: our batch equals AtariBuffer.sample's wherever the official one is
     defined."""
     replay = synthetic_replay(tmp_path, [3, 80, 25, 200, 31, 64])
-    b = data.FrameStackBatcher(replay, np.arange(6), K=30, max_timestep=4096, rtg_scale=1.0, seed=7)
+    b = atari.FrameStackBatcher(replay, np.arange(6), K=30, max_timestep=4096, rtg_scale=1.0, seed=7)
     rng = np.random.default_rng(7)
     for _ in range(2):
         ours = b.sample(32)
@@ -274,7 +275,7 @@ def test_sample_equals_official_buffer_on_unpadded_steps(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation env
 def test_eval_env_stacks_four_frames_and_steps():
-    env = data.make_atari_env("breakout", max_steps=6)
+    env = atari.make_atari_env("breakout", max_steps=6)
     assert env.unwrapped.spec.id == "BreakoutNoFrameskip-v4"
     assert env.unwrapped.ale.getFloat("repeat_action_probability") == 0.0      # no sticky actions
     assert env.unwrapped._frameskip == 1                      # the skipping is AtariPreprocessing's
@@ -293,7 +294,7 @@ def test_eval_env_stacks_four_frames_and_steps():
 def test_missing_atari_packages_are_named(monkeypatch, module, package):
     monkeypatch.setitem(sys.modules, module, None)                 # `import module` now fails
     with pytest.raises(LamoError, match=f"pip install {package}$"):
-        data.make_atari_env("pong", 10)
+        atari.make_atari_env("pong", 10)
 
 
 # ----------------------------------------------------------------------------- the CLI on Atari (issue 11)
@@ -325,6 +326,77 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     assert lrs[0] == 0 and 0 < lrs[1] < lrs[2] < lrs[3] < 1e-3   # token warm-up, from 0 at step 1
     ev = rows[-1]["eval"]["90"]
     assert ev["score_mean"] == pytest.approx(100 * (ev["return_mean"] - 1.7) / (31.8 - 1.7))
+
+
+# ----------------------------------------------------------------- Freeway and Asterix (issue 18)
+@pytest.fixture(scope="module")
+def new_games(tmp_path_factory):
+    """`python atari.py collect` in ALE/Freeway-v5 and ALE/Asterix-v5: 2 random episodes each, cut
+    at 30 steps. -> {game: folder of the four .gz files}."""
+    folders = {}
+    for game, ale in (("freeway", "Freeway"), ("asterix", "Asterix")):
+        folders[game] = tmp_path_factory.mktemp(game) / ale
+        atari.main(["collect", "--env", f"ALE/{ale}-v5", "--episodes", "2", "--max-steps", "30",
+                    "--seed", "1", "--out", str(folders[game])])
+    return folders
+
+
+@pytest.mark.parametrize("game, ale, n_actions", [("freeway", "Freeway", 3), ("asterix", "Asterix", 9)])
+def test_new_games_load_through_dqn_replay_and_their_envs_step(new_games, server, monkeypatch, cache,
+                                                                game, ale, n_actions):
+    """Their files come from DQN-Replay's {Game} folder (the loopback server stands in for the
+    bucket); their actions fit ALE's minimal set, which the task's env plays; human-normalised
+    scores from get_hns.py (random / human: Freeway 0 / 29.6, Asterix 210 / 8503.3)."""
+    import tasks
+    task = tasks.get_task(f"{game}-medium")
+    for f in atari.ATARI_FIELDS:
+        server.files[f"/dqn/{ale}/1/replay_logs/%24store%24_{f}_ckpt.10.gz"] = \
+            (new_games[game] / atari.replay_file(f)).read_bytes()
+    monkeypatch.setattr(atari, "ATARI_URL",
+                        server.url + "/dqn/{game}/1/replay_logs/%24store%24_{field}_ckpt.10.gz")
+    replay, files = task.load()
+    assert files[0].parent == cache / "atari" / ale and len(server.requests) == 4
+    assert np.array_equal(replay.actions, read_gz(new_games[game] / atari.replay_file("action")))
+    assert len(replay) == 2 and replay.actions.max() < n_actions
+    env = task.make_env(6)
+    assert env.unwrapped.spec.id == task.gym_id == f"{ale}NoFrameskip-v4"
+    assert env.action_space.n == task.act_dim == n_actions
+    obs, _ = env.reset(seed=0)
+    for t in range(6):
+        obs, _, term, trunc, _ = env.step(t % n_actions)
+        assert obs.shape == task.obs_shape and obs.dtype == np.uint8 and not term
+    assert trunc
+    env.close()
+    random_score, human_score = {"freeway": (0.0, 29.6), "asterix": (210.0, 8503.3)}[game]
+    assert np.allclose(task.score([random_score, human_score]), [0, 100], rtol=0, atol=1e-9)
+
+
+def test_freeway_end_to_end(new_games, hf_tiny, tmp_path):
+    """`python lamo.py --env freeway-medium --data <collected>` with a tiny GPT-2: a 3-action head,
+    the config.yaml lr / wd, evaluation at target 30."""
+    import lamo
+    out = tmp_path / "run"
+    lamo.main(["--env", "freeway-medium", "--data", str(new_games["freeway"]), "--pretrained",
+               str(hf_tiny[1]), "--steps", "2", "--eval-every", "2", "--eval-episodes", "1",
+               "--batch-size", "4", "--context-len", "6", "--eval-max-steps", "10", "--out", str(out)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["lr"], cfg["weight_decay"], cfg["lora_rank"]) == (3e-4, 0.1, 32)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["targets"]) == {"30"} and summary["evaluation_env"] == "FreewayNoFrameskip-v4"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ev = rows[-1]["eval"]["30"]
+    assert ev["score_mean"] == pytest.approx(100 * ev["return_mean"] / 29.6)
+
+
+def test_each_collect_points_at_the_other(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --env ALE/Pong-v5 is an Atari env; DQN-Replay files "
+                                         r"are written by python atari.py collect --env ALE/Pong-v5"):
+        data.main(["collect", "--env", "ALE/Pong-v5", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match=r"^error: --env Hopper-v4 is not an ALE env .*python data.py "
+                                         r"collect --env Hopper-v4 --out FILE$"):
+        atari.main(["collect", "--env", "Hopper-v4", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
 
 
 K_EVAL = 4

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import atari
 import data
 import lamo
 import pack
@@ -65,9 +66,9 @@ def test_batchers_on_cuda_equal_cpu(tiny_hdf5, tmp_path):
     rng = np.random.default_rng(0)
     n = 300
     terminal = (np.arange(n) % 50 == 49).astype(np.uint8)
-    replay = data.AtariReplay(rng.integers(0, 256, (n, 84, 84), dtype=np.uint8), rng.integers(0, 4, n),
+    replay = atari.AtariReplay(rng.integers(0, 256, (n, 84, 84), dtype=np.uint8), rng.integers(0, 4, n),
                               rng.integers(0, 2, n).astype(np.float32), terminal)
-    cpu, gpu = (data.FrameStackBatcher(replay, np.arange(len(replay)), 10, 100, 1.0, seed=1, device=d)
+    cpu, gpu = (atari.FrameStackBatcher(replay, np.arange(len(replay)), 10, 100, 1.0, seed=1, device=d)
                 for d in ("cpu", CUDA))
     a, b = cpu.sample(8), gpu.sample(8)
     assert a.action_tokens == b.action_tokens

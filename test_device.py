@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import atari
 import data
 import lamo
 import runs
@@ -161,7 +162,7 @@ def write_replay(folder, actions):
     arrays = {"observation": np.zeros((n, 84, 84), np.uint8), "action": np.asarray(actions, np.int32),
               "reward": np.ones(n, np.float32), "terminal": (np.arange(n) % 10 == 9).astype(np.uint8)}
     for k, v in arrays.items():
-        np.save(folder / data.replay_file(k, "npy"), v)
+        np.save(folder / atari.replay_file(k, "npy"), v)
     return folder
 
 
@@ -172,10 +173,10 @@ def test_atari_actions_checked_at_load_and_tokens_counted_on_the_host(tmp_path):
     bad = write_replay(tmp_path / "bad", [0, 1, 2, 3, 17] * 4)
     with pytest.raises(data.LamoError, match=r"action_ckpt.10.npy: actions range over 0..17, but "
                                              r".* has 4 \(0..3\)"):
-        data.load_atari(breakout, str(bad))
+        atari.load_atari(breakout, str(bad))
     actions = [0, 1, 2, 3, 0, 0, 1, 0, 2, 0] * 2                     # 9 non-zero
-    replay, _ = data.load_atari(breakout, str(write_replay(tmp_path / "ok", actions)))
-    batcher = data.FrameStackBatcher(replay, [0, 1], K=10, max_timestep=100, rtg_scale=1, seed=0)
+    replay, _ = atari.load_atari(breakout, str(write_replay(tmp_path / "ok", actions)))
+    batcher = atari.FrameStackBatcher(replay, [0, 1], K=10, max_timestep=100, rtg_scale=1, seed=0)
     batch = batcher.window(np.array([0, 1]), np.array([0, 0]))       # both whole episodes
     assert batch.action_tokens == 2 * 5 and isinstance(batch.action_tokens, int)
     run = type("R", (), {"action_tokens": 3, "schedule_tokens": 4.0})()

@@ -1003,3 +1003,74 @@ def test_wandb_logging(tiny_hdf5, tmp_path, monkeypatch):
     fake.util.generate_id = lambda: pytest.fail("a resumed run must keep its W&B id")
     lamo.main(["--resume", str(tmp_path / "r"), "--steps", "6"])
     assert calls[-1] == ("finish",) and [c for c in calls if c[0] == "init"][-1][1]["id"] == "abc123"
+
+
+# ============================================================================ Ant (issue 18)
+ANT = tasks.get_task("ant-medium-v2")
+
+
+@pytest.fixture(scope="module")
+def tiny_ant(tmp_path_factory):
+    """A tiny ant-medium-v2 in D4RL's layout: 3 noisy Ant-v4 episodes of at most 40 steps (27 columns,
+    as Ant-v4 observes without contact forces), widened to D4RL's 111 with the 84 contact-force
+    columns zero, as in D4RL's own files. -> (the D4RL-layout file, the 27-column collect output)."""
+    folder = tmp_path_factory.mktemp("ant")
+    raw = data.collect("Ant-v4", "noisy", 3, folder / "raw.hdf5", seed=0, max_steps=40)
+    with h5py.File(raw) as f:
+        arrays = {k: f[k][()] for k in f}
+    for k in ("observations", "next_observations"):
+        arrays[k] = np.pad(arrays[k], ((0, 0), (0, 84)))
+    with h5py.File(folder / "tiny.hdf5", "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    return folder / "tiny.hdf5", raw
+
+
+def test_ant_downloads_and_keeps_the_27_columns_ant_v4_observes(tiny_ant, server, cache, tmp_path):
+    d4rl_file, raw = tiny_ant
+    server.files["/d4rl/ant_medium-v2.hdf5"] = d4rl_file.read_bytes()
+    assert ANT.source == tasks.D4RL_URL.format(file="ant_medium-v2")
+    assert ANT.source.endswith("/offline_rl/gym_mujoco_v2/ant_medium-v2.hdf5")
+    trajs, files = data.load_d4rl_ant(replace(ANT, source=server.url + "/d4rl/ant_medium-v2.hdf5"))
+    assert files == [cache / "d4rl" / "ant_medium-v2.hdf5"] and len(server.requests) == 1
+    # The loader's rows are the evaluation env's observations: episode 0 of collect began at
+    # reset(seed=0), and the env the task evaluates in returns the same 27 numbers there.
+    env = ANT.make_env(5)
+    first, _ = env.reset(seed=0)
+    assert env.observation_space.shape == ANT.obs_shape == (27,) and env.action_space.shape == (8,)
+    assert [t["observations"].shape[1] for t in trajs] == [27] * 3
+    assert np.allclose(trajs[0]["observations"][0], first, atol=1e-6)
+    assert np.abs(trajs[0]["observations"]).max(0).min() > 0           # no all-zero column is kept
+    # The 27-column file (python data.py collect --env Ant-v4) reads the same.
+    again, _ = ANT.load(str(raw))
+    for a, b in zip(trajs, again, strict=True):
+        assert np.array_equal(a["observations"], b["observations"])
+    # A file with real contact forces, or of another width, is refused in one line.
+    with h5py.File(d4rl_file) as f:
+        arrays = {k: f[k][()] for k in f}
+    arrays["observations"][7, 27 + 40] = 0.5
+    forces = tmp_path / "forces.hdf5"
+    with h5py.File(forces, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    with pytest.raises(LamoError, match=r"columns 27..110 are not all zero \(max \|x\| 0.5\)"):
+        ANT.load(str(forces))
+    narrow = write_d4rl(tmp_path / "narrow.hdf5", 6, obs_dim=17, act_dim=8, terminals=(5,))
+    with pytest.raises(LamoError, match=r"'observations' has shape \(6, 17\), expected \(N, 111\)"):
+        ANT.load(str(narrow))
+
+
+def test_ant_end_to_end(tiny_ant, hf_tiny, tmp_path):
+    """python lamo.py --env ant-medium-v2 --data tiny.hdf5: LaMo's MuJoCo recipe on Ant, scored
+    with D4RL's ant reference returns (random -325.6, expert 3879.7, worked by hand)."""
+    out = tmp_path / "ant"
+    lamo.main(["--env", "ant-medium-v2", "--data", str(tiny_ant[0]), "--pretrained", str(hf_tiny[1]),
+               "--steps", "4", "--eval-every", "4", "--eval-episodes", "1", "--eval-max-steps", "20",
+               "--batch-size", "4", "--out", str(out)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["embed"], cfg["lr"], cfg["weight_decay"], cfg["context_len"]) == ("mlp", 1e-4, 1e-5, 20)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["targets"]) == {"4000", "3000"} and summary["evaluation_env"] == "Ant-v4"
+    ev = [m for m in read_metrics(out) if "eval" in m][-1]["eval"]
+    for e in ev.values():
+        assert e["score_mean"] == pytest.approx(100 * (e["return_mean"] + 325.6) / 4205.3, rel=1e-9)
