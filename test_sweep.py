@@ -181,7 +181,8 @@ def test_table3_dry_run_lists_the_72_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_shards_cover_the_grid_exactly_once():
-    runs = sweep.make_runs(sweep.grid_cells("table3", None, None, None), sweep.SEEDS)
+    runs = sweep.make_runs(sweep.grid_cells(sweep.grid_entries("table3", None, None, None)),
+                           sweep.SEEDS)
     shuffled = random.Random(0).sample(runs, len(runs))
     for count in range(1, 8):
         shards = [sweep.shard(runs, i, count) for i in range(count)]
@@ -203,7 +204,7 @@ def test_commands_and_worker_environments(tmp_path):
     assert args == ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "2", "--model", "lamo",
                     "--out", str(run_dir), "--pretrained", "gpt2-medium", "--steps", "10",
                     "--pretrained", "gpt2", "--wandb", "proj", "--wandb-group",
-                    "hopper-medium-v2_f0.1_lamo"]
+                    "hopper-medium-v2_f0.1_lamo+pretrained=gpt2-medium"]
     run_dir.mkdir()
     assert sweep.run_state(run_dir) == "restart"
     (run_dir / "ckpt.pt").write_bytes(b"")
@@ -217,7 +218,8 @@ def test_commands_and_worker_environments(tmp_path):
     assert "CUDA_VISIBLE_DEVICES" not in sweep.child_env(0, 1, [])
     cores = len(os.sched_getaffinity(0))
     # a value given twice is one run, not two processes writing one folder
-    cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 0.1], ["dt", "dt"])
+    cells = sweep.grid_cells(sweep.grid_entries(None, ["hopper-medium-v2"], [0.1, 0.1],
+                                                ["dt", "dt"]))
     assert [r.name for r in sweep.make_runs(cells, [0, 0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f0.1_dt_s1"]
     assert sweep.child_env(0, 1, [])["MKL_NUM_THREADS"] == str(cores)
@@ -232,7 +234,7 @@ def test_threads_split_by_hand(monkeypatch):
 
 
 def test_runs_are_seed_major_and_ties_go_to_the_higher_target():
-    cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"])
+    cells = sweep.grid_cells(sweep.grid_entries(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"]))
     assert [r.name for r in sweep.make_runs(cells, [0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f1_dt_s0",
         "hopper-medium-v2_f0.1_dt_s1", "hopper-medium-v2_f1_dt_s1"]
@@ -287,7 +289,10 @@ def test_table_rule_against_numbers_by_hand(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--grid", "table9"], "--grid 'table9'"),
+    (["--grid", "table99"], "--grid 'table99'"),
+    (["--grid", "fig5", "--model", "lamo-lineer"], "--model 'lamo-lineer'"),
+    (["--grid", "table3", "--model", "lamo-full"], "no cell of --grid table3"),
+    (["--env", "nosuch-v2", "--frac", "1", "--model", "lamo-full"], "--env 'nosuch-v2'"),
     (["--grid", "table3", "--shard", "4/4"], "--shard '4/4'"),
     (["--grid", "table3", "--shard", "x"], "--shard 'x'"),
     (["--grid", "table3", "--jobs", "0"], "--jobs 0"),
