@@ -496,8 +496,8 @@ def markdown(rows: list[dict], name: str, grid: str | None) -> str:
     lines += ["", "ours: for the best return target, the mean ± std (population, ddof=0) over the "
               "seeds present of each seed's mean score over its evaluations in the last 20% of "
               "training; the best target is the one with the highest mean over seeds. paper: "
-              "Shi et al., ICLR 2024, mean ± std over 3 seeds. —: no finished seed (or no paper "
-              "value). lamo.py flags: what the run adds to the task's defaults (tasks.py)."]
+              "Shi et al., ICLR 2024, over 3 seeds. —: no finished seed (or no paper value). "
+              "lamo.py flags: what the run adds to the task's defaults (tasks.py)."]
     if any(r["paper_approx"] for r in rows):
         lines += ["", f"≈ read from the paper's figure ({GRIDS[grid]}): means read off its bars "
                   "(± 2-5 points), not printed numbers and never mixed with the tables' exact "
@@ -527,8 +527,8 @@ def write_csv(rows: list[dict], path: Path):
 def plot(rows: list[dict], path: Path, title: str):
     """Laid out like the paper's figures: a panel per (task, ratio), its own y scale, a bar per
     variant (ours: mean ± std over seeds; a cell with no finished seed says so, not 0) and the
-    paper's value as a black marker on it: filled with the paper's ± std for a table, hollow for a
-    value read from a figure."""
+    paper's value as a black marker on it, right of centre: filled, with the paper's ± std, for a
+    table; hollow for a value read from a figure."""
     import matplotlib                     # imported here: only the table step pays for it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -540,8 +540,9 @@ def plot(rows: list[dict], path: Path, title: str):
     colors = {v: "0.6" if v == "dt" else plt.get_cmap("tab10")(i) for i, v in enumerate(variants)}
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 0.6, 2.5 * nrows + 1.3),
-                             squeeze=False)
+    # constrained layout: the title above and the legend below get the room they need
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 0.6, 2.4 * nrows + 1.0),
+                             squeeze=False, layout="constrained")
     for ax, (task, ratio) in zip(axes.flat, panels):
         for i, variant in enumerate(variants):
             r = by_line.get((task, ratio, variant))
@@ -554,10 +555,11 @@ def plot(rows: list[dict], path: Path, title: str):
                 ax.bar(i, r["mean"], 0.75, yerr=r["std"], capsize=3, color=colors[variant],
                        error_kw={"lw": 1, "ecolor": "0.2"})
                 if r["seeds"] < r["seeds_expected"]:
-                    ax.annotate(f"{r['seeds']}/{r['seeds_expected']}", (i, 0), ha="center",
+                    ax.annotate(f"{r['seeds']}/{r['seeds_expected']} seeds", (i, 0), ha="center",
                                 va="bottom", fontsize=7, color="w")
             if r["paper_mean"] is not None:
-                ax.errorbar(i, r["paper_mean"], yerr=r["paper_std"], fmt="D", ms=5, color="k",
+                # beside the bar's centre, so its ± std stays apart from ours
+                ax.errorbar(i + 0.2, r["paper_mean"], yerr=r["paper_std"], fmt="D", ms=5, color="k",
                             mfc="w" if r["paper_approx"] else "k", capsize=4, lw=1)
         ax.set_title(f"{task.removesuffix('-v2')} {100 * ratio:g}%", fontsize=9)
         ax.set_xticks([])
@@ -571,11 +573,10 @@ def plot(rows: list[dict], path: Path, title: str):
     handles.append(Line2D([], [], marker="D", ls="", color="k", mfc="w" if approx else "k",
                           label="paper: ≈ read from the paper's figure" if approx
                           else "paper (table value ± std)"))
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), fontsize=8,
-               frameon=False, bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()))
-    fig.suptitle(title, fontsize=10, y=1 - 0.05 / fig.get_figheight(), va="top")
-    fig.supylabel("normalised score (ours: mean ± std over seeds)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3),
+               fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\nbars: ours, mean ± std over seeds; diamonds: the paper", fontsize=10)
+    fig.supylabel("normalised score", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
