@@ -1,10 +1,10 @@
-"""The paper's numbers (Shi et al., ICLR 2024), published, not measured by us; /work/shared/REFERENCE.md
-§2 and §10 list where each comes from. No project imports: tasks.py re-exports these, and runs.py
-and sweep.py compare their results with them.
+"""The paper's numbers (Shi et al., ICLR 2024), published, not measured by us; REFERENCE.md §2 and
+§10 (../shared/ beside the repository) list where each comes from. No project imports: tasks.py
+re-exports these, and runs.py and sweep.py compare their results with them.
 
 Two kinds, kept apart on purpose:
-- PAPER_TABLES: exact numbers printed in the paper's tables, (mean, std) over 3 seeds; std None where
-  the paper (or REFERENCE) gives none.
+- PAPER_TABLES: exact numbers printed in the paper's tables, (mean, std) over 3 seeds; std None
+  where the paper gives none (Table 9's DT) or it was not transcribed (Table 16's w/o PT).
 - PAPER_FIGURES: values read off the paper's bar plots (≈, the final segment of each bar, ± 2-5
   points), means only. They are never mixed with the tables: where a figure and a table disagree
   (Breakout 10%: Fig. 4/5 ≈185, Table 2 136.9), the table is the reference.
@@ -12,9 +12,9 @@ Two kinds, kept apart on purpose:
 Both are keyed by (task, data ratio), then by variant: "lamo" and "dt" are lamo.py's two models with
 the task's defaults; the other variants (sweep.VARIANTS) change one setting of LaMo.
 
-Scores: MuJoCo and Kitchen D4RL normalised; Reacher2d return / 100; Atari human-normalised. The paper
-ran Kitchen on D4RL's kitchen-*-v0, we on Minari's v2 re-recording (comparable in kind, not bit for
-bit); Reacher2d on the authors' unpublished data (ours is regenerated, reacher2d.py).
+Scores: MuJoCo and Kitchen D4RL normalised; Reacher2d return / 100; Atari human-normalised. The
+paper ran Kitchen on D4RL's kitchen-*-v0, we on Minari's v2 re-recording (comparable in kind, not
+bit for bit); Reacher2d on the authors' unpublished data (ours is regenerated, reacher2d.py).
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ TABLE_3 = columns(LAMO_DT, {  # MuJoCo medium
     ("walker2d-medium-v2", 0.1): ((70.4, 4.2), (70.2, 7.5)),
 })
 
-# Table 16, "LaMo w/o pre-training" (a frozen random GPT-2 + LoRA + MLP) on MuJoCo medium: its LaMo and
-# DT columns are Table 3's; REFERENCE records the w/o-PT column without its std (None).
+# Table 16, "LaMo w/o pre-training" (a frozen random GPT-2 + LoRA + MLP) on MuJoCo medium: its LaMo
+# and DT columns are Table 3's; the w/o-PT column's std was not transcribed (None).
 NO_PRETRAINING_DENSE = {
     "hopper-medium-v2": (43.5, 46.0, 57.7, 64.5),
     "halfcheetah-medium-v2": (39.2, 40.6, 41.4, 42.8),

@@ -1,30 +1,37 @@
-"""sweep: run a grid of lamo.py runs (tasks x data ratios x models x seeds) until it is complete,
-and gather the paper's table from it.
+"""sweep: run a grid of lamo.py runs (tasks x data ratios x variants x seeds) until it is complete,
+and gather the paper's table or figure from it.
 
     python sweep.py --grid table3                  # the paper's Table 3 (MuJoCo): 72 runs
-    python sweep.py --grid table3 --dry-run        # list the runs and their commands; run nothing
+    python sweep.py --grid fig5 --dry-run          # list Fig. 5's runs and commands; run nothing
+    python sweep.py --grid paper                   # everything the paper reports, each run once
     python sweep.py --env hopper-medium-v2 --frac 0.1 1 --seed 0 1 2 --model lamo dt --name hop \\
         --jobs 4 --gpus 0,1 -- --steps 50000         # the flags after -- go to every lamo.py run
     python sweep.py --grid table3 --shard 3/8      # a fixed eighth of the grid (a Slurm array task)
-    python sweep.py --grid table3 --aggregate      # run nothing; write the table from what exists
+    python sweep.py --grid fig5 --aggregate        # run nothing; write the table from what exists
     python sweep.py --grid table3 --wandb lamo     # every new run logs to W&B, grouped by cell
 
-Grids: table1 (Kitchen), table2 (Atari), table3 (MuJoCo), read from tasks.PAPER_TABLES, so they are
-the cells the paper reports; --env/--frac/--model narrow a grid. Without --grid the grid is every
---env x --frac x --model (default: lamo dt) x --seed (default: 0 1 2).
+Grids: the paper's tables (table1 Kitchen, table2 Atari, table3 MuJoCo; the appendix's table8, 9,
+10, 11, 15, 16) and ablation figures (fig4, 5, 6, 10), read from paper.py, so they are the cells and
+columns the paper reports. A column is a variant (VARIANTS: LaMo, DT, or LaMo with one setting
+changed); --env/--frac/--model narrow a grid. Without --grid the grid is every --env x --frac x
+--model (default: lamo dt) x --seed (default: 0 1 2).
 
-Every run is an ordinary lamo.py run folder, sweeps/<name>/<task>_f<ratio>_<model>_s<seed>, with its
-output in sweeps/<name>/logs/<run>.log. Run the same command again to continue: runs with a
-summary.json are skipped, runs with a ckpt.pt resume from it (with the flags they started with),
-runs killed before their first checkpoint start over. Failed runs are reported at the end with the
-last lines of their log; the others go on. Exit status: 0 all done, 1 some failed, 2 bad input,
-130 stopped by Ctrl-C (the running runs checkpoint and stop; the next invocation resumes them).
+Every run is an ordinary lamo.py run folder, sweeps/<name>/<task>_f<ratio>_<model>[+<flag>=<value>
+...]_s<seed>, named by the flags it adds to the task's defaults, with its output in
+sweeps/<name>/logs/<run>.log. Every grid defaults to one folder, sweeps/paper/, so a run that two
+grids ask for (Table 16's LaMo is Table 3's; Fig. 6's λ 0.1 on Kitchen is Table 1's) is one folder,
+trained once. Run the same command again to continue: runs with a summary.json are skipped, runs
+with a ckpt.pt resume from it (with the flags they started with), runs killed before their first
+checkpoint start over. Failed runs are reported at the end with the last lines of their log; the
+others go on. Exit status: 0 all done, 1 some failed, 2 bad input, 130 stopped by Ctrl-C (the
+running runs checkpoint and stop; the next invocation resumes them).
 
-The table (printed, and written to results.md, results.csv and results.png in sweeps/<name>/): for
-each cell (task, ratio, model) and each return target, the mean over seeds of each seed's last-20%
-mean (summary.json's `last20`); the cell's value is the best target's mean ± std over the seeds
-present, with numpy's default population std (ddof=0). The paper's numbers stand beside ours; a cell
-with no finished seed is "—", never 0.
+The table (printed, and written to results_<grid>.md, .csv and .png in sweeps/<name>/; results.*
+without --grid): for each line (task, ratio, variant) and each return target, the mean over seeds of
+each seed's last-20% mean (summary.json's `last20`); the line's value is the best target's mean ±
+std over the seeds present, with numpy's default population std (ddof=0). The paper's numbers stand
+beside ours (a figure's marked ≈, read off its plot); a line with no finished seed is "—",
+never 0.
 """
 from __future__ import annotations
 
@@ -92,10 +99,11 @@ VARIANTS = {
     "lamo-gpt2": Variant("lamo", "LaMo, GPT-2 small", (("pretrained", "gpt2"),)),
     "lamo-gpt2-medium": Variant("lamo", "LaMo, GPT-2 medium", (("pretrained", "gpt2-medium"),)),
 }
-# Cells whose LaMo the paper ran on more than the defaults: GPT-2 medium for Kitchen Complete 30% and
-# Partial 100% (Table 1). In a paper grid every LaMo variant of such a cell keeps it unless the
+# Cells whose LaMo the paper ran on more than the defaults: GPT-2 medium for Kitchen Complete 30%
+# and Partial 100% (Table 1). In a paper grid every LaMo variant of such a cell keeps it unless the
 # variant sets --pretrained itself (Fig. 10's sizes, Table 15's w/o pre-training), so an ablation
-# changes one thing from the LaMo it is compared with (Fig. 6's λ 0 on Complete 30% is GPT-2 medium).
+# changes one thing from the LaMo it is compared with (Fig. 6's λ 0 on Complete 30% is GPT-2
+# medium).
 CELL_SETTINGS = {("kitchen-complete-v2", 0.3): (("pretrained", "gpt2-medium"),),
                  ("kitchen-partial-v2", 1.0): (("pretrained", "gpt2-medium"),)}
 
@@ -446,7 +454,8 @@ def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -
         rows.append({"task": cell.task, "ratio": cell.frac, "variant": entry.variant,
                      "model": cell.model, "flags": shlex.join(cell.flags), "run": cell.name,
                      "seeds": len(present), "seeds_expected": len(seeds), **ours,
-                     **dict(zip(("paper_mean", "paper_std", "paper_table", "paper_approx"), paper))})
+                     **dict(zip(("paper_mean", "paper_std", "paper_table", "paper_approx"),
+                                paper))})
     return rows
 
 
@@ -505,7 +514,7 @@ def markdown(rows: list[dict], name: str, grid: str | None) -> str:
     if any(r["paper_std"] is None and r["paper_mean"] is not None and not r["paper_approx"]
            for r in rows):
         lines += ["", "A paper value without ± has no std: Table 9's DT (copied from IQL's paper) "
-                  "and Table 16's w/o pre-training (its std is not in REFERENCE.md)."]
+                  "and Table 16's w/o pre-training (its std was not transcribed; see the paper)."]
     return "\n".join(lines) + "\n"
 
 
@@ -683,7 +692,8 @@ def main(argv=None) -> int:
         runs = make_runs(grid_cells(tables), seeds)
         if args.shard:
             runs = shard(runs, *parse_shard(args.shard))
-        # Every paper grid defaults to one folder: a run two grids ask for is one folder, trained once.
+        # Every paper grid defaults to one folder: a run two grids ask for is one folder, trained
+        # once.
         sweep_dir = Path("sweeps") / (args.name or (PAPER_GRID if args.grid else "sweep"))
         if args.aggregate:
             write_tables(tables, seeds, sweep_dir)

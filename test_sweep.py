@@ -322,7 +322,8 @@ def dry_run(argv: list[str], monkeypatch, capsys) -> list[list[str]]:
     """The lamo.py arguments of every run `sweep.py ARGV --dry-run` lists."""
     assert sweep.main([*argv, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    return [line.split("python lamo.py ", 1)[1].split() for line in lines if "python lamo.py" in line]
+    return [line.split("python lamo.py ", 1)[1].split() for line in lines
+            if "python lamo.py" in line]
 
 
 def outs(commands: list[list[str]]) -> set[str]:
@@ -412,7 +413,8 @@ def test_figure_and_table_grids_aggregate_beside_the_paper(tmp_path, monkeypatch
     full = fig5["hopper-medium-v2", 0.01, "lamo-full"]
     assert (f"| hopper-medium-v2 | 0.01 | LaMo, full fine-tuning | {np.mean(full):.1f} ± "
             f"{np.std(full):.1f} | ≈ 45 (Fig. 5) | 1 | 3/3 | --finetune full |") in md
-    assert "| pong-medium | 0.1 | LaMo, frozen (no LoRA) | — | ≈ 105 (Fig. 5) | — | 0/3 |" in md
+    assert "| pong-medium | 0.1 | LaMo, frozen (no LoRA) | — | ≈ 105 (Fig. 5) | — | 0/3 |" \
+        in md
     assert "≈ read from the paper's figure (Fig. 5)" in md
     assert "| breakout-medium | 0.1 | LaMo | " in md and "≈ 185 (Fig. 5)" in md
     lines = [line for line in md.splitlines() if line.startswith("|")]
@@ -425,7 +427,8 @@ def test_figure_and_table_grids_aggregate_beside_the_paper(tmp_path, monkeypatch
     lamo = table16["hopper-medium-v2", 0.005, "lamo"]
     assert (f"| hopper-medium-v2 | 0.005 | LaMo | {np.mean(lamo):.1f} ± {np.std(lamo):.1f} "
             "| 57.0 ± 7.1 (Table 16) | 1 | 3/3 | defaults |") in md
-    assert "| LaMo w/o pre-training | " in md and "| 43.5 (Table 16) | 1 | 3/3 | --pretrained none |" in md
+    assert "| LaMo w/o pre-training | " in md
+    assert "| 43.5 (Table 16) | 1 | 3/3 | --pretrained none |" in md
     assert "| walker2d-medium-v2 | 1 | DT | " in md and " | 2/3 | defaults |" in md
     assert "≈" not in md
     rows = {(r["task"], r["ratio"], r["variant"]): r for r in
