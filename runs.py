@@ -199,7 +199,8 @@ def finish(run: Run) -> dict:
     print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   {task.score_name}, mean over episodes")
     for tgt, s in summary["targets"].items():
         print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   ({s['n_last20']} evaluations in the last 20%)")
-    in_paper = f"; the paper's {paper[2]}: {paper[0]} ± {paper[1]}" if paper else ""
+    spread = "" if paper is None or paper[1] is None else f" ± {paper[1]}"   # Table 9's DT: none
+    in_paper = f"; the paper's {paper[2]}: {paper[0]}{spread}" if paper else ""
     print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
           f"at target {summary['headline_target']}{in_paper}\nrun folder: {run.folder}")
     plot_curve(run, paper, run.folder / "curve.png")

@@ -237,46 +237,5 @@ def get_task(name: str) -> Task:
 
 
 # ----------------------------------------------------------------------------- the paper's numbers
-# Published scores, (mean, std) over 3 seeds, keyed by (task, data ratio); not measured by us.
-# MuJoCo and Kitchen: D4RL normalised score; Reacher2d: return / 100; Atari: human-normalised score.
-# The paper ran Kitchen on D4RL's kitchen-*-v0, we on Minari's v2 re-recording (comparable in kind,
-# not bit for bit); Reacher2d on the authors' unpublished data (ours is regenerated, reacher2d.py).
-PAPER_TABLES = {
-    "Table 3": {  # MuJoCo medium: (LaMo, DT)
-        ("hopper-medium-v2", 1.0): ((74.1, 5.3), (60.9, 3.3)),
-        ("hopper-medium-v2", 0.005): ((57.0, 7.1), (35.8, 6.6)),
-        ("hopper-medium-v2", 0.01): ((52.0, 4.6), (41.9, 5.2)),
-        ("hopper-medium-v2", 0.1): ((73.7, 3.5), (57.3, 3.8)),
-        ("halfcheetah-medium-v2", 1.0): ((42.5, 0.4), (42.6, 0.5)),
-        ("halfcheetah-medium-v2", 0.005): ((39.0, 1.6), (22.4, 5.2)),
-        ("halfcheetah-medium-v2", 0.01): ((40.6, 1.3), (29.6, 4.8)),
-        ("halfcheetah-medium-v2", 0.1): ((42.1, 0.6), (41.7, 0.8)),
-        ("walker2d-medium-v2", 1.0): ((73.3, 3.1), (70.2, 4.3)),
-        ("walker2d-medium-v2", 0.005): ((66.9, 5.4), (16.7, 4.8)),
-        ("walker2d-medium-v2", 0.01): ((74.5, 4.7), (38.9, 9.3)),
-        ("walker2d-medium-v2", 0.1): ((70.4, 4.2), (70.2, 7.5)),
-    },
-    "Table 1": {  # Kitchen and Reacher2d: (LaMo, DT)
-        ("kitchen-partial-v2", 1.0): ((46.6, 5.3), (33.8, 14.5)),
-        ("kitchen-partial-v2", 0.01): ((11.6, 3.0), (0.9, 0.9)),
-        ("kitchen-partial-v2", 0.1): ((35.1, 5.2), (22.6, 6.8)),
-        ("kitchen-complete-v2", 1.0): ((64.2, 5.3), (52.8, 3.7)),
-        ("kitchen-complete-v2", 0.3): ((45.9, 2.9), (31.5, 4.5)),
-        ("kitchen-complete-v2", 0.5): ((50.6, 6.1), (36.6, 5.1)),
-        ("reacher2d-medium", 1.0): ((33.0, 8.3), (22.8, 6.0)),
-        ("reacher2d-medium", 0.1): ((12.4, 3.8), (2.3, 1.5)),
-        ("reacher2d-medium", 0.3): ((31.2, 7.6), (6.4, 2.6)),
-    },
-    "Table 2": {  # Atari: (LaMo, DT)
-        ("breakout-medium", 1.0): ((473.4, 195.6), (402.8, 147.6)),
-        ("breakout-medium", 0.1): ((136.9, 91.1), (45.0, 18.6)),
-        ("qbert-medium", 1.0): ((79.0, 13.1), (28.9, 18.3)),
-        ("qbert-medium", 0.1): ((63.6, 17.2), (26.1, 14.3)),
-        ("pong-medium", 1.0): ((125.6, 6.6), (116.1, 10.4)),
-        ("pong-medium", 0.1): ((114.8, 8.8), (87.1, 19.7)),
-    },
-}
-# {(task, frac, model): (mean, std, table)}: one lookup for summary.json, curve.png and sweep.py.
-PAPER = {(task, frac, model): (*score, table)
-         for table, cells in PAPER_TABLES.items() for (task, frac), scores in cells.items()
-         for model, score in zip(("lamo", "dt"), scores)}
+# In paper.py (no project imports), re-exported here for runs.py, sweep.py and the tests.
+from paper import PAPER, PAPER_FIGURES, PAPER_TABLES  # noqa: E402, F401

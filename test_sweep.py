@@ -181,7 +181,8 @@ def test_table3_dry_run_lists_the_72_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_shards_cover_the_grid_exactly_once():
-    runs = sweep.make_runs(sweep.grid_cells("table3", None, None, None), sweep.SEEDS)
+    runs = sweep.make_runs(sweep.grid_cells(sweep.grid_entries("table3", None, None, None)),
+                           sweep.SEEDS)
     shuffled = random.Random(0).sample(runs, len(runs))
     for count in range(1, 8):
         shards = [sweep.shard(runs, i, count) for i in range(count)]
@@ -203,7 +204,7 @@ def test_commands_and_worker_environments(tmp_path):
     assert args == ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "2", "--model", "lamo",
                     "--out", str(run_dir), "--pretrained", "gpt2-medium", "--steps", "10",
                     "--pretrained", "gpt2", "--wandb", "proj", "--wandb-group",
-                    "hopper-medium-v2_f0.1_lamo"]
+                    "hopper-medium-v2_f0.1_lamo+pretrained=gpt2-medium"]
     run_dir.mkdir()
     assert sweep.run_state(run_dir) == "restart"
     (run_dir / "ckpt.pt").write_bytes(b"")
@@ -217,7 +218,8 @@ def test_commands_and_worker_environments(tmp_path):
     assert "CUDA_VISIBLE_DEVICES" not in sweep.child_env(0, 1, [])
     cores = len(os.sched_getaffinity(0))
     # a value given twice is one run, not two processes writing one folder
-    cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 0.1], ["dt", "dt"])
+    cells = sweep.grid_cells(sweep.grid_entries(None, ["hopper-medium-v2"], [0.1, 0.1],
+                                                ["dt", "dt"]))
     assert [r.name for r in sweep.make_runs(cells, [0, 0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f0.1_dt_s1"]
     assert sweep.child_env(0, 1, [])["MKL_NUM_THREADS"] == str(cores)
@@ -232,7 +234,7 @@ def test_threads_split_by_hand(monkeypatch):
 
 
 def test_runs_are_seed_major_and_ties_go_to_the_higher_target():
-    cells = sweep.grid_cells(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"])
+    cells = sweep.grid_cells(sweep.grid_entries(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"]))
     assert [r.name for r in sweep.make_runs(cells, [0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f1_dt_s0",
         "hopper-medium-v2_f0.1_dt_s1", "hopper-medium-v2_f1_dt_s1"]
@@ -287,7 +289,10 @@ def test_table_rule_against_numbers_by_hand(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--grid", "table9"], "--grid 'table9'"),
+    (["--grid", "table99"], "--grid 'table99'"),
+    (["--grid", "fig5", "--model", "lamo-lineer"], "--model 'lamo-lineer'"),
+    (["--grid", "table3", "--model", "lamo-full"], "no cell of --grid table3"),
+    (["--env", "nosuch-v2", "--frac", "1", "--model", "lamo-full"], "--env 'nosuch-v2'"),
     (["--grid", "table3", "--shard", "4/4"], "--shard '4/4'"),
     (["--grid", "table3", "--shard", "x"], "--shard 'x'"),
     (["--grid", "table3", "--jobs", "0"], "--jobs 0"),
@@ -304,3 +309,137 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "sweeps").exists()
+
+
+# ----------------------------------------------------------------------------- the paper's grids
+# Each grid's runs (cells x variants x 3 seeds); paper: all grids, a run two of them share once.
+GRID_RUNS = {"table1": 54, "table2": 36, "table3": 72, "table8": 18, "table9": 18, "table10": 12,
+             "table11": 18, "table15": 81, "table16": 108, "fig4": 72, "fig5": 96, "fig6": 27,
+             "fig10": 18, "paper": 381}
+
+
+def dry_run(argv: list[str], monkeypatch, capsys) -> list[list[str]]:
+    """The lamo.py arguments of every run `sweep.py ARGV --dry-run` lists."""
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [line.split("python lamo.py ", 1)[1].split() for line in lines
+            if "python lamo.py" in line]
+
+
+def outs(commands: list[list[str]]) -> set[str]:
+    return {c[c.index("--out") + 1] for c in commands}
+
+
+@pytest.mark.parametrize("grid", GRID_RUNS)
+def test_each_grid_dry_run_lists_its_runs(grid, tmp_path, monkeypatch, capsys):
+    """Table 10 and Table 11 list their runs without tasks.py's entries for their tasks: the plain
+    LaMo and DT variants need no task defaults."""
+    monkeypatch.chdir(tmp_path)
+    commands = dry_run(["--grid", grid], monkeypatch, capsys)
+    assert len(commands) == len(outs(commands)) == GRID_RUNS[grid]
+    assert all(out.startswith("sweeps/paper/") for out in outs(commands))   # one shared folder
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_paper_grid_trains_a_run_two_grids_share_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    grids = {g: outs(dry_run(["--grid", g], monkeypatch, capsys)) for g in GRID_RUNS}
+    paper = grids.pop("paper")
+    assert paper == set.union(*grids.values())                 # each run of every grid, once
+    assert sum(map(len, grids.values())) > len(paper)          # ... and some are shared
+    # Table 16's LaMo and DT are Table 3's runs; its third column is LaMo --pretrained none
+    assert {o for o in grids["table16"] if "+pretrained=none" not in o} == grids["table3"]
+    # Fig. 10's GPT-2 medium on Complete 30% is Table 1's LaMo; its GPT-2 small on Complete 50%
+    # is Table 1's LaMo too (--pretrained gpt2 is the default, so no flag and the same folder)
+    prefix = "sweeps/paper/kitchen-complete-v2_f"
+    assert f"{prefix}0.3_lamo+pretrained=gpt2-medium_s0" in grids["fig10"] & grids["table1"]
+    assert f"{prefix}0.5_lamo_s0" in grids["fig10"] & grids["table1"]
+    assert f"{prefix}0.3_lamo_s0" in grids["fig10"] - grids["table1"]        # a run of its own
+    # Fig. 6's λ 0.1 on Kitchen is the default, so Table 1's run; λ 0 is one flag more
+    fig6 = dry_run(["--grid", "fig6", "--seed", "0"], monkeypatch, capsys)
+    assert {o for o in outs(fig6) if "lm-coef" not in o} <= grids["table1"]
+    assert [c[c.index("--out") + 2:] for c in fig6 if "--lm-coef" in c] == [
+        ["--lm-coef", "0"], ["--lm-coef", "0"], ["--lm-coef", "0", "--pretrained", "gpt2-medium"]]
+
+
+def test_a_setting_equal_to_the_tasks_default_gives_no_flag():
+    cell = sweep.make_cell
+    assert cell("kitchen-partial-v2", 0.1, "lamo-lm", in_grid=True).flags == ()       # λ 0.1
+    assert cell("hopper-medium-v2", 0.1, "lamo-nolm", in_grid=True).flags == ()       # λ 0
+    assert cell("hopper-medium-v2", 0.1, "lamo-linear", in_grid=False).flags == ()    # linear
+    assert cell("walker2d-medium-v2", 0.1, "lamo-linear", in_grid=False).flags == (
+        "--embed", "linear")
+    assert cell("kitchen-partial-v2", 0.1, "lamo-nolm", in_grid=True).flags == ("--lm-coef", "0")
+    # the cell's GPT-2 medium stays under an ablation of something else, not under its own size
+    assert cell("kitchen-complete-v2", 0.3, "lamo-full", in_grid=True).flags == (
+        "--finetune", "full", "--pretrained", "gpt2-medium")
+    assert cell("kitchen-complete-v2", 0.3, "lamo-nopt", in_grid=True).flags == (
+        "--pretrained", "none")
+    assert cell("kitchen-complete-v2", 0.3, "lamo", in_grid=False).flags == ()   # not a grid
+    assert cell("kitchen-complete-v2", 0.3, "lamo-gpt2", in_grid=True).name == \
+        "kitchen-complete-v2_f0.3_lamo"
+    assert cell("ant-medium-v2", 0.1, "dt", in_grid=True).flags == ()   # no task entry needed
+
+
+def made_up_runs(folder: Path, grid: str, skip=()) -> dict:
+    """A summary.json for every run of the grid but those whose name contains a string of skip:
+    seed s of a line scores 10 + the line's index + s. -> {(task, ratio, variant): [scores]}."""
+    scores = {}
+    for i, entry in enumerate(sweep.grid_entries(grid, None, None, None)[grid]):
+        for seed in sweep.SEEDS:
+            run = sweep.Run(entry.cell, seed)
+            if any(s in run.name for s in skip):
+                continue
+            (folder / run.name).mkdir(parents=True, exist_ok=True)
+            (folder / run.name / "summary.json").write_text(json.dumps(summary(t1=10 + i + seed)))
+            scores.setdefault((entry.cell.task, entry.cell.frac, entry.variant), []).append(
+                10 + i + seed)
+    return scores
+
+
+def test_figure_and_table_grids_aggregate_beside_the_paper(tmp_path, monkeypatch, capsys):
+    """fig5 and table16 on made-up summaries: each line is ours beside the paper's value, a
+    figure's marked ≈ and a table's exact (Table 16's w/o pre-training without ±), each grid in
+    its own results_<grid>.* of the shared folder."""
+    folder = tmp_path / "sweeps" / "paper"
+    fig5 = made_up_runs(folder, "fig5", skip=["pong-medium_f0.1_lamo+finetune=frozen"])
+    table16 = made_up_runs(folder, "table16", skip=["walker2d-medium-v2_f1_dt_s2"])
+    monkeypatch.chdir(tmp_path)
+    for grid in ("fig5", "table16", "table3"):
+        assert sweep.main(["--grid", grid, "--aggregate"]) == 0
+    capsys.readouterr()
+
+    md = (folder / "results_fig5.md").read_text()
+    full = fig5["hopper-medium-v2", 0.01, "lamo-full"]
+    assert (f"| hopper-medium-v2 | 0.01 | LaMo, full fine-tuning | {np.mean(full):.1f} ± "
+            f"{np.std(full):.1f} | ≈ 45 (Fig. 5) | 1 | 3/3 | --finetune full |") in md
+    assert "| pong-medium | 0.1 | LaMo, frozen (no LoRA) | — | ≈ 105 (Fig. 5) | — | 0/3 |" \
+        in md
+    assert "≈ read from the paper's figure (Fig. 5)" in md
+    assert "| breakout-medium | 0.1 | LaMo | " in md and "≈ 185 (Fig. 5)" in md
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert not any("(Table" in line or "136.9" in line for line in lines)   # no table value
+    assert "| task | ratio | LaMo | LaMo, full fine-tuning | LaMo, frozen (no LoRA) | DT |" in md
+    rows = read_csv(folder / "results_fig5.csv")
+    assert len(rows) == 32 and {(r["paper_approx"], r["paper_std"]) for r in rows} == {("1", "")}
+
+    md = (folder / "results_table16.md").read_text()
+    lamo = table16["hopper-medium-v2", 0.005, "lamo"]
+    assert (f"| hopper-medium-v2 | 0.005 | LaMo | {np.mean(lamo):.1f} ± {np.std(lamo):.1f} "
+            "| 57.0 ± 7.1 (Table 16) | 1 | 3/3 | defaults |") in md
+    assert "| LaMo w/o pre-training | " in md
+    assert "| 43.5 (Table 16) | 1 | 3/3 | --pretrained none |" in md
+    assert "| walker2d-medium-v2 | 1 | DT | " in md and " | 2/3 | defaults |" in md
+    assert "≈" not in md
+    rows = {(r["task"], r["ratio"], r["variant"]): r for r in
+            read_csv(folder / "results_table16.csv")}
+    assert rows["hopper-medium-v2", "0.005", "lamo-nopt"]["paper_std"] == ""
+    assert rows["hopper-medium-v2", "0.005", "lamo-nopt"]["paper_approx"] == "0"
+    # Table 16's LaMo and DT lines are Table 3's runs: the same numbers, from the same folders
+    table3 = {(r["task"], r["ratio"], r["variant"]): r for r in
+              read_csv(folder / "results_table3.csv")}
+    assert table3 and all(rows[k]["mean"] == r["mean"] and rows[k]["run"] == r["run"]
+                          for k, r in table3.items())
+    for grid in ("fig5", "table16", "table3"):
+        assert (folder / f"results_{grid}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (folder / "results.md").exists()        # a grid writes its own results files only
