@@ -607,6 +607,8 @@ def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, disc
 
 
 def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:   # before minutes of loading
+        raise LamoError("--wandb needs the wandb package: pip install wandb")
     device = pick_device(cfg.device)
     if resume and cfg.precision == "auto":
         raise LamoError(f"{folder / 'config.json'} says precision 'auto' (an older lamo saved it "
@@ -648,8 +650,6 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
 
 
 def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:   # before minutes of loading
-        raise LamoError("--wandb needs the wandb package: pip install wandb")
     run = start_run(cfg, folder, resume)
     model, discrete = run.model, run.task.discrete
     # --compile: the training forward as fused kernels; the first steps pay the compilation. With

@@ -37,7 +37,7 @@ from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoi
 
 # What may differ between the runs of a pack; everything else is one config. On lamo.py's command
 # line each takes several values (one per run), and --resume several run folders.
-PER_RUN = {"seed", "frac", "frac_seed", "out", "resume"}
+PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 
 
 def as_list(value) -> list:

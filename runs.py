@@ -56,9 +56,10 @@ class MetricsLog:
             id_file = run.folder / "wandb_id"
             run_id = id_file.read_text() if id_file.exists() else wandb.util.generate_id()
             id_file.write_text(run_id)
-            self.wandb = wandb.init(project=run.cfg.wandb, group=run.cfg.wandb_group or None, id=run_id,
-                                    name=run.folder.name, config=asdict(run.cfg), dir=str(run.folder),
-                                    resume="allow")
+            # reinit="create_new" (wandb >= 0.19.10): the runs of a pack are W&B runs at once.
+            self.wandb = wandb.init(project=run.cfg.wandb, group=run.cfg.wandb_group or None,
+                                    id=run_id, name=run.folder.name, config=asdict(run.cfg),
+                                    dir=str(run.folder), resume="allow", reinit="create_new")
 
     def write(self, row: dict):
         self.file.write(json.dumps(row) + "\n")

@@ -261,6 +261,58 @@ def lamo_args(run: Run, run_dir: Path, lamo_flags: list[str], wandb: str | None,
     return args + device
 
 
+def pack_args(job: tuple[Run, ...], sweep_dir: Path, lamo_flags: list[str], wandb: str | None,
+              cuda: bool = False) -> list[str]:
+    """lamo.py's arguments for a job: one run (lamo_args), or a pack of runs that differ only in
+    --frac and --seed (make_jobs), with one value of each per run and a run folder each; a pack
+    of checkpointed runs gets their folders after --resume."""
+    if len(job) == 1:
+        return lamo_args(job[0], sweep_dir / job[0].name, lamo_flags, wandb, cuda)
+    device = ["--device", "cuda"] if cuda else []
+    folders = [str(sweep_dir / run.name) for run in job]
+    if run_state(sweep_dir / job[0].name) == "resume":
+        return ["--resume", *folders, *device]
+    cell = job[0].cell
+    args = ["--env", cell.task, "--frac", *(str(run.cell.frac) for run in job),
+            "--seed", *(str(run.seed) for run in job), "--model", cell.model, "--out", *folders,
+            *cell.flags, *lamo_flags]
+    if wandb:
+        args += ["--wandb", wandb, "--wandb-group", *(run.cell.name for run in job)]
+    return args + device
+
+
+def ckpt_step(run_dir: Path) -> int:
+    """The step a run's checkpoint holds (memory-mapped: its tensors are not read)."""
+    return torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=False,
+                      mmap=True)["step"]
+
+
+def make_jobs(todo: list[Run], sweep_dir: Path, pack: int,
+              lamo_flags: list[str]) -> list[tuple[Run, ...]]:
+    """--pack R: the runs to do, grouped into packs of at most R runs that lamo.py can train in
+    lockstep in one process (pack.py): the same task, model and flags, so they differ only in
+    --frac and --seed, and in the same state (new, or checkpointed at the same step). Runs with a
+    token-counted lr schedule (Atari) and --compile runs go alone, as lamo.py refuses to pack
+    them. Packs keep the runs' seed-major order. R = 1: one run per job."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in todo:
+        task = TASKS.get(run.cell.task)
+        alone = (pack == 1 or "--compile" in lamo_flags or task is None
+                 or getattr(task, run.cell.model).warmup_tokens > 0)
+        run_dir = sweep_dir / run.name
+        state = ckpt_step(run_dir) if not alone and run_state(run_dir) == "resume" else "new"
+        key = (run.name,) if alone else (run.cell.task, run.cell.model, run.cell.flags, state)
+        groups.setdefault(key, []).append(run)
+    jobs = [tuple(runs[i:i + pack]) for runs in groups.values() for i in range(0, len(runs), pack)]
+    order = {run: i for i, run in enumerate(todo)}
+    return sorted(jobs, key=lambda job: order[job[0]])
+
+
+def job_name(job: tuple[Run, ...]) -> str:
+    """A job's log file: its run's name, or for a pack its first run's and how many runs."""
+    return job[0].name if len(job) == 1 else f"pack_{job[0].name}+{len(job) - 1}"
+
+
 def threads_per_job(jobs: int) -> int:
     """cores // jobs, the cores being Slurm's --cpus-per-task where Slurm says so (a node may not
     bind a job to its cores, and then every core of the node looks available), else this
@@ -318,23 +370,24 @@ def log_tail(log_path: Path, n: int = LOG_TAIL) -> list[str]:
 
 
 # ============================================================================ 3. many runs at once
-def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str | None, jobs: int,
-            gpus: list[str]) -> tuple[list[tuple[Run, int]], bool]:
-    """Run `todo`, `jobs` at a time. -> ([(failed run, exit status)], whether Ctrl-C stopped it)."""
+def run_all(todo: list[tuple[Run, ...]], sweep_dir: Path, lamo_flags: list[str],
+            wandb: str | None, jobs: int, gpus: list[str]) -> tuple[list[tuple[Run, int, Path]], bool]:
+    """Run the jobs of `todo` (a run, or a pack of runs: make_jobs), `jobs` at a time.
+    -> ([(failed run, exit status, its log)], whether Ctrl-C stopped it)."""
     queue, running, failed, stop = list(todo), {}, [], []
     free_slots = list(range(jobs))
     # Redrawn every 5 s at most, so a day-long sweep's log stays small; the ETA from the average
     # time per run since the start (smoothing=0: runs end in bursts); no monitor thread, as
     # launch()'s preexec_fn is only safe in a process without threads.
     tqdm.monitor_interval = 0
-    bar = progress(total=len(todo), desc=f"sweep {sweep_dir.name}", unit="run", dynamic_ncols=True,
-               mininterval=5, miniters=0, smoothing=0)
+    bar = progress(total=sum(map(len, todo)), desc=f"sweep {sweep_dir.name}", unit="run",
+                   dynamic_ncols=True, mininterval=5, miniters=0, smoothing=0)
 
     def on_signal(signum, _frame):
         # SIGINT (Ctrl-C) or SIGTERM (e.g. Slurm): each run checkpoints after its current step
         # and exits 130; the next invocation resumes it.
         stop.append(signum)
-        tqdm.write(f"{signal.Signals(signum).name}: asking {len(running)} running runs to "
+        tqdm.write(f"{signal.Signals(signum).name}: asking {len(running)} running jobs to "
                    "checkpoint and stop (again: abort them, losing the steps since their last "
                    "evaluation)")
         for proc in list(running):
@@ -342,33 +395,36 @@ def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str 
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     def loading() -> bool:
-        # lamo.py makes its run folder once its model, data and corpus are loaded, downloads
-        # included. One run at a time in that phase: two runs downloading one file into one
+        # lamo.py makes its run folders once its models, data and corpus are loaded, downloads
+        # included. One job at a time in that phase: two runs downloading one file into one
         # .part at once would collide.
-        return any(not (sweep_dir / run.name).exists() for run, _, _ in running.values())
+        return any(not (sweep_dir / run.name).exists()
+                   for job, _, _ in running.values() for run in job)
 
     try:
         while running or (queue and not stop):
             while queue and free_slots and not stop and not loading():
-                run, slot = queue.pop(0), free_slots.pop(0)
-                run_dir = sweep_dir / run.name
-                if run_state(run_dir) == "restart":
-                    shutil.rmtree(run_dir)      # lamo.py refuses a non-empty --out
-                args = lamo_args(run, run_dir, lamo_flags, wandb, cuda=bool(gpus))
-                proc = launch(args, sweep_dir / "logs" / f"{run.name}.log",
+                job, slot = queue.pop(0), free_slots.pop(0)
+                for run in job:
+                    if run_state(sweep_dir / run.name) == "restart":
+                        shutil.rmtree(sweep_dir / run.name)     # lamo.py refuses a non-empty --out
+                args = pack_args(job, sweep_dir, lamo_flags, wandb, cuda=bool(gpus))
+                proc = launch(args, sweep_dir / "logs" / f"{job_name(job)}.log",
                               child_env(slot, jobs, gpus))
-                running[proc] = (run, slot, time.time())
+                running[proc] = (job, slot, time.time())
                 if stop:                        # a signal that came while it was starting
                     proc.send_signal(signal.SIGINT)
             for proc in [p for p in running if p.poll() is not None]:
-                run, slot, t0 = running.pop(proc)
+                job, slot, t0 = running.pop(proc)
                 free_slots.append(slot)
-                outcome = outcome_of(run, proc.returncode, sweep_dir, stopped=bool(stop))
-                tqdm.write(f"{outcome:<11} {run.name} ({time.time() - t0:.0f} s)")
-                if outcome == "FAILED":
-                    failed.append((run, proc.returncode))
-                if outcome != "interrupted":
-                    bar.update(1)
+                for run in job:
+                    outcome = outcome_of(run, proc.returncode, sweep_dir, stopped=bool(stop))
+                    tqdm.write(f"{outcome:<11} {run.name} ({time.time() - t0:.0f} s)")
+                    if outcome == "FAILED":
+                        log = sweep_dir / "logs" / f"{job_name(job)}.log"
+                        failed.append((run, proc.returncode, log))
+                    if outcome != "interrupted":
+                        bar.update(1)
             bar.set_postfix_str(f"running {len(running)}, left {len(queue)}, failed {len(failed)}",
                                 refresh=False)
             bar.update(0)       # redraws if 5 s have passed, so the elapsed time moves
@@ -385,17 +441,17 @@ def run_all(todo: list[Run], sweep_dir: Path, lamo_flags: list[str], wandb: str 
 
 
 def outcome_of(run: Run, returncode: int, sweep_dir: Path, stopped: bool) -> str:
-    """done | interrupted (it will resume or restart next time) | FAILED."""
-    if returncode == 0 and (sweep_dir / run.name / "summary.json").exists():
+    """done | interrupted (it will resume or restart next time) | FAILED. A run of a pack that
+    finished while a pack-mate failed is done."""
+    if (sweep_dir / run.name / "summary.json").exists() and (returncode == 0 or not stopped):
         return "done"
     if returncode != 0 and (stopped or returncode in INTERRUPTED):
         return "interrupted"
     return "FAILED"
 
 
-def report_failures(failed: list[tuple[Run, int]], sweep_dir: Path):
-    for run, returncode in failed:
-        log_path = sweep_dir / "logs" / f"{run.name}.log"
+def report_failures(failed: list[tuple[Run, int, Path]]):
+    for run, returncode, log_path in failed:
         print(f"\nFAILED {run.name} (exit status {returncode}); the end of {log_path}:")
         for line in log_tail(log_path):
             print(f"    {line}")
@@ -622,7 +678,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help=f"variants: {' | '.join(VARIANTS)} (default: a grid's, else lamo dt)")
     p.add_argument("--name", help=f"sweeps/<name>/ holds the runs (default: {PAPER_GRID} for "
                                   "every grid, so grids share their runs; else 'sweep')")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="lamo.py processes at once (default 1)")
+    p.add_argument("--pack", type=int, default=1, metavar="R",
+                   help="train up to R compatible runs (same task, variant and state; other "
+                        "ratios and seeds) as one pack in one process (default 1: one run each)")
     p.add_argument("--gpus", default="", help="e.g. 0,1: worker i gets GPU i mod count, among "
                                               "those CUDA_VISIBLE_DEVICES shows; runs get --device cuda")
     p.add_argument("--shard", help="I/N: run only the I-th of N fixed shares of the grid")
@@ -639,6 +698,8 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
     """One-line errors for what argparse cannot see. -> the --gpus list."""
     if args.jobs < 1:
         raise SweepError(f"--jobs {args.jobs}: must be >= 1")
+    if args.pack < 1:
+        raise SweepError(f"--pack {args.pack}: must be >= 1 (1: one run per process)")
     gpus = args.gpus.split(",") if args.gpus else []
     if any(not g.strip() for g in gpus):
         raise SweepError(f"--gpus {args.gpus!r}: expected a comma-separated list, e.g. 0,1")
@@ -711,29 +772,37 @@ def main(argv=None) -> int:
     if args.grid:
         print("  runs per grid (a run two grids share counts in each): " + ", ".join(
             f"{grid} {len(grid_cells({grid: e})) * len(seeds)}" for grid, e in tables.items()))
+    todo = make_jobs([run for run, state in states.items() if state != "done"], sweep_dir,
+                     args.pack, lamo_flags)
+    if args.pack > 1:
+        print(f"  {sum(map(len, todo))} runs to do as {len(todo)} jobs (--pack {args.pack})")
     if args.dry_run:
         for run, state in states.items():
-            run_args = lamo_args(run, sweep_dir / run.name, lamo_flags, args.wandb, cuda=bool(gpus))
+            if state == "done":
+                print(f"  {state:<8} {run.name}")
+        for job in todo:
+            run_args = pack_args(job, sweep_dir, lamo_flags, args.wandb, cuda=bool(gpus))
+            state = states[job[0]] + (f", pack of {len(job)}" if len(job) > 1 else "")
             print(f"  {state:<8} python lamo.py {shlex.join(run_args)}")
         return 0
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not (sweep_dir / "sweep.json").exists():
         (sweep_dir / "sweep.json").write_text(json.dumps({"lamo_flags": lamo_flags}))
-    todo = [run for run, state in states.items() if state != "done"]
     failed, stopped = run_all(todo, sweep_dir, lamo_flags, args.wandb, args.jobs, gpus) \
         if todo else ([], False)
     if stopped:
         print("stopped; run the same command again to resume")
         return 130
-    report_failures(failed, sweep_dir)
+    report_failures(failed)
     if args.shard:
         print(f"shard {args.shard} finished; gather the table with the same command, "
               "--aggregate instead of --shard")
     else:
         write_tables(tables, seeds, sweep_dir)
     if failed:
-        print(f"\n{len(failed)} of {len(todo)} runs failed (logs in {sweep_dir / 'logs'})")
+        print(f"\n{len(failed)} of {sum(map(len, todo))} runs failed (logs in "
+              f"{sweep_dir / 'logs'})")
     return 1 if failed else 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import sweep
 from data import collect
@@ -443,3 +444,50 @@ def test_figure_and_table_grids_aggregate_beside_the_paper(tmp_path, monkeypatch
     for grid in ("fig5", "table16", "table3"):
         assert (folder / f"results_{grid}.png").read_bytes()[:4] == b"\x89PNG"
     assert not (folder / "results.md").exists()        # a grid writes its own results files only
+
+
+# ----------------------------------------------------------------------------- packs
+def test_a_packed_sweep_trains_its_runs_as_one_pack(work):
+    """--pack 4: the tiny grid's four runs (two ratios x two seeds) in one lamo.py process, one
+    log; every run folder complete; the table as from four processes (the numbers differ a
+    little: a pack's dropout masks are its own)."""
+    p = sweep_py(*GRID, "--name", "P", "--pack", "4", *tiny(work / "tiny.hdf5"), cwd=work)
+    assert p.returncode == 0, p.stdout + p.stderr
+    folder = work / "sweeps" / "P"
+    assert "4 runs to do as 1 jobs (--pack 4)" in p.stdout
+    assert sorted(x.name for x in (folder / "logs").iterdir()) == [
+        "pack_hopper-medium-v2_f0.5_dt_s0+3.log"]
+    log = (folder / "logs" / "pack_hopper-medium-v2_f0.5_dt_s0+3.log").read_text()
+    assert "pack     4 runs in lockstep" in log
+    assert len(list(folder.glob("*/summary.json"))) == 4
+    rows = read_csv(folder / "results.csv")
+    assert [(r["ratio"], r["model"], r["seeds"]) for r in rows] == [("0.5", "dt", "2"),
+                                                                    ("1.0", "dt", "2")]
+
+
+def test_packs_group_compatible_runs_in_the_same_state(tmp_path, monkeypatch, capsys):
+    """make_jobs: same task, variant and state; Atari (token-counted lr) and --compile alone; a
+    checkpointed run packs only with runs checkpointed at the same step."""
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["--grid", "table3", "--pack", "12", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "72 runs to do as 6 jobs (--pack 12)" in out
+    assert out.count("pack of 12") == 6
+    cells = [sweep.Cell("hopper-medium-v2", f, "lamo") for f in (0.1, 1.0)]
+    runs = sweep.make_runs(cells, [0, 1, 2])
+    folder = tmp_path / "s"
+    for run, step in zip(runs, (500, 500, 700)):        # three checkpointed, three new
+        (folder / run.name).mkdir(parents=True)
+        torch.save({"step": step}, folder / run.name / "ckpt.pt")
+    jobs = sweep.make_jobs(runs, folder, 4, [])
+    assert [[r.name for r in job] for job in jobs] == [
+        [r.name for r in runs[:2]], [runs[2].name], [r.name for r in runs[3:]]]
+    args = sweep.pack_args(jobs[0], folder, [], None, cuda=True)
+    assert args == ["--resume", *(str(folder / r.name) for r in runs[:2]), "--device", "cuda"]
+    args = sweep.pack_args(jobs[2], folder, ["--steps", "9"], "proj")
+    assert args[:4] == ["--env", "hopper-medium-v2", "--frac", "1.0"]
+    assert args[args.index("--seed"):args.index("--model")] == ["--seed", "1", "2", "2"]
+    assert args[-4:] == ["--wandb-group", *(r.cell.name for r in runs[3:])]
+    assert len(sweep.make_jobs(runs[3:], folder, 4, ["--compile"])) == 3
+    atari = sweep.make_runs([sweep.Cell("breakout-medium", 0.1, "lamo")], [0, 1])
+    assert len(sweep.make_jobs(atari, folder, 4, [])) == 2
