@@ -215,7 +215,7 @@ def bench_eval_workers(cfg, device, n_episodes, max_steps, counts) -> dict:
                                             device, max_steps, envs)
             out[f"eval_workers_{n}_env_steps_per_s"] = lengths.sum() / (time.perf_counter() - t0)
         first = returns if first is None else first
-        assert np.array_equal(first, returns), f"{n} workers returned other returns than {counts[0]}"
+        assert np.array_equal(first, returns), f"{n} workers: other returns than {counts[0]}"
     return out
 
 

@@ -93,8 +93,8 @@ class Config:
     targets: str = flag("", "comma-separated target returns; default: the paper's for the task")
     eval_seed: int = flag(10_000, "episode i of every evaluation resets its env with seed eval_seed + i")
     eval_max_steps: Optional[int] = flag(None, "cut evaluation episodes at this many steps; default: the task's")
-    eval_workers: int = flag(0, "processes stepping the evaluation envs; 0: one per 10 episodes, at most "
-                                "one per core (workers.py)")
+    eval_workers: int = flag(0, "processes stepping the evaluation envs; 0: one per 10 "
+                                "episodes, at most one per core (workers.py)")
     # run
     log_every: int = flag(100, "log losses every this many steps")
     device: str = flag("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
@@ -500,7 +500,7 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
             out = (model(*window) if runs is None else model(*window, runs[live]))[:, slot]
             action = out.argmax(-1) if task.discrete else out                   # (n, act)
             A[:, slot] = action
-            action = action.cpu().numpy()                                 # one host sync per env step
+            action = action.cpu().numpy()                      # one host sync per env step
             if not task.discrete:
                 action = np.clip(action, space.low, space.high)
             obs, r, done = envs.step(live, action)
@@ -661,7 +661,8 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     bar = progress(total=cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    miniters=cfg.log_every)
     model.train()
-    with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log), eval_envs(cfg, run.task) as envs:
+    envs = eval_envs(cfg, run.task)
+    with ctrl_c_saves_checkpoint() as stop, contextlib.closing(log), envs:
         while run.step < cfg.steps:
             lr = learning_rate(cfg, run.step, run.schedule_tokens)
             for group in run.optimizer.param_groups:

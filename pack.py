@@ -91,7 +91,7 @@ class Pack:
         first = np.cumsum(counts) - counts                   # each run's first row
         slot = torch.as_tensor(runs * m + np.arange(len(runs)) - first[runs], device=S.device)
 
-        def padded(x, fill=0):                                                   # (n, ...) -> (R, m, ...)
+        def padded(x, fill=0):                                        # (n, ...) -> (R, m, ...)
             out = x.new_full((self.R * m, *x.shape[1:]), fill)
             out[slot] = x
             return out.view(self.R, m, *x.shape[1:])

@@ -371,7 +371,8 @@ def log_tail(log_path: Path, n: int = LOG_TAIL) -> list[str]:
 
 # ============================================================================ 3. many runs at once
 def run_all(todo: list[tuple[Run, ...]], sweep_dir: Path, lamo_flags: list[str],
-            wandb: str | None, jobs: int, gpus: list[str]) -> tuple[list[tuple[Run, int, Path]], bool]:
+            wandb: str | None, jobs: int,
+            gpus: list[str]) -> tuple[list[tuple[Run, int, Path]], bool]:
     """Run the jobs of `todo` (a run, or a pack of runs: make_jobs), `jobs` at a time.
     -> ([(failed run, exit status, its log)], whether Ctrl-C stopped it)."""
     queue, running, failed, stop = list(todo), {}, [], []
