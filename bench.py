@@ -209,6 +209,7 @@ def bench_eval_workers(cfg, device, n_episodes, max_steps, counts) -> dict:
     for n in counts:
         t0 = time.perf_counter()
         with Envs(HOPPER, n) as envs:
+            envs.reset(max_steps, [seed for _, seed in episodes])   # the workers have started
             out[f"eval_workers_{n}_start_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             returns, lengths = lamo.rollout(model, HOPPER, episodes, zeros, ones, cfg.context_len,

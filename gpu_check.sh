@@ -7,10 +7,12 @@
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
 # 2. bench.py --device cuda (LaMo on GPT-2 small's shape with and without the LM batch, the DT
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
-#    torch.profiler's top 15 operators of one training step and one evaluation forward, and
-#    run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT;
+#    torch.profiler's top 15 operators of one training step and one evaluation forward,
+#    run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, and the evaluation
+#    with its envs in 1 and N worker processes (--eval-workers);
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
-#    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps.
+#    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
+#    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.
 # The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
 # as OpenAI's weights, which a machine without network cannot download.
 # REPORT_DIR gets report.md (printed last), the logs, bench.json, profile.txt and the slice's
@@ -117,8 +119,8 @@ if metrics.exists():
         if (report / "bench.json").exists():
             evals_h = 72 * 40 * eval_s / 3600
             alone = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
-            best = {m: max((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
-                           and not k.endswith("_gb")) for m in ("lamo", "dt")}
+            best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
+                            and not k.endswith("_gb")), default=None) for m in ("lamo", "dt")}
             if all(best.values()):
                 packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
                 table += [("Table 3 projected, one run at a time: training + evaluation, "

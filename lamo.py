@@ -462,7 +462,7 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
     read the newest slot, so positions match training. Continuous actions are clipped to the action
     space before env.step, as D4RL's NormalizedBoxEnv does; discrete ones are the argmax.
     envs: where the envs step (workers.Envs; default: here, one after another). A pack's evaluation
-    passes runs, each episode's run, and its pack.Policy as model: each row through its own run's
+    passes runs, each episode's run, and Pack.policy as model: each row through its own run's
     weights; state_mean/state_std may then be one row per episode.
     Deviation: the official code evaluates one episode at a time. -> (returns, lengths) per episode."""
     N, T = len(episodes), max_steps or task.episode_len
@@ -710,7 +710,8 @@ def eval_only(cfg: Config, ckpt_path: Path) -> dict:
     if ckpt["last_eval"] is not None:
         same = ev == ckpt["last_eval"]
         print("identical to the evaluation stored in the checkpoint" if same else
-              "differs from the evaluation stored in the checkpoint (other episodes, targets or device?)")
+              "differs from the evaluation stored in the checkpoint (other episodes, targets or "
+              "device? or trained in a pack, whose batched forward rounds differently)")
     return ev
 
 
@@ -910,6 +911,10 @@ def main(argv=None):
             return eval_only(cfg, src)
         resume = bool(given.get("resume"))
         if resume:
+            several = [k for k, v in given.items() if isinstance(v, list) and k != "resume"]
+            if several:
+                raise LamoError(f"--{several[0].replace('_', '-')} takes one value with --resume: "
+                                f"a resumed run keeps its own")
             folders = pack_members([Path(f) for f in pack.as_list(given["resume"])],
                                    extend="steps" in given)
             if not folders:

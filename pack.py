@@ -39,13 +39,14 @@ from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoi
 # line each takes several values (one per run), and --resume several run folders.
 PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 
-
-def as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 # vmap has no batching rule for the CPU's fused attention kernel and loops over the runs there
 # (bench.py measures what packs gain or lose; on CUDA, the GPU check).
 warnings.filterwarnings(
     "ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 class Pack:

@@ -273,3 +273,8 @@ def test_a_pack_out_of_memory_is_one_line(tiny_hdf5, tmp_path, monkeypatch):
         lamo.main([*args, "--out", str(tmp_path / "a")])
     with pytest.raises(torch.OutOfMemoryError):
         lamo.main([*args, "--out", str(tmp_path / "b")])           # its third step
+
+
+def test_resume_takes_no_per_run_values(tmp_path):
+    with pytest.raises(SystemExit, match="^error: --seed takes one value with --resume"):
+        lamo.main(["--resume", str(tmp_path), "--seed", "0", "1"])

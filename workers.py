@@ -128,14 +128,17 @@ class Envs:
 
     def ask(self, jobs) -> list:
         """Send each worker its job (None: nothing for it), then collect the answers in order."""
-        for conn, job in zip(self.conns, jobs):
-            if job is not None:
-                conn.send(job)
+        try:
+            for conn, job in zip(self.conns, jobs):
+                if job is not None:
+                    conn.send(job)
+            replies = [conn.recv() for conn, job in zip(self.conns, jobs) if job is not None]
+        except (EOFError, OSError) as e:        # a worker that died, e.g. one that failed to start
+            raise WorkerError(f"an evaluation worker died ({e!r}); its error, if it printed one, "
+                              f"is above (a script that starts lamo's evaluation needs the "
+                              f"`if __name__ == '__main__':` guard)") from None
         answers = []
-        for conn, job in zip(self.conns, jobs):
-            if job is None:
-                continue
-            status, value = conn.recv()
+        for status, value in replies:
             if status == "error":
                 raise WorkerError(f"an evaluation worker failed:\n{value}")
             answers.append(value)
@@ -145,7 +148,10 @@ class Envs:
         if self.local:
             self.local.close()
         for conn in self.conns:
-            conn.send(("close", None))
+            try:
+                conn.send(("close", None))
+            except OSError:                     # it died already
+                pass
         for proc in self.procs:
             proc.join(timeout=10)
         self.conns, self.procs = [], []
