@@ -231,15 +231,15 @@ def test_eval_workers_return_what_one_process_returns(tiny_hdf5, tmp_path):
     run = lamo.start_run(cfg, tmp_path / "r", False)
     episodes = [(100, 7), (3600, 8), (100, 9), (1800, 10), (100, 11)]
     results = []
-    for n in (1, 2):
-        with workers.Envs(run.task, n) as envs:
+    with workers.Envs(run.task, 1) as here, workers.Envs(run.task, 2) as two:
+        for envs in (here, two):
             results.append(lamo.rollout(run.model.eval(), run.task, episodes,
                                         run.batcher.state_mean, run.batcher.state_std, 5,
                                         run.device, 60, envs))
-    (returns1, lengths1), (returns2, lengths2) = results
-    assert returns1.tolist() == returns2.tolist() and lengths1.tolist() == lengths2.tolist()
-    assert len(set(lengths1.tolist())) > 1           # episodes ended at other steps: rows dropped
-    with workers.Envs(run.task, 2) as envs:
+        (returns1, lengths1), (returns2, lengths2) = results
+        assert returns1.tolist() == returns2.tolist() and lengths1.tolist() == lengths2.tolist()
+        assert len(set(lengths1.tolist())) > 1       # episodes ended at other steps: rows dropped
+        envs = two
         envs.reset(10, [0, 1, 2])
         with pytest.raises(workers.WorkerError, match="an evaluation worker failed"):
             envs.step(np.array([0, 1, 2]), np.zeros((3, 5)))      # Hopper takes 3 numbers

@@ -102,7 +102,7 @@ job=$(sbatch --parsable --array=0-1 --gres=none --cpus-per-task=1 --time=30:00 t
 agg=$(sbatch --parsable --dependency=afterany:"$job" --output=aggregate.out \
       --wrap "${WRAP//\$PWD/$PWD} ${GRID[*]}") || fail "sbatch of the aggregation job was refused"
 echo "submitted array $job (2 shards) and aggregation $agg"
-runs=sweeps/table3
+runs=sweeps/paper                           # every grid's default folder
 for _ in $(seq 300); do                     # requeue shard 0 once its run has a checkpoint
     ls "$runs"/*_s0/ckpt.pt >/dev/null 2>&1 && break; sleep 1
 done
@@ -127,7 +127,7 @@ stopped=$(sed -n 's/^interrupted at step \([0-9]*\); checkpoint saved.*/\1/p' "$
 [ -n "$stopped" ] || fail "the requeued run saved no checkpoint when Slurm stopped it"
 grep -q "^resuming .*_s0 at step $stopped\$" "$log0" \
     || fail "the requeued run did not resume at step $stopped, where it stopped"
-grep -q "hopper-medium-v2" "$runs/results.md" 2>/dev/null || fail "the aggregation job wrote no table"
+grep -q "hopper-medium-v2" "$runs/results_table3.md" 2>/dev/null || fail "the aggregation job wrote no table"
 ! grep -l $'\r' slurm-*.out aggregate.out "$runs"/logs/*.log || fail "carriage returns in the logs above"
 echo "--- a shard's Slurm log (slurm-${job}_1.out), first lines:"
 head -n 8 "slurm-${job}_1.out"
@@ -135,5 +135,5 @@ echo "--- the requeued run's log, its resumption:"
 grep -m 1 -B 1 "^interrupted at step" "$log0"
 grep -m 1 "^resuming" "$log0"
 echo "--- the table:"
-cat "$runs/results.md"
+cat "$runs/results_table3.md"
 echo "slurm check passed in $((SECONDS - T0)) s"
