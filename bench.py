@@ -161,6 +161,12 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     return out
 
 
+def hopper_episodes(n: int) -> list[tuple[float, int]]:
+    """n evaluation episodes (target, env seed), the targets taken in turn."""
+    targets = [float(t) for t in HOPPER.targets]
+    return [(targets[i % len(targets)], 10_000 + i) for i in range(n)]
+
+
 def still_model(cfg, device):
     """A random model for evaluations whose action head is zeroed, so its hopper does nothing and
     lasts ~140 steps; LoRA merged, as lamo.evaluate does."""
@@ -177,8 +183,7 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
     action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
     model = still_model(cfg, device)
-    targets = [float(t) for t in HOPPER.targets]
-    episodes = [(targets[i % len(targets)], 10_000 + i) for i in range(n_episodes)]
+    episodes = hopper_episodes(n_episodes)
     zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
     run = lambda eps: lamo.rollout(model, HOPPER, eps, zeros, ones, cfg.context_len, device, max_steps)
     t0 = time.perf_counter()
@@ -202,8 +207,7 @@ def bench_eval_workers(cfg, device, n_episodes, max_steps, counts) -> dict:
     (--eval-workers); returns checked equal. A worker pool starts once per run, so its start-up
     is timed apart."""
     model = still_model(cfg, device)
-    targets = [float(t) for t in HOPPER.targets]
-    episodes = [(targets[i % len(targets)], 10_000 + i) for i in range(n_episodes)]
+    episodes = hopper_episodes(n_episodes)
     zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
     out, first = {}, None
     for n in counts:

@@ -76,7 +76,8 @@ class Pack:
 
     def forward(self, states, actions, rtg, timesteps, mask=None, params=None):  # (R, B, K, ...)
         """lamo's DecisionTransformer.forward, once per run, batched over the run axis.
-        params: the stacked tensors to use (default: all runs'; fits() passes the first few)."""
+        params: the stacked tensors to use (default: all runs'; step_memory passes the first
+        few)."""
         def one(params, *batch):
             return functional_call(self.template, {**self.shared, **params}, batch)
         batch = (states, actions, rtg, timesteps) + (() if mask is None else (mask,))
@@ -146,7 +147,7 @@ class Pack:
         return [n for n, p in run.model.named_parameters() if p.requires_grad]
 
 
-def losses(pack: Pack, batches: list[Batch], lm_blocks, cfg, lamo, discrete: bool, params=None):
+def losses(pack: Pack, batches: list[Batch], lm_blocks, lamo, discrete: bool, params=None):
     """Each run's action loss and LM loss. -> two (R,) tensors."""
     b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
     pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
@@ -163,7 +164,7 @@ def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, di
     of the sum (each run's parameters get only its own gradient), each run clipped by its own
     norm, one AdamW step. A run that has stopped (alive False) contributes nothing.
     -> (R, 4): action loss, LM loss, grad norm, non-finite flag; on the device, no sync."""
-    loss_action, loss_lm = losses(pack, batches, lm_blocks, cfg, lamo, discrete)
+    loss_action, loss_lm = losses(pack, batches, lm_blocks, lamo, discrete)
     loss = loss_action + cfg.lm_coef * loss_lm                                   # (R,)
     pack.optimizer.zero_grad(set_to_none=True)
     torch.where(alive, loss, 0.0).sum().backward()
@@ -196,8 +197,8 @@ def step_memory(pack: Pack, batches, lm_blocks, cfg, lamo, discrete: bool, r: in
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     params = {k: v[:r].detach().requires_grad_(v.requires_grad) for k, v in pack.stacked.items()}
-    loss_action, loss_lm = losses(pack, batches[:r], lm_blocks and lm_blocks[:r], cfg, lamo,
-                                  discrete, params)
+    loss_action, loss_lm = losses(pack, batches[:r], lm_blocks and lm_blocks[:r], lamo, discrete,
+                                  params)
     (loss_action + cfg.lm_coef * loss_lm).sum().backward()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
@@ -300,9 +301,10 @@ def train(runs: list[Run], lamo) -> list[dict]:
                 stopped.add(r)
                 alive[r] = False
 
-    def save(r):
+    def save(members):                # the pack's AdamW state is sliced once for them all
         pack.save_optimizer_states()
-        save_checkpoint(runs[r])
+        for r in members:
+            save_checkpoint(runs[r])
 
     with ctrl_c_saves_checkpoint() as stop, contextlib.ExitStack() as closing:
         for log in logs:
@@ -341,16 +343,17 @@ def train(runs: list[Run], lamo) -> list[dict]:
                 for r, evaluation in zip(members, evaluations):
                     runs[r].history.append({"step": step, "eval": evaluation, "eval_s": seconds})
                     logs[r].evaluation(runs[r].history[-1])
-                    save(r)
+                save(members)
             bar.update(1)
             bar.set_postfix_str(logs[0].status, refresh=False)
             if stop:
                 bar.close()
                 check_finite()
-                for r in set(range(R)) - stopped:
-                    save(r)
+                save(sorted(set(range(R)) - stopped))
+                # The run folders themselves: with sweep.py's --out per run, their parent holds
+                # other runs too.
                 print(f"interrupted at step {step}; checkpoints saved. Continue with: "
-                      f"python lamo.py --resume {runs[0].folder.parent}")
+                      f"python lamo.py --resume " + " ".join(str(run.folder) for run in runs))
                 raise SystemExit(130)
     bar.close()
     if len(stopped) == R:

@@ -164,7 +164,8 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
         assert json.loads((tmp_path / "pk" / f"s{seed}" / "summary.json").read_text())["step"] == 50
 
 
-def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, monkeypatch):
+def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, monkeypatch,
+                                                 capsys):
     """With dropout on: Ctrl-C at step 7 saves every run; `--resume DIR` continues the pack to
     the metrics of an uninterrupted pack, bit for bit (CPU); a finished pack is not trained again."""
     args = [*lamo_args(tiny_hdf5, hf_tiny, steps=30), "--seed", "0", "1"]
@@ -181,6 +182,8 @@ def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, m
     with pytest.raises(SystemExit) as stopped:
         lamo.main([*args, "--out", str(tmp_path / "cut")])
     assert stopped.value.code == 130
+    cut = [str(tmp_path / "cut" / f"s{seed}") for seed in (0, 1)]
+    assert f"Continue with: python lamo.py --resume {cut[0]} {cut[1]}\n" in capsys.readouterr().out
     monkeypatch.setattr(lamo, "action_loss", real)
     for seed in (0, 1):
         assert torch.load(tmp_path / "cut" / f"s{seed}" / "ckpt.pt", weights_only=False)["step"] == 7
