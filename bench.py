@@ -179,9 +179,11 @@ def still_model(cfg, device):
     return model
 
 
-def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
-    """Env-steps/s of lamo.rollout for n_episodes at once vs the same episodes one at a time. The
-    action head is zeroed, so episodes last as long as a hopper that does nothing (~140 steps)."""
+def bench_eval(cfg, device, n_episodes, max_steps, n_sequential) -> dict:
+    """Env-steps/s of lamo.rollout for n_episodes at once vs the first n_sequential of them one at
+    a time (a rate, so a subset measures it; on a GPU one at a time costs ~1 minute per 80 LaMo
+    episodes). The action head is zeroed, so episodes last as long as a hopper that does nothing
+    (~140 steps)."""
     model = still_model(cfg, device)
     episodes = hopper_episodes(n_episodes)
     zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
@@ -189,15 +191,18 @@ def bench_eval(cfg, device, n_episodes, max_steps) -> dict:
     t0 = time.perf_counter()
     returns, lengths = run(episodes)
     t_batched = time.perf_counter() - t0
+    n_seq = min(n_sequential, n_episodes)
     t0 = time.perf_counter()
-    seq = [run([e])[0][0] for e in progress(episodes, desc="eval one at a time")]
+    seq = [run([e])[0][0] for e in progress(episodes[:n_seq], desc="eval one at a time")]
     t_seq = time.perf_counter() - t0
-    assert np.array_equal(returns, np.array(seq)), "batched and one-at-a-time evaluation disagree"
+    assert np.array_equal(returns[:n_seq], np.array(seq)), "batched and one-at-a-time evaluation disagree"
     t_env, env_returns = time_env_alone(max_steps, episodes, lengths)
     assert np.allclose(env_returns, returns), "the env-alone run did not replay the same episodes"
     steps = int(lengths.sum())
     return {"eval_episodes": n_episodes, "eval_env_steps": steps, "eval_batched_env_steps_per_s": steps / t_batched,
-            "eval_sequential_env_steps_per_s": steps / t_seq, "eval_env_alone_env_steps_per_s": steps / t_env,
+            "eval_sequential_episodes": n_seq,
+            "eval_sequential_env_steps_per_s": int(lengths[:n_seq].sum()) / t_seq,
+            "eval_env_alone_env_steps_per_s": steps / t_env,
             "forward_ms_per_episode_batch_1": time_forward(model, 1, cfg.context_len, device) * 1e3,
             "forward_ms_per_episode_batched": time_forward(model, n_episodes, cfg.context_len, device) * 1e3}
 
@@ -326,6 +331,8 @@ def main(argv=None):
                    help="model in the evaluation benchmark (default: cpu dt, gpu lamo; GPT-2 small "
                         "is ~10 s per batched forward on 2 CPU cores)")
     p.add_argument("--eval-episodes", type=int, default=80)
+    p.add_argument("--eval-sequential", type=int, default=None,
+                   help="episodes timed one at a time (default: cpu all, gpu 16)")
     p.add_argument("--eval-max-steps", type=int, default=None,
                    help="time limit of the episodes (default: cpu 100, gpu 1000)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -358,6 +365,31 @@ def main(argv=None):
            "torch": torch.__version__, "train_steps_timed": steps,
            "precision": lamo.resolve_precision(lamo_cfg.precision, device),
            "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt", "eval_max_steps": max_steps}
+    n_seq = a.eval_sequential or (16 if gpu else a.eval_episodes)
+
+    def save():                             # after each section: a run cut short keeps its figures
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    # (a) training, one run and packs, each with its own peak GPU memory
+    res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
+    save()
+    warmup = res["train_warmup_steps"]
+    sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
+    res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
+    save()
+    res["train_steps_per_s_by_batch"] = {
+        B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
+        for B in a.batch_sizes}
+    save()
+    # (b) evaluation
+    evaluation, res["eval_peak_gpu_gb"] = measured(
+        lambda: bench_eval(eval_cfg, device, a.eval_episodes, max_steps, n_seq), device)
+    res.update(evaluation)
+    save()
+    counts = a.eval_workers or [1, max(2, default_workers())]
+    res.update(bench_eval_workers(eval_cfg, device, a.eval_episodes, max_steps, counts))
+    save()
     # (c) sampling, B=64, K=20
     rng = np.random.default_rng(0)
     t_loop = timed(lambda: [x.to(device) for x in kzl_get_batch(trajs, 64, 20, 1000, 1000.0, batcher.state_mean,
@@ -365,19 +397,6 @@ def main(argv=None):
     t_vec = timed(lambda: batcher.sample(64), 200, device)
     res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
     res.update(bench_atari_sampling(device))
-    # (b) evaluation, then (a) training, each with its own peak GPU memory
-    evaluation, res["eval_peak_gpu_gb"] = measured(
-        lambda: bench_eval(eval_cfg, device, a.eval_episodes, max_steps), device)
-    res.update(evaluation)
-    counts = a.eval_workers or [1, max(2, default_workers())]
-    res.update(bench_eval_workers(eval_cfg, device, a.eval_episodes, max_steps, counts))
-    res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
-    warmup = res["train_warmup_steps"]
-    sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
-    res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
-    res["train_steps_per_s_by_batch"] = {
-        B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
-        for B in a.batch_sizes}
     # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
@@ -393,7 +412,8 @@ def main(argv=None):
             ("training steps/s, DT preset (3 layers, d=128), B=64 K=20", f"{res['train_steps_per_s_dt']:.3f}"),
             ("  peak GPU memory GB", gb("train_peak_gpu_gb_dt")),
             (f"eval env-steps/s, {a.eval_episodes} episodes batched ({res['eval_model']})", f"{res['eval_batched_env_steps_per_s']:.0f}"),
-            ("eval env-steps/s, same episodes one at a time", f"{res['eval_sequential_env_steps_per_s']:.0f}"),
+            (f"eval env-steps/s, the first {res['eval_sequential_episodes']} one at a time",
+             f"{res['eval_sequential_env_steps_per_s']:.0f}"),
             ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
             ("  model forward ms per episode, batch of 1", f"{res['forward_ms_per_episode_batch_1']:.2f}"),
             (f"  model forward ms per episode, batch of {a.eval_episodes}", f"{res['forward_ms_per_episode_batched']:.2f}"),
@@ -418,8 +438,7 @@ def main(argv=None):
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
     w = max(len(k) for k, _ in rows) + 2
     print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    save()
     print(f"written to {a.out}")
     if a.profile:
         with open(a.profile, "w") as f:

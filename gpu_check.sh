@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# lamo's GPU check: one command for the first GPU machine, about 6 minutes on an H100.
+# lamo's GPU check: one command for the first GPU machine, about 6 minutes on an H100 or H200, 9 at most.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #
@@ -42,14 +42,14 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider test_cuda.py
-step bench 270 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
+step tests 130 python3 -m pytest -m cuda -q -rP -p no:cacheprovider test_cuda.py
+step bench 220 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
-python3 data.py collect --env Hopper-v4 --policy noisy --episodes 1000 --max-steps 1000 \
+timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 --max-steps 1000 \
     --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"
-step slice 150 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
+step slice 110 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
     --device cuda --steps 2000 --eval-every 1000 --log-every 100 --out "$WORK/slice"
 cp "$WORK/slice/curve.png" "$REPORT/slice_curve.png" 2>/dev/null
 
@@ -68,30 +68,37 @@ tests = (report / "tests.log").read_text().splitlines() if (report / "tests.log"
 lines += ["", "CUDA tests: " + (tests[-1] if tests else "no output")]
 lines += [f"    {l}" for l in tests if l.startswith(("fp32:", "bf16:"))]
 table = []
-if (report / "bench.json").exists():
-    b = json.loads((report / "bench.json").read_text())
-    gb = lambda k: f"{b[k]:.2f}" if b.get(k) is not None else "n/a"
+b = json.loads((report / "bench.json").read_text()) if (report / "bench.json").exists() else {}
+# bench.json is written after each of bench.py's sections: a bench cut short leaves rows "n/a"
+val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
+gb = lambda k: val(k, ".2f")
+if b:
     table += [("LaMo training steps/s (GPT-2 small shape, B=64 K=20, " + b["precision"] + ")",
-               f"{b['train_steps_per_s']:.3g}", gb("train_peak_gpu_gb")),
-              ("  same + (2, 1024) LM batch", f"{b['train_steps_per_s_with_lm']:.3g}", gb("train_peak_gpu_gb_with_lm")),
-              ("DT preset training steps/s", f"{b['train_steps_per_s_dt']:.3g}", gb("train_peak_gpu_gb_dt")),
-              (f"evaluation env-steps/s, {b['eval_episodes']} episodes batched ({b['eval_model']})",
-               f"{b['eval_batched_env_steps_per_s']:.0f}", gb("eval_peak_gpu_gb")),
-              ("  same episodes one at a time", f"{b['eval_sequential_env_steps_per_s']:.0f}", ""),
-              ("  env stepping alone (MuJoCo's floor)", f"{b['eval_env_alone_env_steps_per_s']:.0f}", ""),
-              ("  model forward ms per episode, batch of 1 / batched",
-               f"{b['forward_ms_per_episode_batch_1']:.2f} / {b['forward_ms_per_episode_batched']:.3f}", ""),
-              ("batch sampling ms, loop / vectorised",
-               f"{b['sample_loop_ms']:.2f} / {b['sample_vectorised_ms']:.3f}", ""),
-              ("Atari batch sampling ms, official loop / ours",
-               f"{b['atari_sample_loop_ms']:.0f} / {b['atari_sample_vectorised_ms']:.1f}", "")]
+               val("train_steps_per_s", ".3g"), gb("train_peak_gpu_gb")),
+              ("  same + (2, 1024) LM batch", val("train_steps_per_s_with_lm", ".3g"),
+               gb("train_peak_gpu_gb_with_lm")),
+              ("DT preset training steps/s", val("train_steps_per_s_dt", ".3g"), gb("train_peak_gpu_gb_dt"))]
     table += [(f"LaMo training steps/s at B={B} ({int(B) / 64:g}x the tokens of one run)", f"{v:.3g}", "")
-              for B, v in b["train_steps_per_s_by_batch"].items()]
-    table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs", f"{b[k]:.3g}",
+              for B, v in b.get("train_steps_per_s_by_batch", {}).items()]
+    alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt")}
+    table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run alone)",
+               f"{b[k]:.3g}" + (f" ({b[k] / alone[k.split('_')[1]]:.1f}x)" if alone[k.split('_')[1]] else ""),
                gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]
+    table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched ({b['eval_model']})",
+               val("eval_batched_env_steps_per_s", ".0f"), gb("eval_peak_gpu_gb")),
+              (f"  the first {b.get('eval_sequential_episodes')} of them one at a time",
+               val("eval_sequential_env_steps_per_s", ".0f"), ""),
+              ("  env stepping alone (MuJoCo's floor)", val("eval_env_alone_env_steps_per_s", ".0f"), ""),
+              ("  model forward ms per episode, batch of 1 / batched",
+               f"{val('forward_ms_per_episode_batch_1', '.2f')} / "
+               f"{val('forward_ms_per_episode_batched', '.3f')}", "")]
     table += [(f"evaluation env-steps/s, {b['eval_episodes']} episodes, {k.split('_')[2]} env "
                f"worker processes", f"{b[k]:.0f}", "") for k in b
               if k.startswith("eval_workers_") and k.endswith("_env_steps_per_s")]
+    table += [("batch sampling ms, loop / vectorised",
+               f"{val('sample_loop_ms', '.2f')} / {val('sample_vectorised_ms', '.3f')}", ""),
+              ("Atari batch sampling ms, official loop / ours",
+               f"{val('atari_sample_loop_ms', '.0f')} / {val('atari_sample_vectorised_ms', '.1f')}", "")]
 metrics = work / "slice" / "metrics.jsonl"
 if metrics.exists():
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
@@ -116,7 +123,7 @@ if metrics.exists():
         # Table 3: 36 LaMo + 36 DT runs of 100k steps, 40 evaluations each at the slice's cost
         # (LaMo's; DT's are cheaper). Training from bench.json: one run at a time, and as packs
         # of the R with the most run-steps/s; evaluations are not counted as packed.
-        if (report / "bench.json").exists():
+        if "train_steps_per_s" in b and "train_steps_per_s_dt" in b:
             evals_h = 72 * 40 * eval_s / 3600
             alone = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
             best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
