@@ -2,6 +2,7 @@
 # lamo's GPU check: one command for the first GPU machine, about 6 minutes on an H100 or H200, 9 at most.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
+#   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench slice)
 #
 # 1. the CUDA tests (pytest -m cuda: a step against the CPU, --resume, --eval-only, batched
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
@@ -31,9 +32,11 @@ if ! python3 -c "import gymnasium, mujoco, ale_py" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl || exit 1
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export MUJOCO_GL=egl PYTHONUNBUFFERED=1
+export MUJOCO_GL=disable PYTHONUNBUFFERED=1   # no rendering; the image has no libEGL
+STEPS=" ${STEPS:-tests bench slice} "
 step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its status and time
     local name=$1 limit=$2; shift 2
+    [[ $STEPS == *" $name "* ]] || return 0
     local t0=$SECONDS
     echo "=== $name: $*"
     timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$REPORT/$name.log"
@@ -42,13 +45,15 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-step tests 130 python3 -m pytest -m cuda -q -rP -p no:cacheprovider test_cuda.py
+step tests 130 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
 step bench 220 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
-timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 --max-steps 1000 \
-    --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"
+if [[ $STEPS == *" slice "* ]]; then
+    timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
+        --max-steps 1000 --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"
+fi
 step slice 110 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
     --device cuda --steps 2000 --eval-every 1000 --log-every 100 --out "$WORK/slice"
 cp "$WORK/slice/curve.png" "$REPORT/slice_curve.png" 2>/dev/null

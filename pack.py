@@ -26,11 +26,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import warnings
 
 import numpy as np
 import torch
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data import Batch, LamoError, progress
 from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoint
@@ -39,10 +39,17 @@ from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoi
 # line each takes several values (one per run), and --resume several run folders.
 PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 
-# vmap has no batching rule for the CPU's fused attention kernel and loops over the runs there
-# (bench.py measures what packs gain or lose; on CUDA, the GPU check).
-warnings.filterwarnings(
-    "ignore", message=".*batching rule for aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def over_runs(fn, *args):
+    """vmap(fn) over the run axis (dim 0 of each arg), with attention through SDPA's math kernel
+    (softmax(q k^T) v in plain ops), which vmap batches on every device. The fused kernels'
+    batching rules don't serve: on CUDA the memory-efficient kernel's backward fails under vmap
+    ("LSE is not correctly aligned (strideH)", torch 2.11 on an H200, the GPU check), and on the
+    CPU vmap has no rule for the fused kernel and loops over the runs. At K = 20 (60 tokens) the
+    attention is a small part of a step; bench.py measures packs with it."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return vmap(fn, randomness="different")(*args)
 
 
 def as_list(value) -> list:
@@ -81,7 +88,7 @@ class Pack:
         def one(params, *batch):
             return functional_call(self.template, {**self.shared, **params}, batch)
         batch = (states, actions, rtg, timesteps) + (() if mask is None else (mask,))
-        return vmap(one, randomness="different")(params or self.stacked, *batch)
+        return over_runs(one, params or self.stacked, *batch)
 
     def policy(self, S, A, R, TS, mask, runs: np.ndarray):          # (n, K, ...), runs (n,)
         """The pack as lamo.rollout's model: row i through the weights of run runs[i]. Rows come
@@ -108,7 +115,7 @@ class Pack:
                        if k.startswith("gpt.")}
             return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)), block,
                            precision)
-        return vmap(one, randomness="different")(params or self.stacked, blocks)
+        return over_runs(one, params or self.stacked, blocks)
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ per run: each run's gradients are scaled by its own
