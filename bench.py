@@ -133,9 +133,37 @@ def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
 
 
 def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup) -> float:
-    """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch. Every run starts
-    from the same seed, so with --pretrained none the frozen body is one shared copy, as OpenAI's
-    weights would be (timing only; real seeds differ)."""
+    """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch."""
+    p, step = pack_step(cfg, device, batcher, R)
+    return R / timed(step, steps, device, warmup=warmup)
+
+
+ATTENTION = {"math": "MATH", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+             "efficient": "EFFICIENT_ATTENTION"}
+
+
+def bench_pack_attention(cfg, name, device, batcher, R, steps, warmup, kernels) -> dict:
+    """Run-steps/s of one pack of R runs with its attention through each of SDPA's kernels (as
+    pack.ATTENTION), or the error a kernel gives under vmap."""
+    from torch.nn.attention import SDPBackend
+    p, step = pack_step(cfg, device, batcher, R)
+    out, default = {}, pack.ATTENTION
+    for kernel in kernels:
+        pack.ATTENTION = [getattr(SDPBackend, ATTENTION[kernel])]
+        key = f"packattn_{kernel}_{name}_{R}"
+        try:
+            out[key] = R / timed(step, steps, device, warmup=warmup)
+        except RuntimeError as e:
+            out[key + "_error"] = str(e).splitlines()[0][:200]
+        finally:
+            pack.ATTENTION = default
+    return out
+
+
+def pack_step(cfg, device, batcher, R):
+    """A pack of R runs and a function that trains it one step, each run on its own batch. Every
+    run starts from the same seed, so with --pretrained none the frozen body is one shared copy,
+    as OpenAI's weights would be (timing only; real seeds differ). -> (pack, step)"""
     members = []
     for seed in range(R):
         torch.manual_seed(0)
@@ -146,7 +174,7 @@ def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup) -> float:
     alive = torch.ones(R, dtype=torch.bool, device=device)
     step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)], None, alive,
                                    cfg, lamo, False)
-    return R / timed(step, steps, device, warmup=warmup)
+    return p, step
 
 
 def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict:
@@ -293,9 +321,10 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
             "atari_sample_vectorised_ms": timed(lambda: batcher.sample(B), reps, device) * 1e3}
 
 
-def profile_tables(cfg, device, batcher, n_episodes, top=15) -> str:
+def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str:
     """torch.profiler's top `top` operators, by self time on the device (CUDA) or the CPU, of one
-    LaMo training step (after a warm-up step) and of one batched evaluation forward."""
+    LaMo training step (after a warm-up step), of one batched evaluation forward, and of one step
+    of a pack of pack_runs LaMo runs (none if 0)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -308,8 +337,12 @@ def profile_tables(cfg, device, batcher, n_episodes, top=15) -> str:
                                      torch.randn(n_episodes, K, HOPPER.act_dim),
                                      torch.randn(n_episodes, K, 1), torch.arange(K).expand(n_episodes, -1))]
     out = []
-    for name, fn, train in (("one training step, B=64 K=20", step, True),
-                            (f"one evaluation forward, {n_episodes} episodes", lambda: model(*window), False)):
+    sections = [("one training step, B=64 K=20", step, True),
+                (f"one evaluation forward, {n_episodes} episodes", lambda: model(*window), False)]
+    if pack_runs:
+        sections.append((f"one training step of a pack of {pack_runs} runs, B=64 K=20 each",
+                         pack_step(cfg, device, batcher, pack_runs)[1], True))
+    for name, fn, train in sections:
         model.train(train)
         with torch.inference_mode(not train):
             fn()                                                     # warm-up
@@ -344,6 +377,9 @@ def main(argv=None):
     p.add_argument("--packs", type=int, nargs="*", default=None,
                    help="pack sizes R for run-steps/s of packs (default: gpu 1 4 8 16, cpu none; "
                         "a LaMo step is ~20 s per run on 2 CPU cores)")
+    p.add_argument("--pack-attention", nargs="*", default=[], choices=sorted(ATTENTION),
+                   help="also the largest pack with its attention through each of these SDPA "
+                        "kernels (pack.py uses math)")
     p.add_argument("--eval-workers", type=int, nargs="*", default=None,
                    help="worker-process counts for the evaluation's envs (default: 1 and the "
                         "cores available, or 2)")
@@ -378,6 +414,11 @@ def main(argv=None):
     sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
     res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
     save()
+    for name, cfg in (("lamo", lamo_cfg), ("dt", dt_cfg)):
+        if a.pack_attention and sizes:
+            res.update(measured(lambda: bench_pack_attention(
+                cfg, name, device, batcher, max(sizes), steps, warmup, a.pack_attention), device)[0])
+            save()
     res["train_steps_per_s_by_batch"] = {
         B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
         for B in a.batch_sizes}
@@ -435,6 +476,9 @@ def main(argv=None):
               for key, name, single in (("lamo", "LaMo", res["train_steps_per_s"]),
                                         ("dt", "DT", res["train_steps_per_s_dt"]))
               for R in sizes),
+            *((f"run-steps/s, pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention: "
+               f"{k.split('_')[1]}", f"{v:.3f}" if not k.endswith("_error") else "error")
+              for k, v in res.items() if k.startswith("packattn_")),
             ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
     w = max(len(k) for k, _ in rows) + 2
     print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")
@@ -442,7 +486,7 @@ def main(argv=None):
     print(f"written to {a.out}")
     if a.profile:
         with open(a.profile, "w") as f:
-            f.write(profile_tables(lamo_cfg, device, batcher, a.eval_episodes))
+            f.write(profile_tables(lamo_cfg, device, batcher, a.eval_episodes, max(sizes, default=0)))
         print(f"profile written to {a.profile}")
     return res
 

@@ -41,6 +41,11 @@ PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 
 
 
+# The attention kernels a pack's forward may use, in SDPA's order of preference (see over_runs);
+# bench.py --pack-attention measures packs with others.
+ATTENTION = [SDPBackend.MATH]
+
+
 def over_runs(fn, *args):
     """vmap(fn) over the run axis (dim 0 of each arg), with attention through SDPA's math kernel
     (softmax(q k^T) v in plain ops), which vmap batches on every device. The fused kernels'
@@ -48,7 +53,7 @@ def over_runs(fn, *args):
     ("LSE is not correctly aligned (strideH)", torch 2.11 on an H200, the GPU check), and on the
     CPU vmap has no rule for the fused kernel and loops over the runs. At K = 20 (60 tokens) the
     attention is a small part of a step; bench.py measures packs with it."""
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(ATTENTION):
         return vmap(fn, randomness="different")(*args)
 
 
@@ -227,12 +232,14 @@ def out_of_memory(pack: Pack, batches, lm_blocks, cfg, lamo, discrete: bool) -> 
         torch.cuda.empty_cache()
     if R == 1:
         step2 = 2 * step1                      # no second run to measure: assume it adds as much
-    free, total = torch.cuda.mem_get_info(device)
+    # get_per_process_memory_fraction takes no index-less torch.device("cuda") (torch 2.11)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
     allocated = torch.cuda.memory_allocated(device)
     # What this process may hold: the card's free memory and its own cache, under the cap of
     # torch.cuda.set_per_process_memory_fraction if one is set.
     usable = min(free + torch.cuda.memory_reserved(device),
-                 torch.cuda.get_per_process_memory_fraction(device) * total)
+                 torch.cuda.get_per_process_memory_fraction(index) * total)
     run_bytes = sum(v[0].numel() * v.element_size() for v in pack.stacked.values())
     adam_bytes = sum(8 * pack.stacked[n][0].numel() for n in pack.trainable)
     fits = largest_pack(usable, allocated, R, run_bytes, adam_bytes, step1, step2)
