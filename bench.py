@@ -134,7 +134,7 @@ def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
 
 def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup) -> float:
     """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch."""
-    p, step = pack_step(cfg, device, batcher, R)
+    _, step = pack_step(cfg, device, batcher, R)
     return R / timed(step, steps, device, warmup=warmup)
 
 
@@ -146,7 +146,7 @@ def bench_pack_attention(cfg, name, device, batcher, R, steps, warmup, kernels) 
     """Run-steps/s of one pack of R runs with its attention through each of SDPA's kernels (as
     pack.ATTENTION), or the error a kernel gives under vmap."""
     from torch.nn.attention import SDPBackend
-    p, step = pack_step(cfg, device, batcher, R)
+    _, step = pack_step(cfg, device, batcher, R)
     out, default = {}, pack.ATTENTION
     for kernel in kernels:
         pack.ATTENTION = [getattr(SDPBackend, ATTENTION[kernel])]
@@ -215,10 +215,13 @@ def bench_eval(cfg, device, n_episodes, max_steps, n_sequential) -> dict:
     model = still_model(cfg, device)
     episodes = hopper_episodes(n_episodes)
     zeros, ones = np.zeros(OBS_DIM), np.ones(OBS_DIM)
-    run = lambda eps: lamo.rollout(model, HOPPER, eps, zeros, ones, cfg.context_len, device, max_steps)
-    t0 = time.perf_counter()
-    returns, lengths = run(episodes)
-    t_batched = time.perf_counter() - t0
+    run = lambda eps, envs=None, steps=max_steps: lamo.rollout(
+        model, HOPPER, eps, zeros, ones, cfg.context_len, device, steps, envs)
+    with Envs(HOPPER, 1) as envs:
+        run(episodes, envs, 5)     # untimed: the envs made, the device's kernels for this batch
+        t0 = time.perf_counter()
+        returns, lengths = run(episodes, envs)
+        t_batched = time.perf_counter() - t0
     n_seq = min(n_sequential, n_episodes)
     t0 = time.perf_counter()
     seq = [run([e])[0][0] for e in progress(episodes[:n_seq], desc="eval one at a time")]

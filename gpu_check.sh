@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# lamo's GPU check: one command for the first GPU machine, about 6 minutes on an H100 or H200, 9 at most.
+# lamo's GPU check: one command for a GPU machine, about 5 minutes on an H200, 9 at most.
+# (Measured on an H200: tests 52-65 s, bench 103 s, slice 110 s, plus the wheels and the data.)
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench slice)
@@ -8,8 +9,9 @@
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
 # 2. bench.py --device cuda (LaMo on GPT-2 small's shape with and without the LM batch, the DT
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
-#    torch.profiler's top 15 operators of one training step and one evaluation forward,
-#    run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, and the evaluation
+#    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
+#    of a pack of 16, run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, the
+#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), and the evaluation
 #    with its envs in 1 and N worker processes (--eval-workers);
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
@@ -48,7 +50,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 step tests 130 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
 step bench 220 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
-    --batch-sizes 256 1024
+    --batch-sizes 256 1024 --pack-attention cudnn flash efficient
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 if [[ $STEPS == *" slice "* ]]; then
     timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
@@ -89,6 +91,9 @@ if b:
     table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run alone)",
                f"{b[k]:.3g}" + (f" ({b[k] / alone[k.split('_')[1]]:.1f}x)" if alone[k.split('_')[1]] else ""),
                gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]
+    table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention through "
+               f"SDPA's {k.split('_')[1]} kernel", f"{v:.3g}" if not k.endswith("_error") else v[:60], "")
+              for k, v in b.items() if k.startswith("packattn_")]
     table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched ({b['eval_model']})",
                val("eval_batched_env_steps_per_s", ".0f"), gb("eval_peak_gpu_gb")),
               (f"  the first {b.get('eval_sequential_episodes')} of them one at a time",

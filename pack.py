@@ -48,11 +48,12 @@ ATTENTION = [SDPBackend.MATH]
 
 def over_runs(fn, *args):
     """vmap(fn) over the run axis (dim 0 of each arg), with attention through SDPA's math kernel
-    (softmax(q k^T) v in plain ops), which vmap batches on every device. The fused kernels'
-    batching rules don't serve: on CUDA the memory-efficient kernel's backward fails under vmap
-    ("LSE is not correctly aligned (strideH)", torch 2.11 on an H200, the GPU check), and on the
-    CPU vmap has no rule for the fused kernel and loops over the runs. At K = 20 (60 tokens) the
-    attention is a small part of a step; bench.py measures packs with it."""
+    (softmax(q k^T) v in plain ops), the one kernel vmap batches on every device. On CUDA (torch
+    2.11 on an H200, bench.py --pack-attention) the memory-efficient kernel fails in its backward
+    under vmap ("LSE is not correctly aligned"), and cuDNN's and flash give "No available
+    kernel"; on the CPU vmap has no rule for the fused kernel and loops over the runs. The price:
+    the math kernel's (R B, heads, 3K, 3K) scores, masks and dropout are memory-bound work, most
+    of a pack's step on the GPU (README, "Packs")."""
     with sdpa_kernel(ATTENTION):
         return vmap(fn, randomness="different")(*args)
 

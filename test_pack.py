@@ -281,3 +281,20 @@ def test_a_pack_out_of_memory_is_one_line(tiny_hdf5, tmp_path, monkeypatch):
 def test_resume_takes_no_per_run_values(tmp_path):
     with pytest.raises(SystemExit, match="^error: --seed takes one value with --resume"):
         lamo.main(["--resume", str(tmp_path), "--seed", "0", "1"])
+
+
+def test_bench_reports_an_attention_kernel_that_fails_in_a_pack(tiny_hdf5):
+    """bench.py --pack-attention: a kernel vmap cannot use is an error row, not a crash, and
+    pack.ATTENTION (the math kernel) is restored after each kernel."""
+    import bench
+    import data
+    cfg = lamo.resolve(lamo.Config(model="dt", n_layer=1, n_embd=32, n_head=1, batch_size=4,
+                                   context_len=5))
+    batcher = data.TrajectoryBatcher(data.load_trajectories(tiny_hdf5, 11, 3), 5, 1000, 1000.0,
+                                     seed=0, device=torch.device("cpu"))
+    before = pack.ATTENTION
+    out = bench.bench_pack_attention(cfg, "dt", torch.device("cpu"), batcher, 2, 1, 0,
+                                     ["math", "efficient"])
+    assert out["packattn_math_dt_2"] > 0
+    assert "packattn_efficient_dt_2" not in out and out["packattn_efficient_dt_2_error"]
+    assert pack.ATTENTION is before
