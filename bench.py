@@ -189,6 +189,20 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     return out
 
 
+def bench_compiled(cfg, device, batcher, R, steps) -> dict:
+    """--compile's gain: LaMo's steps/s alone and run-steps/s of a pack of R LaMo runs with the
+    training forward compiled (two untimed warm-up steps pay the compilation), each with its peak
+    GPU memory. Against the eager rows of the same bench, it says whether fusing the pack's math
+    attention and cutting a run's kernel launches is worth the compile."""
+    cfg = replace(cfg, compile=True)
+    out = {}
+    out["compiled_lamo_1"], out["compiled_lamo_1_peak_gpu_gb"] = measured(
+        lambda: train_steps_per_s(cfg, device, batcher, steps, 2), device)
+    out[f"compiled_lamo_{R}"], out[f"compiled_lamo_{R}_peak_gpu_gb"] = measured(
+        lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, 2), device)
+    return out
+
+
 def hopper_episodes(n: int) -> list[tuple[float, int]]:
     """n evaluation episodes (target, env seed), the targets taken in turn."""
     targets = [float(t) for t in HOPPER.targets]
@@ -383,6 +397,9 @@ def main(argv=None):
     p.add_argument("--pack-attention", nargs="*", default=[], choices=sorted(ATTENTION),
                    help="also the largest pack with its attention through each of these SDPA "
                         "kernels (pack.py uses math)")
+    p.add_argument("--compiled", type=int, metavar="R", default=0,
+                   help="also LaMo alone and a pack of R LaMo runs with --compile, last (a GPU "
+                        "compiles each in about a minute)")
     p.add_argument("--eval-workers", type=int, nargs="*", default=None,
                    help="worker-process counts for the evaluation's envs (default: 1 and the "
                         "cores available, or 2)")
@@ -441,6 +458,9 @@ def main(argv=None):
     t_vec = timed(lambda: batcher.sample(64), 200, device)
     res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
     res.update(bench_atari_sampling(device))
+    save()
+    if a.compiled:
+        res.update(bench_compiled(lamo_cfg, device, batcher, a.compiled, steps))
     # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
@@ -479,6 +499,9 @@ def main(argv=None):
               for key, name, single in (("lamo", "LaMo", res["train_steps_per_s"]),
                                         ("dt", "DT", res["train_steps_per_s_dt"]))
               for R in sizes),
+            *(("LaMo, --compile: " + ("steps/s alone" if k == "compiled_lamo_1" else
+                                       f"run-steps/s, pack of {k.split('_')[2]}"), f"{v:.3f}")
+              for k, v in res.items() if k.startswith("compiled_") and not k.endswith("_gb")),
             *((f"run-steps/s, pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention: "
                f"{k.split('_')[1]}", f"{v:.3f}" if not k.endswith("_error") else "error")
               for k, v in res.items() if k.startswith("packattn_")),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # lamo's GPU check: one command for a GPU machine, about 5 minutes on an H200, 9 at most.
-# (Measured on an H200: tests 52-65 s, bench 103 s, slice 110 s, plus the wheels and the data.)
+# (Measured on an H200: tests 52-65 s, bench 103 s before --compiled and --pack-attention, slice
+# 110 s, plus the wheels and the data.)
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench slice)
@@ -11,8 +12,9 @@
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
 #    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
 #    of a pack of 16, run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, the
-#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), and the evaluation
-#    with its envs in 1 and N worker processes (--eval-workers);
+#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), the evaluation
+#    with its envs in 1 and N worker processes (--eval-workers), and last, LaMo alone and a pack
+#    of 16 with --compile;
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
 #    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.
@@ -47,10 +49,10 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-step tests 130 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
-step bench 220 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
+step tests 100 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
+step bench 330 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
-    --batch-sizes 256 1024 --pack-attention cudnn flash efficient
+    --batch-sizes 256 1024 --pack-attention cudnn flash efficient --compiled 16
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 if [[ $STEPS == *" slice "* ]]; then
     timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
@@ -91,6 +93,10 @@ if b:
     table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run alone)",
                f"{b[k]:.3g}" + (f" ({b[k] / alone[k.split('_')[1]]:.1f}x)" if alone[k.split('_')[1]] else ""),
                gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]
+    table += [(f"LaMo with --compile: " + ("steps/s of one run alone" if k == "compiled_lamo_1" else
+               f"run-steps/s, a pack of {k.split('_')[2]}") + " (x one eager run alone)",
+               f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"] else ""), gb(k + "_peak_gpu_gb"))
+              for k, v in b.items() if k.startswith("compiled_") and not k.endswith("_gb")]
     table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention through "
                f"SDPA's {k.split('_')[1]} kernel", f"{v:.3g}" if not k.endswith("_error") else v[:60], "")
               for k, v in b.items() if k.startswith("packattn_")]

@@ -82,6 +82,10 @@ class Pack:
             for q, view in zip(copies, views):           # each run's module now reads the stack
                 q.data = view
         self.trainable = [n for n, p in self.stacked.items() if p.requires_grad]
+        # --compile: the training forward as compiled kernels (dynamo traces through vmap), as
+        # lamo.train compiles a run's; the evaluation stays eager, as a run's does. On a GPU this
+        # also fuses the math attention's elementwise work (over_runs).
+        self.train_forward = torch.compile(self.forward) if cfg.compile else self.forward
         self.optimizer = torch.optim.AdamW([self.stacked[n] for n in self.trainable], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                            fused=runs[0].device.type == "cuda")
@@ -163,7 +167,7 @@ class Pack:
 def losses(pack: Pack, batches: list[Batch], lm_blocks, lamo, discrete: bool, params=None):
     """Each run's action loss and LM loss. -> two (R,) tensors."""
     b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
-    pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
+    pred = pack.train_forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
     per_run_loss = vmap(functools.partial(lamo.action_loss, discrete=discrete))
     loss_action = per_run_loss(pred, b.actions, b.mask)                          # (R,)
     loss_lm = (pack.lm_losses(lamo.lm_loss, torch.stack(lm_blocks), pack.template.precision,
@@ -289,8 +293,6 @@ def check_pack(runs: list[Run]):
     if runs[0].cfg.warmup_tokens:
         raise LamoError("packs with a token-counted lr schedule (Atari) are not supported yet: "
                         "their runs' learning rates differ; give one --seed")
-    if runs[0].cfg.compile:
-        raise LamoError("--compile does not apply to a pack yet; drop it or give one --seed")
 
 
 def train(runs: list[Run], lamo) -> list[dict]:

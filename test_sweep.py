@@ -466,7 +466,7 @@ def test_a_packed_sweep_trains_its_runs_as_one_pack(work):
 
 
 def test_packs_group_compatible_runs_in_the_same_state(tmp_path, monkeypatch, capsys):
-    """make_jobs: same task, variant and state; Atari (token-counted lr) and --compile alone; a
+    """make_jobs: same task, variant and state; Atari (token-counted lr) alone; a
     checkpointed run packs only with runs checkpointed at the same step."""
     monkeypatch.chdir(tmp_path)
     assert sweep.main(["--grid", "table3", "--pack", "12", "--dry-run"]) == 0
@@ -488,6 +488,6 @@ def test_packs_group_compatible_runs_in_the_same_state(tmp_path, monkeypatch, ca
     assert args[:4] == ["--env", "hopper-medium-v2", "--frac", "1.0"]
     assert args[args.index("--seed"):args.index("--model")] == ["--seed", "1", "2", "2"]
     assert args[-4:] == ["--wandb-group", *(r.cell.name for r in runs[3:])]
-    assert len(sweep.make_jobs(runs[3:], folder, 4, ["--compile"])) == 3
+    assert len(sweep.make_jobs(runs[3:], folder, 4, ["--compile"])) == 1
     atari = sweep.make_runs([sweep.Cell("breakout-medium", 0.1, "lamo")], [0, 1])
     assert len(sweep.make_jobs(atari, folder, 4, [])) == 2
