@@ -1,6 +1,6 @@
 """The paper's numbers (Shi et al., ICLR 2024), published, not measured by us; REFERENCE.md §2 and
 §10 (../shared/ beside the repository) list where each comes from. No project imports: tasks.py
-re-exports these, and runs.py and sweep.py compare their results with them.
+re-exports these, and runs.py and results.py compare their results with them.
 
 Two kinds, kept apart on purpose:
 - PAPER_TABLES: exact numbers printed in the paper's tables, (mean, std) over 3 seeds; std None
@@ -10,7 +10,7 @@ Two kinds, kept apart on purpose:
   (Breakout 10%: Fig. 4/5 ≈185, Table 2 136.9), the table is the reference.
 
 Both are keyed by (task, data ratio), then by variant: "lamo" and "dt" are lamo.py's two models with
-the task's defaults; the other variants (sweep.VARIANTS) change one setting of LaMo.
+the task's defaults; the other variants (grids.VARIANTS) change one setting of LaMo.
 
 Scores: MuJoCo and Kitchen D4RL normalised; Reacher2d return / 100; Atari human-normalised. The
 paper ran Kitchen on D4RL's kitchen-*-v0, we on Minari's v2 re-recording (comparable in kind, not

@@ -10,9 +10,9 @@ and gather the paper's table or figure from it.
     python sweep.py --grid fig5 --aggregate        # run nothing; write the table from what exists
     python sweep.py --grid table3 --wandb lamo     # every new run logs to W&B, grouped by cell
 
-Grids: the paper's tables (table1 Kitchen, table2 Atari, table3 MuJoCo; the appendix's table8, 9,
-10, 11, 15, 16) and ablation figures (fig4, 5, 6, 10), read from paper.py, so they are the cells and
-columns the paper reports. A column is a variant (VARIANTS: LaMo, DT, or LaMo with one setting
+Grids (grids.py): the paper's tables (table1 Kitchen, table2 Atari, table3 MuJoCo; the appendix's
+table8, 9, 10, 11, 15, 16) and ablation figures (fig4, 5, 6, 10), read from paper.py, so they are
+the cells and columns the paper reports. A column is a variant (VARIANTS: LaMo, DT, or LaMo with one setting
 changed); --env/--frac/--model narrow a grid. Without --grid the grid is every --env x --frac x
 --model (default: lamo dt) x --seed (default: 0 1 2).
 
@@ -26,8 +26,8 @@ checkpoint start over. Failed runs are reported at the end with the last lines o
 others go on. Exit status: 0 all done, 1 some failed, 2 bad input, 130 stopped by Ctrl-C (the
 running runs checkpoint and stop; the next invocation resumes them).
 
-The table (printed, and written to results_<grid>.md, .csv and .png in sweeps/<name>/; results.*
-without --grid): for each line (task, ratio, variant) and each return target, the mean over seeds of
+The table (results.py; printed, and written to results_<grid>.md, .csv and .png in sweeps/<name>/;
+results.* without --grid): for each line (task, ratio, variant) and each return target, the mean over seeds of
 each seed's last-20% mean (summary.json's `last20`); the line's value is the best target's mean ±
 std over the seeds present, with numpy's default population std (ddof=0). The paper's numbers stand
 beside ours (a figure's marked ≈, read off its plot); a line with no finished seed is "—",
@@ -36,7 +36,6 @@ never 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import json
 import os
@@ -47,175 +46,25 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import progress
-from lamo import PRESETS
-from tasks import PAPER_FIGURES, PAPER_TABLES, TASKS
+from grids import (GRIDS, PAPER_GRID, SEEDS, VARIANTS, Run, SweepError, grid_cells,
+                   grid_entries, make_runs)
+from results import write_tables
+from tasks import TASKS
 
 LAMO = Path(__file__).resolve().with_name("lamo.py")
-MODELS = ("lamo", "dt")                    # the paper's two models; --model's default
-SEEDS = (0, 1, 2)                          # the paper's three seeds per cell
-PAPER_GRID = "paper"                       # --grid paper: every grid below, each run once
-# --grid -> the paper's table or figure (paper.py) whose cells and variants it runs.
-GRIDS = {"table1": "Table 1", "table2": "Table 2", "table3": "Table 3",
-         "table8": "Table 8", "table9": "Table 9", "table10": "Table 10", "table11": "Table 11",
-         "table15": "Table 15", "table16": "Table 16",
-         "fig4": "Fig. 4", "fig5": "Fig. 5", "fig6": "Fig. 6", "fig10": "Fig. 10"}
 SET_BY_SWEEP = {"--env", "--frac", "--seed", "--model", "--out", "--resume", "--eval-only",
                 "--wandb", "--wandb-group"}          # lamo.py flags the sweep itself gives
 INTERRUPTED = (130, -signal.SIGINT)   # lamo.py's exit after a Ctrl-C checkpoint; an uncaught Ctrl-C
 LOG_TAIL = 8                          # log lines shown for a failed run
 
 
-class SweepError(Exception):
-    """Bad input: printed as one `error: ...` line, exit status 2."""
-
-
-# ============================================================================ 1. the grid
-@dataclass(frozen=True)
-class Variant:
-    """A column of the paper's tables and figures: lamo.py's --model, and the settings (Config
-    fields) it changes from that model's defaults on the task."""
-    model: str
-    label: str
-    settings: tuple[tuple[str, object], ...] = ()
-
-
-VARIANTS = {
-    "lamo": Variant("lamo", "LaMo"),
-    "dt": Variant("dt", "DT"),
-    "lamo-linear": Variant("lamo", "LaMo, linear embeddings", (("embed", "linear"),)),
-    "lamo-full": Variant("lamo", "LaMo, full fine-tuning", (("finetune", "full"),)),
-    "lamo-frozen": Variant("lamo", "LaMo, frozen (no LoRA)", (("finetune", "frozen"),)),
-    "lamo-lm": Variant("lamo", "LaMo, λ 0.1", (("lm_coef", 0.1),)),
-    "lamo-nolm": Variant("lamo", "LaMo, λ 0", (("lm_coef", 0.0),)),
-    "lamo-nopt": Variant("lamo", "LaMo w/o pre-training", (("pretrained", "none"),)),
-    "lamo-gpt2": Variant("lamo", "LaMo, GPT-2 small", (("pretrained", "gpt2"),)),
-    "lamo-gpt2-medium": Variant("lamo", "LaMo, GPT-2 medium", (("pretrained", "gpt2-medium"),)),
-}
-# Cells whose LaMo the paper ran on more than the defaults: GPT-2 medium for Kitchen Complete 30%
-# and Partial 100% (Table 1). In a paper grid every LaMo variant of such a cell keeps it unless the
-# variant sets --pretrained itself (Fig. 10's sizes, Table 15's w/o pre-training), so an ablation
-# changes one thing from the LaMo it is compared with (Fig. 6's λ 0 on Complete 30% is GPT-2
-# medium).
-CELL_SETTINGS = {("kitchen-complete-v2", 0.3): (("pretrained", "gpt2-medium"),),
-                 ("kitchen-partial-v2", 1.0): (("pretrained", "gpt2-medium"),)}
-
-
-@dataclass(frozen=True)
-class Cell:
-    """What one run folder per seed holds: a task, a data ratio, a model and the lamo.py flags it
-    adds to the task's defaults. Its name says all of them, so the same run asked for by two grids
-    (or two variants that resolve to the same flags) is one folder."""
-    task: str
-    frac: float
-    model: str
-    flags: tuple[str, ...] = ()       # --flag value pairs
-
-    @property
-    def name(self) -> str:
-        pairs = zip(self.flags[::2], self.flags[1::2])
-        return f"{self.task}_f{self.frac:g}_{self.model}" + "".join(
-            f"+{flag.removeprefix('--')}={value}" for flag, value in pairs)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A line of a grid's table: the paper's (task, ratio, variant) and the cell that fills it."""
-    variant: str
-    cell: Cell
-
-
-@dataclass(frozen=True)
-class Run:
-    cell: Cell
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.cell.name}_s{self.seed}"
-
-
-def task_defaults(task: str, model: str) -> dict:
-    """What lamo.py's resolve() fills in for this task and model: the task's recipe, then the
-    model's preset."""
-    if task not in TASKS:
-        raise SweepError(f"--env {task!r}: not a task of tasks.py, whose defaults a variant's "
-                         f"settings are compared with; known: {', '.join(TASKS)}")
-    return {**asdict(getattr(TASKS[task], model)), **PRESETS[model]}
-
-
-def make_cell(task: str, frac: float, variant: str, in_grid: bool) -> Cell:
-    """The cell of a variant on (task, ratio). A setting equal to the task's default gives no flag,
-    so a variant that is the default run on this task (Fig. 6's λ 0.1 on Kitchen, Fig. 10's GPT-2
-    small) is the very run of the main tables, trained once. Flags are sorted by name, so the
-    same settings always name the same folder."""
-    v = VARIANTS[variant]
-    settings = dict(v.settings)
-    if in_grid and v.model == "lamo":
-        settings = {**dict(CELL_SETTINGS.get((task, frac), ())), **settings}
-    if settings:    # only a variant with settings needs the task's entry in tasks.py
-        defaults = task_defaults(task, v.model)
-        settings = {k: value for k, value in settings.items() if value != defaults[k]}
-    flags = []
-    for key, value in sorted(settings.items()):
-        flags += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else value]
-    return Cell(task, frac, v.model, tuple(flags))
-
-
-def grid_variants(source: str) -> list[str]:
-    """A table's or figure's variants, in the paper's order: the keys of its cells."""
-    book = PAPER_FIGURES if source in PAPER_FIGURES else PAPER_TABLES
-    return list(dict.fromkeys(v for scores in book[source].values() for v in scores))
-
-
-def grid_entries(grid: str | None, envs, fracs, variants) -> dict[str | None, list[Entry]]:
-    """--grid: {grid: its (task, ratio, variant) entries}, the paper's cells narrowed by --env,
-    --frac and --model (variant names) if given; --grid paper: every grid that keeps an entry.
-    Without --grid: {None: every --env x --frac x --model (default: LaMo and DT)}."""
-    for v in variants or ():
-        if v not in VARIANTS:
-            raise SweepError(f"--model {v!r}: choose among {', '.join(VARIANTS)}")
-    if grid is None:
-        if not envs or not fracs:
-            raise SweepError(f"give --grid ({' | '.join([*GRIDS, PAPER_GRID])}), "
-                             "or --env and --frac")
-        entries = [Entry(v, make_cell(env, frac, v, in_grid=False))
-                   for env in envs for frac in fracs for v in variants or MODELS]
-        return {None: list(dict.fromkeys(entries))}     # --frac 0.1 0.1 is one cell, not two
-    if grid != PAPER_GRID and grid not in GRIDS:
-        raise SweepError(f"--grid {grid!r}: choose one of {', '.join([*GRIDS, PAPER_GRID])}")
-    tables = {}
-    for name in GRIDS if grid == PAPER_GRID else [grid]:
-        book = PAPER_FIGURES if GRIDS[name] in PAPER_FIGURES else PAPER_TABLES
-        entries = [Entry(v, make_cell(task, frac, v, in_grid=True))
-                   for (task, frac), scores in book[GRIDS[name]].items()
-                   if (not envs or task in envs) and (not fracs or frac in fracs)
-                   for v in scores if not variants or v in variants]
-        if entries:
-            tables[name] = entries
-    if not tables:
-        raise SweepError(f"no cell of --grid {grid} has the --env/--frac/--model given")
-    return tables
-
-
-def grid_cells(tables: dict[str | None, list[Entry]]) -> list[Cell]:
-    """Every cell of the grids, once: a run two grids share is trained once."""
-    return list(dict.fromkeys(e.cell for entries in tables.values() for e in entries))
-
-
-def make_runs(cells: list[Cell], seeds) -> list[Run]:
-    """Seed-major order: a sweep cut short leaves every cell with its first seeds, not a few
-    cells complete and the rest empty."""
-    return [Run(cell, seed) for seed in dict.fromkeys(seeds) for cell in cells]
-
-
+# ============================================================================ 1. a shard of the grid
 def parse_shard(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text)
     if not m or not int(m[1]) < int(m[2]):
@@ -458,211 +307,7 @@ def report_failures(failed: list[tuple[Run, int, Path]]):
             print(f"    {line}")
 
 
-# ============================================================================ 4. the table
-def cell_result(summaries: list[dict]) -> dict | None:
-    """The paper's rule for one cell, from the summary.json of each seed present: per target, the
-    mean over seeds of each seed's last-20% mean; the cell is the best target's mean and its
-    population std (ddof=0) over the seeds. None if no seed is present."""
-    if not summaries:
-        return None
-    # Targets high to low, so a tie goes to the higher one, the same way every time.
-    targets = sorted(set.intersection(*(set(s["targets"]) for s in summaries)), key=float,
-                     reverse=True)
-    if not targets:
-        return None
-    per_target = {t: [s["targets"][t]["last20"] for s in summaries] for t in targets}
-    means = {t: float(np.mean(scores)) for t, scores in per_target.items()}
-    best = max(targets, key=means.get)
-    return {"target": best, "mean": means[best], "std": float(np.std(per_target[best])),
-            "target_means": means}
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):     # not finished, or being written
-        return None
-
-
-def paper_value(grid: str | None, task: str, frac: float, variant: str) -> tuple | None:
-    """(mean, std or None, source, approximate) of the paper for one line of a table. A grid
-    compares with its own table or figure only, so a figure's ≈ values never stand beside a
-    table's exact ones; a sweep without --grid takes the first of the paper's tables that has the
-    line (never a figure)."""
-    if grid is not None and GRIDS[grid] in PAPER_FIGURES:
-        mean = PAPER_FIGURES[GRIDS[grid]].get((task, frac), {}).get(variant)
-        return None if mean is None else (mean, None, GRIDS[grid], True)
-    for source in [GRIDS[grid]] if grid is not None else PAPER_TABLES:
-        score = PAPER_TABLES[source].get((task, frac), {}).get(variant)
-        if score is not None:
-            return (*score, source, False)
-    return None
-
-
-def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -> list[dict]:
-    rows = []
-    for entry in entries:
-        cell = entry.cell
-        summaries = [read_summary(sweep_dir / Run(cell, seed).name) for seed in seeds]
-        present = [s for s in summaries if s is not None]
-        ours = cell_result(present) or {"target": None, "mean": None, "std": None,
-                                        "target_means": {}}
-        paper = paper_value(grid, cell.task, cell.frac, entry.variant) or (None, None, None, False)
-        rows.append({"task": cell.task, "ratio": cell.frac, "variant": entry.variant,
-                     "model": cell.model, "flags": shlex.join(cell.flags), "run": cell.name,
-                     "seeds": len(present), "seeds_expected": len(seeds), **ours,
-                     **dict(zip(("paper_mean", "paper_std", "paper_table", "paper_approx"),
-                                paper))})
-    return rows
-
-
-def pm(mean, std) -> str:
-    """mean ± std; the mean alone where the paper gives no std; — where there is no value."""
-    if mean is None:
-        return "—"
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
-
-
-def paper_text(r: dict) -> str:
-    if r["paper_mean"] is None:
-        return "—"
-    if r["paper_approx"]:
-        return f"≈ {r['paper_mean']:g} ({r['paper_table']})"
-    return f"{pm(r['paper_mean'], r['paper_std'])} ({r['paper_table']})"
-
-
-def label(variant: str) -> str:
-    return VARIANTS[variant].label
-
-
-def markdown(rows: list[dict], name: str, grid: str | None) -> str:
-    """A line per (task, ratio, variant); a grid of more than two variants (Tables 15 and 16, the
-    figures) first gets them side by side, a column per variant, as the paper lays them out."""
-    what = "" if grid is None else f", grid `{grid}` (the paper's {GRIDS[grid]})"
-    lines = [f"Sweep `{name}`{what}: normalised score.", ""]
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    if len(variants) > 2:
-        by_cell = {}
-        for r in rows:
-            by_cell.setdefault((r["task"], r["ratio"]), {})[r["variant"]] = r
-        lines += ["Side by side, ours / paper:", "",
-                  "| task | ratio | " + " | ".join(map(label, variants)) + " |",
-                  "| --- | ---: |" + " ---: |" * len(variants)]
-        for (task, ratio), line in by_cell.items():
-            values = [f"{pm(r['mean'], r['std'])} / {paper_text(r).rsplit(' (', 1)[0]}"
-                      if r else "" for r in map(line.get, variants)]
-            lines.append(f"| {task} | {ratio:g} | " + " | ".join(values) + " |")
-        lines.append("")
-    lines += ["| task | ratio | variant | ours | paper | target | seeds | lamo.py flags |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
-    for r in rows:
-        lines.append(f"| {r['task']} | {r['ratio']:g} | {label(r['variant'])} "
-                     f"| {pm(r['mean'], r['std'])} | {paper_text(r)} | {r['target'] or '—'} "
-                     f"| {r['seeds']}/{r['seeds_expected']} | {r['flags'] or 'defaults'} |")
-    lines += ["", "ours: for the best return target, the mean ± std (population, ddof=0) over the "
-              "seeds present of each seed's mean score over its evaluations in the last 20% of "
-              "training; the best target is the one with the highest mean over seeds. paper: "
-              "Shi et al., ICLR 2024, over 3 seeds. —: no finished seed (or no paper value). "
-              "lamo.py flags: what the run adds to the task's defaults (tasks.py)."]
-    if any(r["paper_approx"] for r in rows):
-        lines += ["", f"≈ read from the paper's figure ({GRIDS[grid]}): means read off its bars "
-                  "(± 2-5 points), not printed numbers and never mixed with the tables' exact "
-                  "values (e.g. Breakout 10%: ≈185 in Figs. 4 and 5, 136.9 in Table 2)."]
-    if any(r["paper_std"] is None and r["paper_mean"] is not None and not r["paper_approx"]
-           for r in rows):
-        lines += ["", "A paper value without ± has no std: Table 9's DT (copied from IQL's paper) "
-                  "and Table 16's w/o pre-training (its std was not transcribed; see the paper)."]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict], path: Path):
-    """Full-precision numbers; empty fields where a value is missing. paper_approx: 1 for a value
-    read from the paper's figure."""
-    columns = ["task", "ratio", "variant", "model", "flags", "run", "seeds", "seeds_expected",
-               "target", "mean", "std", "paper_mean", "paper_std", "paper_table", "paper_approx",
-               "target_means"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for r in rows:
-            means = ";".join(f"{t}:{m!r}" for t, m in r["target_means"].items())
-            writer.writerow({**{k: "" if r[k] is None else r[k] for k in columns[:-1]},
-                             "paper_approx": int(r["paper_approx"]), "target_means": means})
-
-
-def plot(rows: list[dict], path: Path, title: str):
-    """Laid out like the paper's figures: a panel per (task, ratio), its own y scale, a bar per
-    variant (ours: mean ± std over seeds; a cell with no finished seed says so, not 0) and the
-    paper's value as a black marker on it, right of centre: filled, with the paper's ± std, for a
-    table; hollow for a value read from a figure."""
-    import matplotlib                     # imported here: only the table step pays for it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    panels = list(dict.fromkeys((r["task"], r["ratio"]) for r in rows))
-    by_line = {(r["task"], r["ratio"], r["variant"]): r for r in rows}
-    colors = {v: "0.6" if v == "dt" else plt.get_cmap("tab10")(i) for i, v in enumerate(variants)}
-    ncols = min(4, len(panels))
-    nrows = -(-len(panels) // ncols)
-    # constrained layout: the title above and the legend below get the room they need
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols + 0.6, 2.4 * nrows + 1.0),
-                             squeeze=False, layout="constrained")
-    for ax, (task, ratio) in zip(axes.flat, panels):
-        for i, variant in enumerate(variants):
-            r = by_line.get((task, ratio, variant))
-            if r is None:
-                continue
-            if r["mean"] is None:
-                ax.text(i, 0, "no run", rotation=90, ha="center", va="bottom", fontsize=8,
-                        color="0.4")
-            else:
-                ax.bar(i, r["mean"], 0.75, yerr=r["std"], capsize=3, color=colors[variant],
-                       error_kw={"lw": 1, "ecolor": "0.2"})
-                if r["seeds"] < r["seeds_expected"]:
-                    ax.annotate(f"{r['seeds']}/{r['seeds_expected']} seeds", (i, 0), ha="center",
-                                va="bottom", fontsize=7, color="w")
-            if r["paper_mean"] is not None:
-                # beside the bar's centre, so its ± std stays apart from ours
-                ax.errorbar(i + 0.2, r["paper_mean"], yerr=r["paper_std"], fmt="D", ms=5, color="k",
-                            mfc="w" if r["paper_approx"] else "k", capsize=4, lw=1)
-        ax.set_title(f"{task.removesuffix('-v2')} {100 * ratio:g}%", fontsize=9)
-        ax.set_xticks([])
-        ax.set_xlim(-0.6, len(variants) - 0.4)
-        ax.axhline(0, color="0.5", lw=0.6)
-        ax.tick_params(labelsize=8)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    approx = any(r["paper_approx"] for r in rows)
-    handles = [Patch(color=colors[v], label=f"{label(v)} (ours)") for v in variants]
-    handles.append(Line2D([], [], marker="D", ls="", color="k", mfc="w" if approx else "k",
-                          label="paper: ≈ read from the paper's figure" if approx
-                          else "paper (table value ± std)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 3),
-               fontsize=8, frameon=False)
-    fig.suptitle(f"{title}\nbars: ours, mean ± std over seeds; diamonds: the paper", fontsize=10)
-    fig.supylabel("normalised score", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_tables(tables: dict[str | None, list[Entry]], seeds, sweep_dir: Path):
-    """Per grid, results_<grid>.md/.csv/.png (a sweep without --grid: results.*), so the grids
-    sharing a folder of runs keep their tables apart."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    for grid, entries in tables.items():
-        stem = "results" if grid is None else f"results_{grid}"
-        rows = table_rows(grid, entries, seeds, sweep_dir)
-        text = markdown(rows, sweep_dir.name, grid)
-        (sweep_dir / f"{stem}.md").write_text(text)
-        write_csv(rows, sweep_dir / f"{stem}.csv")
-        source = "" if grid is None else f", {grid}: the paper's {GRIDS[grid]}"
-        plot(rows, sweep_dir / f"{stem}.png", f"sweep {sweep_dir.name}{source}")
-        print(f"\n{text}\nwrote {sweep_dir}/{stem}.md, {stem}.csv, {stem}.png")
-
-
-# ============================================================================ 5. entry point
+# ============================================================================ 4. entry point
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """sweep.py's own flags, and the lamo.py flags after `--`."""
     ours, lamo_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \

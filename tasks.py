@@ -8,7 +8,8 @@ TASKS (plus a loader in data.py, or in its domain's file like atari.py, if its f
 new); README walks through the Kitchen entry.
 
 "Official code" is srzer/LaMo-2023; a value's source is in the comment beside it.
-Imports run one way: data <- reacher2d, atari <- tasks <- runs <- lamo <- bench, sweep.
+Imports run one way: data <- reacher2d, atari <- tasks <- runs <- lamo <- bench, grids <-
+results <- sweep.
 """
 from __future__ import annotations
 
@@ -237,5 +238,6 @@ def get_task(name: str) -> Task:
 
 
 # ----------------------------------------------------------------------------- the paper's numbers
-# In paper.py (no project imports), re-exported here for runs.py, sweep.py and the tests.
+# In paper.py (no project imports), re-exported here for runs.py, grids.py, results.py and the
+# tests.
 from paper import PAPER, PAPER_FIGURES, PAPER_TABLES  # noqa: E402, F401

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import grids
+import results
 import sweep
 from data import collect
 from tasks import PAPER_TABLES
@@ -182,8 +184,8 @@ def test_table3_dry_run_lists_the_72_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_shards_cover_the_grid_exactly_once():
-    runs = sweep.make_runs(sweep.grid_cells(sweep.grid_entries("table3", None, None, None)),
-                           sweep.SEEDS)
+    runs = grids.make_runs(grids.grid_cells(grids.grid_entries("table3", None, None, None)),
+                           grids.SEEDS)
     shuffled = random.Random(0).sample(runs, len(runs))
     for count in range(1, 8):
         shards = [sweep.shard(runs, i, count) for i in range(count)]
@@ -199,8 +201,8 @@ def test_shards_cover_the_grid_exactly_once():
 
 
 def test_commands_and_worker_environments(tmp_path):
-    cell = sweep.Cell("hopper-medium-v2", 0.1, "lamo", ("--pretrained", "gpt2-medium"))
-    run, run_dir = sweep.Run(cell, 2), tmp_path / "r"
+    cell = grids.Cell("hopper-medium-v2", 0.1, "lamo", ("--pretrained", "gpt2-medium"))
+    run, run_dir = grids.Run(cell, 2), tmp_path / "r"
     args = sweep.lamo_args(run, run_dir, ["--steps", "10", "--pretrained", "gpt2"], "proj")
     assert args == ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "2", "--model", "lamo",
                     "--out", str(run_dir), "--pretrained", "gpt2-medium", "--steps", "10",
@@ -219,9 +221,9 @@ def test_commands_and_worker_environments(tmp_path):
     assert "CUDA_VISIBLE_DEVICES" not in sweep.child_env(0, 1, [])
     cores = len(os.sched_getaffinity(0))
     # a value given twice is one run, not two processes writing one folder
-    cells = sweep.grid_cells(sweep.grid_entries(None, ["hopper-medium-v2"], [0.1, 0.1],
+    cells = grids.grid_cells(grids.grid_entries(None, ["hopper-medium-v2"], [0.1, 0.1],
                                                 ["dt", "dt"]))
-    assert [r.name for r in sweep.make_runs(cells, [0, 0, 1])] == [
+    assert [r.name for r in grids.make_runs(cells, [0, 0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f0.1_dt_s1"]
     assert sweep.child_env(0, 1, [])["MKL_NUM_THREADS"] == str(cores)
 
@@ -235,14 +237,14 @@ def test_threads_split_by_hand(monkeypatch):
 
 
 def test_runs_are_seed_major_and_ties_go_to_the_higher_target():
-    cells = sweep.grid_cells(sweep.grid_entries(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"]))
-    assert [r.name for r in sweep.make_runs(cells, [0, 1])] == [
+    cells = grids.grid_cells(grids.grid_entries(None, ["hopper-medium-v2"], [0.1, 1.0], ["dt"]))
+    assert [r.name for r in grids.make_runs(cells, [0, 1])] == [
         "hopper-medium-v2_f0.1_dt_s0", "hopper-medium-v2_f1_dt_s0",
         "hopper-medium-v2_f0.1_dt_s1", "hopper-medium-v2_f1_dt_s1"]
     # a tie between targets goes to the higher one, by value (120 > 90, though "90" > "120" as text)
-    tie = sweep.cell_result([summary(t90=50, t120=50), summary(t90=40, t120=40)])
+    tie = results.cell_result([summary(t90=50, t120=50), summary(t90=40, t120=40)])
     assert (tie["target"], tie["mean"], tie["std"]) == ("120", 45, 5)
-    assert sweep.cell_result([summary(t90=51, t120=50)])["target"] == "90"
+    assert results.cell_result([summary(t90=51, t120=50)])["target"] == "90"
 
 
 def summary(**last20) -> dict:
@@ -364,7 +366,7 @@ def test_paper_grid_trains_a_run_two_grids_share_once(tmp_path, monkeypatch, cap
 
 
 def test_a_setting_equal_to_the_tasks_default_gives_no_flag():
-    cell = sweep.make_cell
+    cell = grids.make_cell
     assert cell("kitchen-partial-v2", 0.1, "lamo-lm", in_grid=True).flags == ()       # λ 0.1
     assert cell("hopper-medium-v2", 0.1, "lamo-nolm", in_grid=True).flags == ()       # λ 0
     assert cell("hopper-medium-v2", 0.1, "lamo-linear", in_grid=False).flags == ()    # linear
@@ -386,9 +388,9 @@ def made_up_runs(folder: Path, grid: str, skip=()) -> dict:
     """A summary.json for every run of the grid but those whose name contains a string of skip:
     seed s of a line scores 10 + the line's index + s. -> {(task, ratio, variant): [scores]}."""
     scores = {}
-    for i, entry in enumerate(sweep.grid_entries(grid, None, None, None)[grid]):
-        for seed in sweep.SEEDS:
-            run = sweep.Run(entry.cell, seed)
+    for i, entry in enumerate(grids.grid_entries(grid, None, None, None)[grid]):
+        for seed in grids.SEEDS:
+            run = grids.Run(entry.cell, seed)
             if any(s in run.name for s in skip):
                 continue
             (folder / run.name).mkdir(parents=True, exist_ok=True)
@@ -473,8 +475,8 @@ def test_packs_group_compatible_runs_in_the_same_state(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "72 runs to do as 6 jobs (--pack 12)" in out
     assert out.count("pack of 12") == 6
-    cells = [sweep.Cell("hopper-medium-v2", f, "lamo") for f in (0.1, 1.0)]
-    runs = sweep.make_runs(cells, [0, 1, 2])
+    cells = [grids.Cell("hopper-medium-v2", f, "lamo") for f in (0.1, 1.0)]
+    runs = grids.make_runs(cells, [0, 1, 2])
     folder = tmp_path / "s"
     for run, step in zip(runs, (500, 500, 700)):        # three checkpointed, three new
         (folder / run.name).mkdir(parents=True)
@@ -489,5 +491,5 @@ def test_packs_group_compatible_runs_in_the_same_state(tmp_path, monkeypatch, ca
     assert args[args.index("--seed"):args.index("--model")] == ["--seed", "1", "2", "2"]
     assert args[-4:] == ["--wandb-group", *(r.cell.name for r in runs[3:])]
     assert len(sweep.make_jobs(runs[3:], folder, 4, ["--compile"])) == 1
-    atari = sweep.make_runs([sweep.Cell("breakout-medium", 0.1, "lamo")], [0, 1])
+    atari = grids.make_runs([grids.Cell("breakout-medium", 0.1, "lamo")], [0, 1])
     assert len(sweep.make_jobs(atari, folder, 4, [])) == 2
