@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -203,6 +208,72 @@ def bench_compiled(cfg, device, batcher, R, steps) -> dict:
     return out
 
 
+SECTIONS = ("train", "packs", "eval", "sampling")
+
+
+def configs(compile: bool) -> dict:
+    """The benchmark's two models at their default precision: LaMo on GPT-2 small's shape (random
+    weights, LoRA, MLP embeddings) and the DT preset."""
+    return {"lamo": lamo.resolve(lamo.Config(pretrained="none", embed="mlp", compile=compile)),
+            "dt": lamo.resolve(lamo.Config(model="dt", compile=compile))}
+
+
+def bench_processes(model: str, device, counts, window_s: float) -> dict:
+    """Run-steps/s of N single-run processes training at once on one device, each with cores // N
+    threads, the way `sweep.py --jobs N --gpus 0` shares a GPU: the baseline a pack must beat
+    where one process leaves the GPU idle between kernel launches. Each process times its steps
+    over the same window_s seconds, once all N have warmed up."""
+    out = {}
+    cores = len(os.sched_getaffinity(0))
+    for n in counts:
+        with tempfile.TemporaryDirectory() as barrier:
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+            code = (f"import bench; bench.process_worker({model!r}, {str(device)!r}, {barrier!r}, "
+                    f"{n}, {window_s})")
+            procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for _ in range(n)]
+            while any(p.poll() is None for p in procs):
+                if any(p.poll() for p in procs):             # one failed: the rest would wait
+                    for p in procs:
+                        p.kill()
+                time.sleep(0.1)
+            outs = [p.communicate() for p in procs]
+        failed = [err for p, (_, err) in zip(procs, outs) if p.returncode]
+        if failed:
+            raise RuntimeError(f"bench: one of {n} training processes failed:\n{failed[0][-2000:]}")
+        rates = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+        out[f"procs_{model}_{n}"] = sum(r["steps"] / r["seconds"] for r in rates)
+    return out
+
+
+def process_worker(model: str, device: str, barrier: str, n: int, window_s: float):
+    """One of bench_processes' processes: one run's training steps (two untimed), counted over
+    window_s seconds from when all n processes are ready. Prints {"steps", "seconds"} as JSON."""
+    device = lamo.pick_device(device)
+    cfg = configs(False)[model]
+    batcher = TrajectoryBatcher(synthetic_hopper(200, 100_000), 20, 1000, 1000.0, seed=0,
+                                device=device)
+    net, params, opt = new_model(cfg, device)
+    step = lambda: lamo.train_step(net, net, opt, params, batcher.sample(cfg.batch_size), None,
+                                   cfg, False)
+    for _ in range(2):
+        step()
+    sync(device)
+    Path(barrier, f"ready_{os.getpid()}").touch()
+    deadline = time.time() + 600
+    while len(list(Path(barrier).glob("ready_*"))) < n:
+        if time.time() > deadline:
+            sys.exit(f"bench: {n} processes were to start together; the others never got ready")
+        time.sleep(0.01)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < window_s:
+        step()
+        steps += 1
+    sync(device)
+    print(json.dumps({"steps": steps, "seconds": time.perf_counter() - t0}))
+
+
 def hopper_episodes(n: int) -> list[tuple[float, int]]:
     """n evaluation episodes (target, env seed), the targets taken in turn."""
     targets = [float(t) for t in HOPPER.targets]
@@ -375,6 +446,9 @@ def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
+                   help="what to measure (default: all four); --compiled and --processes add "
+                        "theirs")
     p.add_argument("--train-steps", type=int, default=None,
                    help="timed steps per training variant (default: cpu 1, gpu 50 after warm-up)")
     p.add_argument("--eval-model", choices=("lamo", "dt"), default=None,
@@ -398,8 +472,11 @@ def main(argv=None):
                    help="also the largest pack with its attention through each of these SDPA "
                         "kernels (pack.py uses math)")
     p.add_argument("--compiled", type=int, metavar="R", default=0,
-                   help="also LaMo alone and a pack of R LaMo runs with --compile, last (a GPU "
-                        "compiles each in about a minute)")
+                   help="also LaMo alone and a pack of R LaMo runs with --compile (a GPU compiles "
+                        "each in about a minute)")
+    p.add_argument("--processes", type=int, nargs="*", default=[], metavar="N",
+                   help="also run-steps/s of N LaMo training processes at once on the device, "
+                        "for each N (the baseline for packs)")
     p.add_argument("--eval-workers", type=int, nargs="*", default=None,
                    help="worker-process counts for the evaluation's envs (default: 1 and the "
                         "cores available, or 2)")
@@ -409,10 +486,9 @@ def main(argv=None):
     gpu = device.type == "cuda"
     steps = a.train_steps or (50 if gpu else 1)
     max_steps = a.eval_max_steps or (1000 if gpu else 100)
-    # GPT-2 small's shape, random weights, LoRA; the DT preset; both at their default precision.
-    lamo_cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", compile=a.compile))
-    dt_cfg = lamo.resolve(lamo.Config(model="dt", compile=a.compile))
-    eval_cfg = lamo_cfg if (a.eval_model or ("lamo" if gpu else "dt")) == "lamo" else dt_cfg
+    cfgs = configs(a.compile)
+    lamo_cfg, dt_cfg = cfgs["lamo"], cfgs["dt"]
+    eval_cfg = cfgs[a.eval_model or ("lamo" if gpu else "dt")]
     name = lamo.device_name(device) if gpu else platform.processor() or "cpu"
     print(f"device {name} ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     trajs = synthetic_hopper()
@@ -422,90 +498,102 @@ def main(argv=None):
            "precision": lamo.resolve_precision(lamo_cfg.precision, device),
            "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt", "eval_max_steps": max_steps}
     n_seq = a.eval_sequential or (16 if gpu else a.eval_episodes)
+    warmup = (2 if a.compile else 1) if gpu else 0
+    sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
+    rows = []                               # (label, value) of the printed table, as measured
 
     def save():                             # after each section: a run cut short keeps its figures
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    # (a) training, one run and packs, each with its own peak GPU memory
-    res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
-    save()
-    warmup = res["train_warmup_steps"]
-    sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
-    res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
-    save()
-    for name, cfg in (("lamo", lamo_cfg), ("dt", dt_cfg)):
-        if a.pack_attention and sizes:
-            res.update(measured(lambda: bench_pack_attention(
-                cfg, name, device, batcher, max(sizes), steps, warmup, a.pack_attention), device)[0])
-            save()
-    res["train_steps_per_s_by_batch"] = {
-        B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
-        for B in a.batch_sizes}
-    save()
-    # (b) evaluation
-    evaluation, res["eval_peak_gpu_gb"] = measured(
-        lambda: bench_eval(eval_cfg, device, a.eval_episodes, max_steps, n_seq), device)
-    res.update(evaluation)
-    save()
-    counts = a.eval_workers or [1, max(2, default_workers())]
-    res.update(bench_eval_workers(eval_cfg, device, a.eval_episodes, max_steps, counts))
-    save()
-    # (c) sampling, B=64, K=20
-    rng = np.random.default_rng(0)
-    t_loop = timed(lambda: [x.to(device) for x in kzl_get_batch(trajs, 64, 20, 1000, 1000.0, batcher.state_mean,
-                                                                 batcher.state_std, rng)], 20, device)
-    t_vec = timed(lambda: batcher.sample(64), 200, device)
-    res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3)
-    res.update(bench_atari_sampling(device))
-    save()
-    if a.compiled:
+    gb = lambda k: f"{res[k]:.2f}" if res.get(k) is not None else "n/a"
+    if "train" in a.sections:               # (a) training steps/s, each with its peak GPU memory
+        res.update(bench_train(lamo_cfg, dt_cfg, device, batcher, steps))
+        res["train_steps_per_s_by_batch"] = {
+            B: train_steps_per_s(replace(lamo_cfg, batch_size=B), device, batcher, steps, warmup)
+            for B in a.batch_sizes}
+        save()
+        cold = " (first step, no warm-up)" if warmup == 0 else ""
+        rows += [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0, {res['precision']}{cold}",
+                  f"{res['train_steps_per_s']:.3f}"),
+                 ("  peak GPU memory GB", gb("train_peak_gpu_gb")),
+                 ("training steps/s, same + (2, 1024) LM batch", f"{res['train_steps_per_s_with_lm']:.3f}"),
+                 ("  peak GPU memory GB", gb("train_peak_gpu_gb_with_lm")),
+                 ("training steps/s, DT preset (3 layers, d=128), B=64 K=20",
+                  f"{res['train_steps_per_s_dt']:.3f}"),
+                 ("  peak GPU memory GB", gb("train_peak_gpu_gb_dt")),
+                 *((f"training steps/s, LaMo, B={B} (x{B / 64:g} the tokens)", f"{v:.3f}")
+                   for B, v in res["train_steps_per_s_by_batch"].items())]
+    if "packs" in a.sections:               # run-steps/s of packs
+        res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
+        save()
+        for key, cfg in cfgs.items():
+            if a.pack_attention and sizes:
+                res.update(measured(lambda: bench_pack_attention(
+                    cfg, key, device, batcher, max(sizes), steps, warmup, a.pack_attention),
+                    device)[0])
+                save()
+        rows += [(f"run-steps/s, pack of {R} {key} runs", f"{res[f'pack_{key}_{R}']:.3f}")
+                 for key in cfgs for R in sizes]
+        rows += [(f"run-steps/s, pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention: "
+                  f"{k.split('_')[1]}", f"{v:.3f}" if not k.endswith("_error") else "error")
+                 for k, v in res.items() if k.startswith("packattn_")]
+    if "eval" in a.sections:                # (b) evaluation
+        evaluation, res["eval_peak_gpu_gb"] = measured(
+            lambda: bench_eval(eval_cfg, device, a.eval_episodes, max_steps, n_seq), device)
+        res.update(evaluation)
+        save()
+        counts = a.eval_workers or [1, max(2, default_workers())]
+        res.update(bench_eval_workers(eval_cfg, device, a.eval_episodes, max_steps, counts))
+        res["ratio_eval_batched_vs_sequential"] = (res["eval_batched_env_steps_per_s"]
+                                                   / res["eval_sequential_env_steps_per_s"])
+        res["ratio_eval_ceiling"] = (res["eval_env_alone_env_steps_per_s"]
+                                     / res["eval_sequential_env_steps_per_s"])
+        save()
+        rows += [(f"eval env-steps/s, {a.eval_episodes} episodes batched ({res['eval_model']})",
+                  f"{res['eval_batched_env_steps_per_s']:.0f}"),
+                 (f"eval env-steps/s, the first {res['eval_sequential_episodes']} one at a time",
+                  f"{res['eval_sequential_env_steps_per_s']:.0f}"),
+                 ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
+                 ("  model forward ms per episode, batch of 1",
+                  f"{res['forward_ms_per_episode_batch_1']:.2f}"),
+                 (f"  model forward ms per episode, batch of {a.eval_episodes}",
+                  f"{res['forward_ms_per_episode_batched']:.2f}"),
+                 ("  peak GPU memory GB", gb("eval_peak_gpu_gb")),
+                 *((f"eval env-steps/s, {a.eval_episodes} episodes batched, {n} worker process"
+                    f"{'es' if n > 1 else ''} (pool start {res[f'eval_workers_{n}_start_s']:.1f} s)",
+                    f"{res[f'eval_workers_{n}_env_steps_per_s']:.0f}") for n in counts),
+                 ("eval env-steps/s, env stepping alone, no model (MuJoCo's floor)",
+                  f"{res['eval_env_alone_env_steps_per_s']:.0f}"),
+                 ("  ceiling on that ratio: one at a time / env alone", f"{res['ratio_eval_ceiling']:.1f}x")]
+    if "sampling" in a.sections:            # (c) sampling, B=64, K=20; Atari's B=128, K=30
+        rng = np.random.default_rng(0)
+        t_loop = timed(lambda: [x.to(device) for x in kzl_get_batch(
+            trajs, 64, 20, 1000, 1000.0, batcher.state_mean, batcher.state_std, rng)], 20, device)
+        t_vec = timed(lambda: batcher.sample(64), 200, device)
+        res.update(sample_loop_ms=t_loop * 1e3, sample_vectorised_ms=t_vec * 1e3,
+                   ratio_sampling_vectorised_vs_loop=t_loop / t_vec)
+        res.update(bench_atari_sampling(device))
+        save()
+        rows += [("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
+                 ("batch sampling ms, vectorised", f"{res['sample_vectorised_ms']:.3f}"),
+                 ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
+                 ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
+                  f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}")]
+    if a.compiled:                          # --compile: LaMo alone and a pack
         res.update(bench_compiled(lamo_cfg, device, batcher, a.compiled, steps))
+        save()
+        rows += [(f"LaMo, --compile: run-steps/s, pack of {a.compiled}",
+                  f"{res[f'compiled_lamo_{a.compiled}']:.3f}"),
+                 ("LaMo, --compile: steps/s alone", f"{res['compiled_lamo_1']:.3f}")]
+    if a.processes:                         # N training processes sharing the device
+        res.update(bench_processes("lamo", device, a.processes, 10.0 if gpu else 2.0))
+        save()
+        rows += [(f"run-steps/s, {n} LaMo training processes at once", f"{res[f'procs_lamo_{n}']:.3f}")
+                 for n in a.processes]
     # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    res["ratio_eval_batched_vs_sequential"] = res["eval_batched_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
-    res["ratio_eval_ceiling"] = res["eval_env_alone_env_steps_per_s"] / res["eval_sequential_env_steps_per_s"]
-    res["ratio_sampling_vectorised_vs_loop"] = t_loop / t_vec
-    cold = " (first step, no warm-up)" if res["train_warmup_steps"] == 0 else ""
-    gb = lambda k: f"{res[k]:.2f}" if res[k] is not None else "n/a"
-    rows = [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0, {res['precision']}{cold}",
-             f"{res['train_steps_per_s']:.3f}"),
-            ("  peak GPU memory GB", gb("train_peak_gpu_gb")),
-            ("training steps/s, same + (2, 1024) LM batch", f"{res['train_steps_per_s_with_lm']:.3f}"),
-            ("  peak GPU memory GB", gb("train_peak_gpu_gb_with_lm")),
-            ("training steps/s, DT preset (3 layers, d=128), B=64 K=20", f"{res['train_steps_per_s_dt']:.3f}"),
-            ("  peak GPU memory GB", gb("train_peak_gpu_gb_dt")),
-            (f"eval env-steps/s, {a.eval_episodes} episodes batched ({res['eval_model']})", f"{res['eval_batched_env_steps_per_s']:.0f}"),
-            (f"eval env-steps/s, the first {res['eval_sequential_episodes']} one at a time",
-             f"{res['eval_sequential_env_steps_per_s']:.0f}"),
-            ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
-            ("  model forward ms per episode, batch of 1", f"{res['forward_ms_per_episode_batch_1']:.2f}"),
-            (f"  model forward ms per episode, batch of {a.eval_episodes}", f"{res['forward_ms_per_episode_batched']:.2f}"),
-            ("  peak GPU memory GB", gb("eval_peak_gpu_gb")),
-            *((f"eval env-steps/s, {a.eval_episodes} episodes batched, {n} worker process"
-               f"{'es' if n > 1 else ''} (pool start {res[f'eval_workers_{n}_start_s']:.1f} s)",
-               f"{res[f'eval_workers_{n}_env_steps_per_s']:.0f}") for n in counts),
-            ("eval env-steps/s, env stepping alone, no model (MuJoCo's floor)", f"{res['eval_env_alone_env_steps_per_s']:.0f}"),
-            ("  ceiling on that ratio: one at a time / env alone", f"{res['ratio_eval_ceiling']:.1f}x"),
-            ("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
-            ("batch sampling ms, vectorised", f"{res['sample_vectorised_ms']:.3f}"),
-            ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
-            ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
-             f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}"),
-            *((f"training steps/s, LaMo, B={B} (x{B / 64:g} the tokens)", f"{v:.3f}")
-              for B, v in res["train_steps_per_s_by_batch"].items()),
-            *((f"run-steps/s, pack of {R} {name} runs (one run alone: {single:.3f})",
-               f"{res[f'pack_{key}_{R}']:.3f}")
-              for key, name, single in (("lamo", "LaMo", res["train_steps_per_s"]),
-                                        ("dt", "DT", res["train_steps_per_s_dt"]))
-              for R in sizes),
-            *(("LaMo, --compile: " + ("steps/s alone" if k == "compiled_lamo_1" else
-                                       f"run-steps/s, pack of {k.split('_')[2]}"), f"{v:.3f}")
-              for k, v in res.items() if k.startswith("compiled_") and not k.endswith("_gb")),
-            *((f"run-steps/s, pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention: "
-               f"{k.split('_')[1]}", f"{v:.3f}" if not k.endswith("_error") else "error")
-              for k, v in res.items() if k.startswith("packattn_")),
-            ("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}")]
+    rows.append(("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}"))
     w = max(len(k) for k, _ in rows) + 2
     print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")
     save()

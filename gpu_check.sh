@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# lamo's GPU check: one command for a GPU machine, about 5 minutes on an H200, 9 at most.
-# (Measured on an H200: tests 52-65 s, bench 103 s before --compiled and --pack-attention, slice
-# 110 s, plus the wheels and the data.)
+# lamo's GPU check: one command for a GPU machine, about 8 minutes on an H200. Measured there:
+# tests 52-65 s, bench 103 s (before --pack-attention), slice 110 s, plus the wheels and the data;
+# the compare step is new (its limit: 3 minutes). Under a 10-minute cap, give STEPS.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
-#   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench slice)
+#   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
 #
 # 1. the CUDA tests (pytest -m cuda: a step against the CPU, --resume, --eval-only, batched
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
@@ -12,16 +12,17 @@
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
 #    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
 #    of a pack of 16, run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, the
-#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), the evaluation
-#    with its envs in 1 and N worker processes (--eval-workers), and last, LaMo alone and a pack
-#    of 16 with --compile;
+#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), and the
+#    evaluation with its envs in 1 and N worker processes (--eval-workers);
+# 2b. compare: what a pack must beat, or could gain: 1, 4 and 8 LaMo training processes at once
+#    on the GPU (sweep.py --jobs N --gpus 0), and LaMo alone and a pack of 16 with --compile;
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
 #    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.
 # The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
 # as OpenAI's weights, which a machine without network cannot download.
-# REPORT_DIR gets report.md (printed last), the logs, bench.json, profile.txt and the slice's
-# curve.png: 8 files.
+# REPORT_DIR gets report.md (printed last), log.txt (every step's output), gpu.csv, bench.json,
+# compare.json, profile.txt and the slice's curve.png: 7 files.
 # A GPU machine without gymnasium, mujoco and ale-py: run `bash ../shared/gpu/wheels.sh` on a
 # machine with network first; the .whl/ folder it fills is installed from here.
 set -uo pipefail
@@ -37,22 +38,24 @@ if ! python3 -c "import gymnasium, mujoco, ale_py" 2>/dev/null; then
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export MUJOCO_GL=disable PYTHONUNBUFFERED=1   # no rendering; the image has no libEGL
-STEPS=" ${STEPS:-tests bench slice} "
+STEPS=" ${STEPS:-tests bench compare slice} "
 step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its status and time
     local name=$1 limit=$2; shift 2
     [[ $STEPS == *" $name "* ]] || return 0
     local t0=$SECONDS
-    echo "=== $name: $*"
-    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$REPORT/$name.log"
+    echo "=== $name: $*" | tee -a "$REPORT/log.txt"
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" | tee -a "$REPORT/log.txt"
     local rc=${PIPESTATUS[0]}
     echo "$name $rc $((SECONDS - t0))" >> "$WORK/status"
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$REPORT/log.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-step tests 100 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
-step bench 330 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
+step tests 90 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
+step bench 200 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
-    --batch-sizes 256 1024 --pack-attention cudnn flash efficient --compiled 16
+    --batch-sizes 256 1024 --pack-attention cudnn flash efficient
+step compare 180 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
+    --compiled 16 --out "$REPORT/compare.json"
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 if [[ $STEPS == *" slice "* ]]; then
     timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
@@ -73,11 +76,14 @@ lines = [f"# lamo GPU check: {name}", "",
          f"torch {torch.__version__}, CUDA {torch.version.cuda}, command `bash gpu_check.sh`", "",
          "| step | exit | seconds |", "| --- | --- | --- |"]
 lines += [f"| {k} | {v[0]} | {v[1] if len(v) > 1 else ''} |" for k, v in status.items()]
-tests = (report / "tests.log").read_text().splitlines() if (report / "tests.log").exists() else []
+tests = (work / "tests.log").read_text().splitlines() if (work / "tests.log").exists() else []
 lines += ["", "CUDA tests: " + (tests[-1] if tests else "no output")]
 lines += [f"    {l}" for l in tests if l.startswith(("fp32:", "bf16:"))]
 table = []
 b = json.loads((report / "bench.json").read_text()) if (report / "bench.json").exists() else {}
+if (report / "compare.json").exists():       # the compare step's rows, beside bench's own
+    compare = json.loads((report / "compare.json").read_text())
+    b.update({k: v for k, v in compare.items() if k.startswith(("procs_", "compiled_"))})
 # bench.json is written after each of bench.py's sections: a bench cut short leaves rows "n/a"
 val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
 gb = lambda k: val(k, ".2f")
@@ -97,6 +103,10 @@ if b:
                f"run-steps/s, a pack of {k.split('_')[2]}") + " (x one eager run alone)",
                f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"] else ""), gb(k + "_peak_gpu_gb"))
               for k, v in b.items() if k.startswith("compiled_") and not k.endswith("_gb")]
+    table += [(f"run-steps/s, {k.split('_')[2]} LaMo training processes at once on the GPU "
+               "(x one eager run alone)", f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"]
+                                                        else ""), "")
+              for k, v in b.items() if k.startswith("procs_")]
     table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention through "
                f"SDPA's {k.split('_')[1]} kernel", f"{v:.3g}" if not k.endswith("_error") else v[:60], "")
               for k, v in b.items() if k.startswith("packattn_")]

@@ -313,3 +313,11 @@ def test_bench_reports_an_attention_kernel_that_fails_in_a_pack(tiny_hdf5):
     assert out["packattn_math_dt_2"] > 0
     assert "packattn_efficient_dt_2" not in out and out["packattn_efficient_dt_2_error"]
     assert pack.ATTENTION is before
+
+
+def test_bench_times_training_processes_side_by_side():
+    """bench.py --processes: N single-run processes start, wait for each other, and each reports
+    its steps over the window; their rates are summed (no speed asserted)."""
+    import bench
+    out = bench.bench_processes("dt", torch.device("cpu"), [1, 2], 0.5)
+    assert set(out) == {"procs_dt_1", "procs_dt_2"} and min(out.values()) > 0
