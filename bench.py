@@ -46,12 +46,13 @@ def synthetic_hopper(n_traj=2186, n_steps=999_906, seed=0) -> list[dict]:
     lengths = np.diff(np.concatenate([[0], cuts, [n_steps]]))
     return [{"observations": rng.standard_normal((n, OBS_DIM), dtype=np.float32),
              "actions": rng.uniform(-1, 1, (n, HOPPER.act_dim)).astype(np.float32),
-             "rewards": rng.uniform(0, 3, n).astype(np.float32), "terminals": np.zeros(n, bool)} for n in lengths]
+             "rewards": rng.uniform(0, 3, n).astype(np.float32), "terminals": np.zeros(n, bool)}
+            for n in lengths]
 
 
 def kzl_get_batch(trajs, B, K, max_ep_len, scale, mean, std, rng):
-    """The official code's batch builder, condensed: one Python iteration per sample, each re-summing
-    the returns-to-go over the rest of its trajectory and concatenating the padding."""
+    """The official code's batch builder, condensed: one Python iteration per sample, each
+    re-summing the returns-to-go over the rest of its trajectory and concatenating the padding."""
     lengths = np.array([len(t["rewards"]) for t in trajs])
     picks = rng.choice(len(trajs), size=B, p=lengths / lengths.sum())
     s, a, r, ts, m = [], [], [], [], []
@@ -64,7 +65,8 @@ def kzl_get_batch(trajs, B, K, max_ep_len, scale, mean, std, rng):
         s.append(np.concatenate([np.zeros((K - n, obs.shape[1])), (obs - mean) / std]))
         a.append(np.concatenate([np.full((K - n, act.shape[1]), -10.0), act]))
         r.append(np.concatenate([np.zeros(K - n), rtg / scale])[:, None])
-        ts.append(np.concatenate([np.zeros(K - n), np.minimum(np.arange(si, si + n), max_ep_len - 1)]))
+        steps = np.minimum(np.arange(si, si + n), max_ep_len - 1)
+        ts.append(np.concatenate([np.zeros(K - n), steps]))
         m.append(np.concatenate([np.zeros(K - n), np.ones(n)]))
     return [torch.tensor(np.stack(x), dtype=torch.float32) for x in (s, a, r, ts, m)]
 
@@ -119,8 +121,8 @@ def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
     fwd = torch.compile(model) if cfg.compile else model
     lm_block = (torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
                 if cfg.lm_coef else None)
-    step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size), lm_block,
-                                   cfg, False)
+    step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
+                                   lm_block, cfg, False)
     return 1 / timed(step, steps, device, warmup=warmup)
 
 
@@ -177,8 +179,8 @@ def pack_step(cfg, device, batcher, R):
                                 batcher, None, None, {}))
     p = pack.Pack(members)
     alive = torch.ones(R, dtype=torch.bool, device=device)
-    step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)], None, alive,
-                                   cfg, lamo, False)
+    step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)], None,
+                                   alive, cfg, lamo, False)
     return p, step
 
 
@@ -311,16 +313,19 @@ def bench_eval(cfg, device, n_episodes, max_steps, n_sequential) -> dict:
     t0 = time.perf_counter()
     seq = [run([e])[0][0] for e in progress(episodes[:n_seq], desc="eval one at a time")]
     t_seq = time.perf_counter() - t0
-    assert np.array_equal(returns[:n_seq], np.array(seq)), "batched and one-at-a-time evaluation disagree"
+    assert np.array_equal(returns[:n_seq], np.array(seq)), \
+        "batched and one-at-a-time evaluation disagree"
     t_env, env_returns = time_env_alone(max_steps, episodes, lengths)
     assert np.allclose(env_returns, returns), "the env-alone run did not replay the same episodes"
     steps = int(lengths.sum())
-    return {"eval_episodes": n_episodes, "eval_env_steps": steps, "eval_batched_env_steps_per_s": steps / t_batched,
+    return {"eval_episodes": n_episodes, "eval_env_steps": steps,
+            "eval_batched_env_steps_per_s": steps / t_batched,
             "eval_sequential_episodes": n_seq,
             "eval_sequential_env_steps_per_s": int(lengths[:n_seq].sum()) / t_seq,
             "eval_env_alone_env_steps_per_s": steps / t_env,
             "forward_ms_per_episode_batch_1": time_forward(model, 1, cfg.context_len, device) * 1e3,
-            "forward_ms_per_episode_batched": time_forward(model, n_episodes, cfg.context_len, device) * 1e3}
+            "forward_ms_per_episode_batched":
+                time_forward(model, n_episodes, cfg.context_len, device) * 1e3}
 
 
 def bench_eval_workers(cfg, device, n_episodes, max_steps, counts) -> dict:
@@ -347,7 +352,8 @@ def bench_eval_workers(cfg, device, n_episodes, max_steps, counts) -> dict:
 
 @torch.inference_mode()
 def time_forward(model, n, K, device) -> float:
-    """Seconds per episode of one evaluation forward over n full K-step windows: what batching amortises."""
+    """Seconds per episode of one evaluation forward over n full K-step windows: what batching
+    amortises."""
     s, a, r = torch.randn(n, K, OBS_DIM), torch.randn(n, K, HOPPER.act_dim), torch.randn(n, K, 1)
     args = [x.to(device) for x in (s, a, r, torch.arange(K).expand(n, -1))]
     reps = max(3, 200 // n)
@@ -371,8 +377,9 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
     """ms per Atari batch of the official run.sh's shape (B=128, K=30, 4 stacked frames): our
     FrameStackBatcher against AtariBuffer.sample's loop over samples and steps (experiment-atari/
     buffer.py), from the same seed, so over the same windows, checked equal on unpadded steps. A
-    synthetic replay of DQN-Replay's frame shape and Breakout-like trajectory lengths, but 40k frames
-    (280 MB) instead of 1M (7 GB), in memory; both read the same uint8 array (the official code holds
+    synthetic replay of DQN-Replay's frame shape and Breakout-like trajectory lengths, but 40k
+    frames (280 MB) instead of 1M (7 GB), in memory; both read the same uint8 array (the official
+    code holds
     every frame as float32 on the device, so its batch is float32; ours stays uint8, which the model
     divides by 255 on the device)."""
     from atari import AtariReplay, FrameStackBatcher
@@ -403,7 +410,8 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
 
     got, want = batcher.sample(B), official(np.random.default_rng(0))
     m = got.mask.bool()
-    assert torch.equal(got.states[m].float(), want[m]), "the Atari sampler and the official loop disagree"
+    assert torch.equal(got.states[m].float(), want[m]), \
+        "the Atari sampler and the official loop disagree"
     loop_rng = np.random.default_rng(0)
     return {"atari_sample_loop_ms": timed(lambda: official(loop_rng), reps, device) * 1e3,
             "atari_sample_vectorised_ms": timed(lambda: batcher.sample(B), reps, device) * 1e3}
@@ -423,7 +431,8 @@ def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str
     K = cfg.context_len
     window = [x.to(device) for x in (torch.randn(n_episodes, K, OBS_DIM),
                                      torch.randn(n_episodes, K, HOPPER.act_dim),
-                                     torch.randn(n_episodes, K, 1), torch.arange(K).expand(n_episodes, -1))]
+                                     torch.randn(n_episodes, K, 1),
+                                     torch.arange(K).expand(n_episodes, -1))]
     out = []
     sections = [("one training step, B=64 K=20", step, True),
                 (f"one evaluation forward, {n_episodes} episodes", lambda: model(*window), False)]
@@ -514,10 +523,11 @@ def main(argv=None):
             for B in a.batch_sizes}
         save()
         cold = " (first step, no warm-up)" if warmup == 0 else ""
-        rows += [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0, {res['precision']}{cold}",
-                  f"{res['train_steps_per_s']:.3f}"),
+        rows += [(f"training steps/s, LaMo gpt2-small, B=64 K=20, lambda=0, "
+                  f"{res['precision']}{cold}", f"{res['train_steps_per_s']:.3f}"),
                  ("  peak GPU memory GB", gb("train_peak_gpu_gb")),
-                 ("training steps/s, same + (2, 1024) LM batch", f"{res['train_steps_per_s_with_lm']:.3f}"),
+                 ("training steps/s, same + (2, 1024) LM batch",
+                  f"{res['train_steps_per_s_with_lm']:.3f}"),
                  ("  peak GPU memory GB", gb("train_peak_gpu_gb_with_lm")),
                  ("training steps/s, DT preset (3 layers, d=128), B=64 K=20",
                   f"{res['train_steps_per_s_dt']:.3f}"),
@@ -554,18 +564,21 @@ def main(argv=None):
                   f"{res['eval_batched_env_steps_per_s']:.0f}"),
                  (f"eval env-steps/s, the first {res['eval_sequential_episodes']} one at a time",
                   f"{res['eval_sequential_env_steps_per_s']:.0f}"),
-                 ("  ratio batched / one at a time", f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
+                 ("  ratio batched / one at a time",
+                  f"{res['ratio_eval_batched_vs_sequential']:.1f}x"),
                  ("  model forward ms per episode, batch of 1",
                   f"{res['forward_ms_per_episode_batch_1']:.2f}"),
                  (f"  model forward ms per episode, batch of {a.eval_episodes}",
                   f"{res['forward_ms_per_episode_batched']:.2f}"),
                  ("  peak GPU memory GB", gb("eval_peak_gpu_gb")),
                  *((f"eval env-steps/s, {a.eval_episodes} episodes batched, {n} worker process"
-                    f"{'es' if n > 1 else ''} (pool start {res[f'eval_workers_{n}_start_s']:.1f} s)",
+                    f"{'es' if n > 1 else ''} (pool start "
+                    f"{res[f'eval_workers_{n}_start_s']:.1f} s)",
                     f"{res[f'eval_workers_{n}_env_steps_per_s']:.0f}") for n in counts),
                  ("eval env-steps/s, env stepping alone, no model (MuJoCo's floor)",
                   f"{res['eval_env_alone_env_steps_per_s']:.0f}"),
-                 ("  ceiling on that ratio: one at a time / env alone", f"{res['ratio_eval_ceiling']:.1f}x")]
+                 ("  ceiling on that ratio: one at a time / env alone",
+                  f"{res['ratio_eval_ceiling']:.1f}x")]
     if "sampling" in a.sections:            # (c) sampling, B=64, K=20; Atari's B=128, K=30
         rng = np.random.default_rng(0)
         t_loop = timed(lambda: [x.to(device) for x in kzl_get_batch(
@@ -575,7 +588,8 @@ def main(argv=None):
                    ratio_sampling_vectorised_vs_loop=t_loop / t_vec)
         res.update(bench_atari_sampling(device))
         save()
-        rows += [("batch sampling ms, per-sample loop (kzl DT style)", f"{res['sample_loop_ms']:.2f}"),
+        rows += [("batch sampling ms, per-sample loop (kzl DT style)",
+                  f"{res['sample_loop_ms']:.2f}"),
                  ("batch sampling ms, vectorised", f"{res['sample_vectorised_ms']:.3f}"),
                  ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
                  ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
@@ -589,18 +603,21 @@ def main(argv=None):
     if a.processes:                         # N training processes sharing the device
         res.update(bench_processes("lamo", device, a.processes, 10.0 if gpu else 2.0))
         save()
-        rows += [(f"run-steps/s, {n} LaMo training processes at once", f"{res[f'procs_lamo_{n}']:.3f}")
+        rows += [(f"run-steps/s, {n} LaMo training processes at once",
+                  f"{res[f'procs_lamo_{n}']:.3f}")
                  for n in a.processes]
     # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows.append(("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}"))
     w = max(len(k) for k, _ in rows) + 2
-    print(f"\n{'':-<{w + 10}}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{'':-<{w + 10}}")
+    rule = "-" * (w + 10)
+    print(f"\n{rule}\n" + "\n".join(f"{k:<{w}}{v:>10}" for k, v in rows) + f"\n{rule}")
     save()
     print(f"written to {a.out}")
     if a.profile:
         with open(a.profile, "w") as f:
-            f.write(profile_tables(lamo_cfg, device, batcher, a.eval_episodes, max(sizes, default=0)))
+            f.write(profile_tables(lamo_cfg, device, batcher, a.eval_episodes,
+                                   max(sizes, default=0)))
         print(f"profile written to {a.profile}")
     return res
 

@@ -1,17 +1,18 @@
 """pack: several runs of one task trained as one model, in lockstep, in one process.
 
-    python lamo.py --env hopper-medium-v2 --frac 0.1 --seed 0 1 2 --out hop    # hop/s0 hop/s1 hop/s2
+    python lamo.py --env hopper-medium-v2 --frac 0.1 --seed 0 1 2 --out hop   # hop/s0, s1, s2
 
 The runs of one table cell differ only in their seeds (a pack also takes other --frac and
 --frac-seed), and for LaMo only in what trains (LoRA, the c_attn bias, embeddings and heads: a few
 million parameters each); the frozen GPT-2 body is the same. A pack keeps every run a run -- built
 by lamo.start_run exactly as it would be alone, with its own data subset and batcher, batch RNG,
-gradient clip (its own norm), NaN check, run folder and checkpoint -- and shares only the step: each parameter of the R models is stacked along a leading
-run axis (a frozen tensor equal in every run is kept once), every run's module then holds views of
-those stacks, and torch.func.vmap runs lamo's own single-run forward over the run axis through
-functional_call. So the frozen matmuls see all R x B windows at once, and the model section of
-lamo.py stays the only model. One AdamW over the stacked tensors is R AdamWs: it is elementwise,
-and the runs share lr, betas, eps, weight decay and step count.
+gradient clip (its own norm), NaN check, run folder and checkpoint -- and shares only the step:
+each parameter of the R models is stacked along a leading run axis (a frozen tensor equal in every
+run is kept once), every run's module then holds views of those stacks, and torch.func.vmap runs
+lamo's own single-run forward over the run axis through functional_call. So the frozen matmuls
+see all R x B windows at once, and the model section of lamo.py stays the only model. One AdamW
+over the stacked tensors is R AdamWs: it is elementwise, and the runs share lr, betas, eps, weight
+decay and step count.
 
 Deviation: dropout masks come from the process's one generator (vmap's randomness="different"):
 each run gets its own masks, but a run's masks depend on its pack-mates, so a run trained in a pack
@@ -38,8 +39,6 @@ from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoi
 # What may differ between the runs of a pack; everything else is one config. On lamo.py's command
 # line each takes several values (one per run), and --resume several run folders.
 PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
-
-
 
 # The attention kernels a pack's forward may use, in SDPA's order of preference (see over_runs);
 # bench.py --pack-attention measures packs with others.

@@ -12,9 +12,9 @@ and gather the paper's table or figure from it.
 
 Grids (grids.py): the paper's tables (table1 Kitchen, table2 Atari, table3 MuJoCo; the appendix's
 table8, 9, 10, 11, 15, 16) and ablation figures (fig4, 5, 6, 10), read from paper.py, so they are
-the cells and columns the paper reports. A column is a variant (VARIANTS: LaMo, DT, or LaMo with one setting
-changed); --env/--frac/--model narrow a grid. Without --grid the grid is every --env x --frac x
---model (default: lamo dt) x --seed (default: 0 1 2).
+the cells and columns the paper reports. A column is a variant (VARIANTS: LaMo, DT, or LaMo with
+one setting changed); --env/--frac/--model narrow a grid. Without --grid the grid is every --env x
+--frac x --model (default: lamo dt) x --seed (default: 0 1 2).
 
 Every run is an ordinary lamo.py run folder, sweeps/<name>/<task>_f<ratio>_<model>[+<flag>=<value>
 ...]_s<seed>, named by the flags it adds to the task's defaults, with its output in
@@ -27,11 +27,11 @@ others go on. Exit status: 0 all done, 1 some failed, 2 bad input, 130 stopped b
 running runs checkpoint and stop; the next invocation resumes them).
 
 The table (results.py; printed, and written to results_<grid>.md, .csv and .png in sweeps/<name>/;
-results.* without --grid): for each line (task, ratio, variant) and each return target, the mean over seeds of
-each seed's last-20% mean (summary.json's `last20`); the line's value is the best target's mean ±
-std over the seeds present, with numpy's default population std (ddof=0). The paper's numbers stand
-beside ours (a figure's marked ≈, read off its plot); a line with no finished seed is "—",
-never 0.
+results.* without --grid): for each line (task, ratio, variant) and each return target, the mean
+over seeds of each seed's last-20% mean (summary.json's `last20`); the line's value is the best
+target's mean ± std over the seeds present, with numpy's default population std (ddof=0). The
+paper's numbers stand beside ours (a figure's marked ≈, read off its plot); a line with no
+finished seed is "—", never 0.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ INTERRUPTED = (130, -signal.SIGINT)   # lamo.py's exit after a Ctrl-C checkpoint
 LOG_TAIL = 8                          # log lines shown for a failed run
 
 
-# ============================================================================ 1. a shard of the grid
+# ============================================================================ 1. shards
 def parse_shard(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text)
     if not m or not int(m[1]) < int(m[2]):
@@ -328,8 +328,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--pack", type=int, default=1, metavar="R",
                    help="train up to R compatible runs (same task, variant and state; other "
                         "ratios and seeds) as one pack in one process (default 1: one run each)")
-    p.add_argument("--gpus", default="", help="e.g. 0,1: worker i gets GPU i mod count, among "
-                                              "those CUDA_VISIBLE_DEVICES shows; runs get --device cuda")
+    p.add_argument("--gpus", default="",
+                   help="e.g. 0,1: worker i gets GPU i mod count, among those "
+                        "CUDA_VISIBLE_DEVICES shows; runs get --device cuda")
     p.add_argument("--shard", help="I/N: run only the I-th of N fixed shares of the grid")
     p.add_argument("--wandb", metavar="PROJECT", help="log every new run to this W&B project, "
                                                       "grouped by cell")
