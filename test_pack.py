@@ -16,8 +16,8 @@ NO_DROPOUT = ["--dropout", "0", "--lora-dropout", "0"]
 
 
 def losses(folder):
-    return [json.loads(line)["action_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if "action_loss" in line]
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["action_loss"] for line in lines if "action_loss" in line]
 
 
 def metrics(folder):
@@ -27,15 +27,15 @@ def metrics(folder):
 
 def dt_args(tiny_hdf5, steps=50):
     return ["--model", "dt", "--data", str(tiny_hdf5), "--steps", str(steps), "--eval-every", "25",
-            "--eval-episodes", "1", "--eval-max-steps", "20", "--targets", "100", "--log-every", "1",
-            "--batch-size", "16", "--context-len", "5"]
+            "--eval-episodes", "1", "--eval-max-steps", "20", "--targets", "100",
+            "--log-every", "1", "--batch-size", "16", "--context-len", "5"]
 
 
 def lamo_args(tiny_hdf5, hf_tiny, steps=50):
     """LaMo on the tiny pre-trained GPT-2: LoRA over a frozen body that the pack shares."""
     return ["--data", str(tiny_hdf5), "--pretrained", str(hf_tiny[1]), "--steps", str(steps),
-            "--eval-every", "25", "--eval-episodes", "1", "--eval-max-steps", "20", "--targets", "100",
-            "--log-every", "1", "--batch-size", "16", "--context-len", "5"]
+            "--eval-every", "25", "--eval-episodes", "1", "--eval-max-steps", "20",
+            "--targets", "100", "--log-every", "1", "--batch-size", "16", "--context-len", "5"]
 
 
 def rel(a, b):
@@ -119,7 +119,7 @@ def test_a_packs_evaluation_takes_each_runs_actions(preset, tiny_hdf5, hf_tiny, 
             assert max(abs(a - b).max() for a, b in zip(mine, theirs)) < 1e-5
             compared += len(mine)
     assert len(packed) == 8 and packed[0][5].tolist() != packed[2][5].tolist()
-    assert compared > 80                             # hopper episodes of an untrained policy end early
+    assert compared > 80                 # hopper episodes of an untrained policy end early
 
 
 def test_each_run_is_clipped_by_its_own_norm(tiny_hdf5, tmp_path):
@@ -167,7 +167,8 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
 def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, monkeypatch,
                                                  capsys):
     """With dropout on: Ctrl-C at step 7 saves every run; `--resume DIR` continues the pack to
-    the metrics of an uninterrupted pack, bit for bit (CPU); a finished pack is not trained again."""
+    the metrics of an uninterrupted pack, bit for bit (CPU); a finished pack is not trained
+    again."""
     args = [*lamo_args(tiny_hdf5, hf_tiny, steps=30), "--seed", "0", "1"]
     lamo.main([*args, "--out", str(tmp_path / "whole")])
     real, calls = lamo.action_loss, []
@@ -186,7 +187,8 @@ def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, m
     assert f"Continue with: python lamo.py --resume {cut[0]} {cut[1]}\n" in capsys.readouterr().out
     monkeypatch.setattr(lamo, "action_loss", real)
     for seed in (0, 1):
-        assert torch.load(tmp_path / "cut" / f"s{seed}" / "ckpt.pt", weights_only=False)["step"] == 7
+        ckpt = torch.load(tmp_path / "cut" / f"s{seed}" / "ckpt.pt", weights_only=False)
+        assert ckpt["step"] == 7
     lamo.main(["--resume", str(tmp_path / "cut")])
     for seed in (0, 1):
         assert metrics(tmp_path / "cut" / f"s{seed}") == metrics(tmp_path / "whole" / f"s{seed}")
@@ -209,7 +211,8 @@ def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
     lamo.main([*args, "--frac", "0.5", "1", "--out", str(tmp_path / "pk")])
     assert sorted(p.name for p in (tmp_path / "pk").iterdir()) == ["f0.5", "f1"]
     with pytest.raises(SystemExit, match="--frac has 2 values and --seed 3: give a per-run flag"):
-        lamo.main([*args, "--frac", "0.5", "1", "--seed", "0", "1", "2", "--out", str(tmp_path / "c")])
+        lamo.main([*args, "--frac", "0.5", "1", "--seed", "0", "1", "2",
+                   "--out", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="two runs would share the run folder"):
         lamo.main([*args, "--seed", "1", "1", "--out", str(tmp_path / "d")])
     # --resume takes the run folders of a pack, here with more steps: both go on, as one pack.
@@ -217,7 +220,8 @@ def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
     assert [len(losses(tmp_path / f)) for f in "ab"] == [6, 6]
 
 
-@pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")   # inside torch's compiler
+# raised inside torch's compiler
+@pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path):
     """--compile with a pack: dynamo captures the vmapped training forward as a graph and, without
     dropout, the runs' losses are the eager pack's."""
@@ -235,7 +239,8 @@ def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path
 
 
 def test_what_a_pack_refuses(tiny_hdf5, tmp_path):
-    run0 = lamo.start_run(lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0]), tmp_path / "a", False)
+    cfg0 = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0])
+    run0 = lamo.start_run(cfg0, tmp_path / "a", False)
     cfg1 = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--lr", "1e-3"])[0])
     run1 = lamo.start_run(cfg1, tmp_path / "b", False)
     with pytest.raises(runs.LamoError, match="must share --lr"):

@@ -178,7 +178,8 @@ def test_table3_dry_run_lists_the_72_runs(tmp_path, monkeypatch, capsys):
     kitchen = [line for line in table1 if "--env kitchen-" in line]
     medium = [line for line in kitchen if "--pretrained gpt2-medium" in line]
     assert len(kitchen) == 36 and len(medium) == 6
-    assert len(table1) == 36 + 18 == len(kitchen) + len([ln for ln in table1 if "--env reacher2d-" in ln])
+    reacher = [ln for ln in table1 if "--env reacher2d-" in ln]
+    assert len(table1) == 36 + 18 == len(kitchen) + len(reacher)
     assert all("--model lamo" in line and ("complete-v2 --frac 0.3 " in line or
                                            "partial-v2 --frac 1.0 " in line) for line in medium)
 
@@ -229,7 +230,8 @@ def test_commands_and_worker_environments(tmp_path):
 
 
 def test_threads_split_by_hand(monkeypatch):
-    """On 8 cores: --jobs 1, 2, 3, 8, 16 give each run 8, 4, 2, 1, 1 threads (whole cores, at least 1)."""
+    """On 8 cores: --jobs 1, 2, 3, 8, 16 give each run 8, 4, 2, 1, 1 threads (whole cores, at
+    least 1)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     for jobs, threads in {1: "8", 2: "4", 3: "2", 8: "1", 16: "1"}.items():
         env = sweep.child_env(jobs - 1, jobs, [])
