@@ -240,12 +240,13 @@ class FrameStackBatcher:
                      action_tokens=int((actions > 0).sum()))
 
 
-# ----------------------------------------------------------------------------- named by the task table
+# -------------------------------------------------------------------------- named by the task table
 # The Atari task's loader, --frac rule and env (tasks.atari_task).
 def load_atari(task, path: str = "") -> tuple[AtariReplay, list[Path]]:
     folder = atari_dataset(task.source, path)
     gz = [folder / replay_file(f) for f in ATARI_FIELDS]
-    read = gz if all(f.exists() for f in gz) else [folder / replay_file(f, "npy") for f in ATARI_FIELDS]
+    read = (gz if all(f.exists() for f in gz)
+            else [folder / replay_file(f, "npy") for f in ATARI_FIELDS])
     replay = AtariReplay.load(folder)
     # Checked here: on CUDA an out-of-range action is a device-side assert in the embedding that
     # poisons the process, with no word about the data.
@@ -355,7 +356,8 @@ def collect_atari(env_id: str, policy: str, episodes: int, out: Path, seed: int 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="atari.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect", help="write a small dataset in DQN-Replay's layout from an ALE env")
+    c = sub.add_parser("collect",
+                       help="write a small dataset in DQN-Replay's layout from an ALE env")
     c.add_argument("--env", default="ALE/Breakout-v5", help="an ALE env id, e.g. ALE/Freeway-v5")
     c.add_argument("--policy", choices=("random",), default="random", help="uniform random actions")
     c.add_argument("--episodes", type=int, default=10)

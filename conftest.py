@@ -34,8 +34,9 @@ class RecordActions:
 def reference_episode(model, task, target, seed, mean, std, K, T, scale):
     """One evaluation episode, a step at a time, the way training windows look: the last min(t+1, K)
     real steps only (no padding, so no mask), states (obs - mean) / std, returns-to-go target minus
-    the rewards so far, / scale; the current action slot filled with junk (causality hides it), earlier
-    ones with the model's actions. -> the actions stepped with, and the model's output row for each step."""
+    the rewards so far, / scale; the current action slot filled with junk (causality hides it),
+    earlier ones with the model's actions. -> the actions stepped with, and the model's output row
+    for each step."""
     env = task.make_env(T)
     obs, _ = env.reset(seed=seed)
     states, actions, rtgs, taken, outs = [], [], [], [], []
@@ -53,7 +54,7 @@ def reference_episode(model, task, target, seed, mean, std, K, T, scale):
                         torch.arange(t - L + 1, t + 1)[None])[0, -1]
         outs.append(out)
         raw = int(out.argmax()) if task.discrete else out.numpy()
-        actions.append(raw)                    # the window keeps the model's action, the env gets it clipped
+        actions.append(raw)           # the window keeps the model's action, the env gets it clipped
         action = raw if task.discrete else np.clip(raw, -1, 1)
         taken.append(np.array(action))
         obs, r, term, trunc, _ = env.step(action)
@@ -82,10 +83,12 @@ def cache(tmp_path, monkeypatch):
 
 
 class Server:
-    """A loopback HTTP server over an in-memory {path: bytes}, honouring Range, recording requests."""
+    """A loopback HTTP server over an in-memory {path: bytes}, honouring Range, recording
+    requests."""
 
     def __init__(self):
-        self.files, self.requests, self.cut_after = {}, [], None   # cut_after: drop the connection early
+        # cut_after: drop the connection early
+        self.files, self.requests, self.cut_after = {}, [], None
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -94,7 +97,8 @@ class Server:
                 body = owner.files.get(self.path)
                 if body is None:
                     return self.send_error(404)
-                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
+                start = (int(self.headers["Range"].split("=")[1].rstrip("-"))
+                         if "Range" in self.headers else 0)
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
@@ -128,11 +132,13 @@ def hf_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_hdf5(tmp_path_factory):
-    return data.collect("Hopper-v4", "noisy", 10, tmp_path_factory.mktemp("d") / "tiny.hdf5", seed=0, max_steps=100)
+    return data.collect("Hopper-v4", "noisy", 10, tmp_path_factory.mktemp("d") / "tiny.hdf5",
+                        seed=0, max_steps=100)
 
 
 @pytest.fixture(scope="session")
 def tiny_txt(tmp_path_factory):
     p = tmp_path_factory.mktemp("txt") / "tiny.txt"
-    p.write_text("The hopper learns to hop from offline data, one token at a time.\n" * 300, encoding="utf-8")
+    p.write_text("The hopper learns to hop from offline data, one token at a time.\n" * 300,
+                 encoding="utf-8")
     return p

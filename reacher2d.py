@@ -33,7 +33,8 @@ from data import LamoError
 
 XML = Path(__file__).parent / "assets" / "reacher_2d.xml"   # the official file, byte for byte
 EPISODE_LEN = 100          # experiment.py's max_ep_len for reacher2d; test.py records 100 steps too
-DRIVE = "https://drive.google.com/drive/folders/1c3htmB0bCixakM12EmDG4Qr3nMihrj6t"   # official README
+# official README
+DRIVE = "https://drive.google.com/drive/folders/1c3htmB0bCixakM12EmDG4Qr3nMihrj6t"
 OFFICIAL_FILES = "reacher2d-medium-v2.pkl or reacher2d-medium-{ratio}-d1-v2.pkl"
 
 
@@ -41,15 +42,18 @@ OFFICIAL_FILES = "reacher2d-medium-v2.pkl or reacher2d-medium-{ratio}-d1-v2.pkl"
 class Reacher2dEnv(MujocoEnv):
     """A 2-joint planar arm in zero gravity; reward 1 at every step its fingertip is within L1
     distance 0.1 of the target, else 0. Never terminates: the caller cuts episodes at 100 steps.
-    Observation (12,): sin q (2), cos q (2), dt * qvel (2), fingertip xy, target xy, fingertip - target.
+    Observation (12,): sin q (2), cos q (2), dt * qvel (2), fingertip xy, target xy,
+    fingertip - target.
     Port of the official reacher_2d.py: mujoco-py's body_xpos is `xpos`, sim.forward() is
-    mj_forward, name2id is mj_name2id; reset(seed=...) seeds self.np_random; step returns 5 values."""
+    mj_forward, name2id is mj_name2id; reset(seed=...) seeds self.np_random; step returns 5
+    values."""
     metadata = {"render_modes": ["human", "rgb_array", "depth_array", "rgbd_tuple"],
                 "render_fps": 7}   # round(1 / dt) = round(1 / (15 * 0.01)); MujocoEnv checks it
 
     def __init__(self, render_mode: str | None = None):
         obs_space = Box(-np.inf, np.inf, shape=(12,), dtype=np.float64)
-        super().__init__(str(XML), frame_skip=15, observation_space=obs_space, render_mode=render_mode,
+        super().__init__(str(XML), frame_skip=15, observation_space=obs_space,
+                         render_mode=render_mode,
                          default_camera_config={"distance": 5.0})  # official viewer: 5 x extent
         self.fingertip = self.model.site("fingertip").id
         self.target = self.model.body("target").id
@@ -57,7 +61,8 @@ class Reacher2dEnv(MujocoEnv):
     def _tip_and_target(self) -> tuple[np.ndarray, np.ndarray]:
         # As in the official code, positions are the ones mj_step computed before its last
         # integration, one 0.01 s substep behind qpos; reset's mj_forward makes them current.
-        return self.data.site_xpos[self.fingertip][:2].copy(), self.data.xpos[self.target][:2].copy()
+        return (self.data.site_xpos[self.fingertip][:2].copy(),
+                self.data.xpos[self.target][:2].copy())
 
     def _get_obs(self) -> np.ndarray:
         theta = self.data.qpos.ravel()
@@ -69,14 +74,15 @@ class Reacher2dEnv(MujocoEnv):
         action = np.clip(action, -1.0, 1.0)
         self.do_simulation(action, self.frame_skip)
         tip, tar = self._tip_and_target()
-        dist = np.abs(tip - tar).sum()                 # L1, not Euclidean, as the official code
-        reward = 1.0 if dist < 0.1 else 0.0            # official: the dense -0.1 * dist commented out
+        dist = np.abs(tip - tar).sum()              # L1, not Euclidean, as the official code
+        reward = 1.0 if dist < 0.1 else 0.0         # official: the dense -0.1 * dist commented out
         if self.render_mode == "human":
             self.render()
         return self._get_obs(), reward, False, False, {"reward_bonus": reward, "dist": dist}
 
     def reset_model(self) -> np.ndarray:
-        qpos = self.np_random.uniform(low=-2.0, high=2.0, size=self.model.nq)   # absolute, not + init
+        # absolute, not + init
+        qpos = self.np_random.uniform(low=-2.0, high=2.0, size=self.model.nq)
         qvel = np.zeros(self.model.nv)
         while True:          # a goal in the annulus 0.5 <= |g| <= 1.0, by rejection from a square
             self.goal = self.np_random.uniform(low=-1.5, high=1.5, size=2)
@@ -100,13 +106,15 @@ def default_data() -> Path:
 
 def load(task, path: str = "") -> tuple[list[dict], list[Path]]:
     """The task table's loader: the official pickle (a list of dicts, rewards and terminals
-    (100, 1)) or a D4RL-layout hdf5: --data, else default_data(). No one publishes a URL to fetch."""
+    (100, 1)) or a D4RL-layout hdf5: --data, else default_data(). No one publishes a URL to
+    fetch."""
     if path and not Path(path).exists():
         raise LamoError(f"--data {path}: no such file")
     if not path and not default_data().exists():
-        raise LamoError(f"{task.name}: no data at {default_data()} and the authors publish no download "
-                        f"URL: get {OFFICIAL_FILES} from their Drive folder {DRIVE} and pass --data "
-                        f"FILE, or make the data locally with: python reacher2d.py collect")
+        raise LamoError(f"{task.name}: no data at {default_data()} and the authors publish no "
+                        f"download URL: get {OFFICIAL_FILES} from their Drive folder {DRIVE} "
+                        f"and pass --data FILE, or make the data locally with: "
+                        f"python reacher2d.py collect")
     path = path or default_data()
     return data.load_trajectories(path, task.obs_shape[0], task.act_dim), [Path(path)]
 
@@ -115,29 +123,30 @@ def load(task, path: str = "") -> tuple[list[dict], list[Path]]:
 @dataclass
 class PPOConfig:
     """data/data_generation_PPO/{train.py, PPO.py, test.py}; every field is a flag of `collect`."""
-    seed: int = 0                      # train.py: random_seed = 0, which means "not seeded"; we seed
-    train_steps: int = 3_000_000       # train.py: max_training_timesteps
-    update_every: int = 4000           # train.py: 4 x max_ep_len, computed while max_ep_len was 1000
-    epochs: int = 80                   # K_epochs, full-batch Adam steps per update
+    seed: int = 0                   # train.py: random_seed = 0, which means "not seeded"; we seed
+    train_steps: int = 3_000_000    # train.py: max_training_timesteps
+    update_every: int = 4000        # train.py: 4 x max_ep_len, computed while max_ep_len was 1000
+    epochs: int = 80                # K_epochs, full-batch Adam steps per update
     clip: float = 0.2
     gamma: float = 0.99
     lr_actor: float = 3e-4
     lr_critic: float = 1e-3
-    std_init: float = 0.6              # action std, minus std_decay every std_decay_every steps ...
+    std_init: float = 0.6           # action std, minus std_decay every std_decay_every steps ...
     std_decay: float = 0.05
     std_decay_every: int = 250_000
-    std_min: float = 0.1               # ... down to this
+    std_min: float = 0.1            # ... down to this
     # "Medium" (our choice; the official code keeps no record of which checkpoint it used):
     # train.py overwrites its checkpoint every 1e5 steps, so we test the policy there and stop at
     # the first checkpoint whose mean return over eval_episodes reaches target_return. The default
     # is what this recipe reaches: on seed 0 its test return stays between 0.1 and 2.5 from 100k
-    # to 3M steps (3 x a random policy's 0.6; REACHER-NOTES.md); the > 20 filter then makes the data.
+    # to 3M steps (3 x a random policy's 0.6; REACHER-NOTES.md); the > 20 filter then makes the
+    # data.
     check_every: int = 100_000
     eval_episodes: int = 40
     target_return: float = 2.0
-    collect_std: float = 0.1           # test.py samples with action_std = 0.1, whatever the checkpoint
-    min_return: float = 20.0           # test.py keeps an episode if its return is > 20 ...
-    episodes: int = 49                 # ... until it has 49 (`ep` counts from 1 to 50): 4,900 steps
+    collect_std: float = 0.1        # test.py samples with action_std = 0.1, whatever the checkpoint
+    min_return: float = 20.0        # test.py keeps an episode if its return is > 20 ...
+    episodes: int = 49              # ... until it has 49 (`ep` counts from 1 to 50): 4,900 steps
 
 
 class ActorCritic(nn.Module):
@@ -209,7 +218,7 @@ def ppo_update(policy, old, opt, batch: dict, std: float, cfg: PPOConfig):
     returns = torch.as_tensor(discounted_returns(np.swapaxes(batch["rewards"], 0, 1).reshape(-1),
                                                  cfg.gamma), dtype=torch.float32)         # (N,)
     returns = (returns - returns.mean()) / (returns.std() + 1e-7)
-    states, actions = em(batch["obs"]), em(batch["actions"])                         # (N, 12), (N, 2)
+    states, actions = em(batch["obs"]), em(batch["actions"])                       # (N, 12), (N, 2)
     old_logp, old_value = em(torch.stack(batch["logp"])), em(torch.stack(batch["value"]))  # (N,)
     adv = returns - old_value
     for _ in range(cfg.epochs):
@@ -244,21 +253,22 @@ def train_medium(cfg: PPOConfig) -> tuple[ActorCritic, dict]:
     policy, then one PPO update (the official loop also updates every 4,000 steps = 40 whole
     episodes). Stops at the first check whose mean return reaches cfg.target_return."""
     if cfg.update_every % EPISODE_LEN or cfg.check_every % cfg.update_every:
-        raise LamoError(f"--update-every {cfg.update_every} must be a multiple of {EPISODE_LEN} and "
-                        f"--check-every {cfg.check_every} a multiple of it")
+        raise LamoError(f"--update-every {cfg.update_every} must be a multiple of {EPISODE_LEN} "
+                        f"and --check-every {cfg.check_every} a multiple of it")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     policy = ActorCritic(12, 2)
-    old = copy.deepcopy(policy)                    # PPO.py's policy_old: acts; copied after each update
+    old = copy.deepcopy(policy)                # PPO.py's policy_old: acts; copied after each update
     opt = torch.optim.Adam([{"params": policy.actor.parameters(), "lr": cfg.lr_actor},
                             {"params": policy.critic.parameters(), "lr": cfg.lr_critic}])
     n_envs = cfg.update_every // EPISODE_LEN
     envs = [Reacher2dEnv() for _ in range(n_envs)]
     eval_envs = [Reacher2dEnv() for _ in range(cfg.eval_episodes)]
-    for i, env in enumerate(envs):                 # seeded once; later resets continue each stream
+    for i, env in enumerate(envs):             # seeded once; later resets continue each stream
         env.reset(seed=cfg.seed * 100_000 + i)
     step, history = 0, []
-    bar = data.progress(total=cfg.train_steps, desc="PPO on Reacher2d", unit="step", unit_scale=True)
+    bar = data.progress(total=cfg.train_steps, desc="PPO on Reacher2d", unit="step",
+                        unit_scale=True)
     while step < cfg.train_steps:
         std, keep = action_std(step, cfg), {}
         batch = run_episodes(envs, sampler(old, std, gen, keep))
@@ -281,12 +291,13 @@ def train_medium(cfg: PPOConfig) -> tuple[ActorCritic, dict]:
     best = max(history, key=lambda h: h["eval_return"], default={"eval_return": np.nan, "step": 0})
     raise LamoError(f"PPO did not reach --target-return {cfg.target_return:g} in {cfg.train_steps} "
                     f"steps "
-                    f"(best {best['eval_return']:.1f} at step {best['step']}); lower --target-return "
-                    f"or raise --train-steps")
+                    f"(best {best['eval_return']:.1f} at step {best['step']}); "
+                    f"lower --target-return or raise --train-steps")
 
 
-# ----------------------------------------------------------------------------- 3. recording the data
-def record(act, cfg: PPOConfig, batch_envs: int = 40, max_tries: int = 200) -> tuple[list[dict], int]:
+# ---------------------------------------------------------------------------- 3. recording the data
+def record(act, cfg: PPOConfig, batch_envs: int = 40,
+           max_tries: int = 200) -> tuple[list[dict], int]:
     """test.py: 100-step episodes from `act`, kept if their return is > min_return, until there are
     cfg.episodes. -> (episodes in the official layout, episodes tried)."""
     envs = [Reacher2dEnv() for _ in range(batch_envs)]
@@ -297,7 +308,8 @@ def record(act, cfg: PPOConfig, batch_envs: int = 40, max_tries: int = 200) -> t
                         unit="ep")
     while len(kept) < cfg.episodes:
         if tried >= max_tries * cfg.episodes:
-            raise LamoError(f"only {len(kept)} of {tried} episodes had a return > {cfg.min_return:g}; "
+            raise LamoError(f"only {len(kept)} of {tried} episodes had a return > "
+                            f"{cfg.min_return:g}; "
                             f"lower --min-return or train further (--target-return)")
         b = run_episodes(envs, act)
         for e, ret in enumerate(b["rewards"].sum(0)):
@@ -306,12 +318,13 @@ def record(act, cfg: PPOConfig, batch_envs: int = 40, max_tries: int = 200) -> t
             tried += 1
             if ret <= cfg.min_return:
                 continue
-            kept.append({  # test.py's dict: float64 states, float32 actions, (100, 1) rewards/terminals
-                "observations": b["obs"][:, e].astype(np.float64),              # (100, 12)
-                "next_observations": b["next_obs"][:, e].astype(np.float64),    # (100, 12)
-                "actions": b["actions"][:, e].astype(np.float32),               # (100, 2), unclipped
-                "rewards": b["rewards"][:, e, None].astype(np.float64),         # (100, 1)
-                "terminals": np.zeros((EPISODE_LEN, 1), dtype=bool)})           # (100, 1), all False
+            # test.py's dict: float64 states, float32 actions, (100, 1) rewards/terminals
+            kept.append({
+                "observations": b["obs"][:, e].astype(np.float64),             # (100, 12)
+                "next_observations": b["next_obs"][:, e].astype(np.float64),   # (100, 12)
+                "actions": b["actions"][:, e].astype(np.float32),              # (100, 2), unclipped
+                "rewards": b["rewards"][:, e, None].astype(np.float64),        # (100, 1)
+                "terminals": np.zeros((EPISODE_LEN, 1), dtype=bool)})          # (100, 1), all False
             bar.update(1)
     bar.close()
     return kept, tried
@@ -355,7 +368,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="make Reacher2d data in the official pickle layout")
     c.add_argument("--policy", choices=("ppo-medium", "random"), default="ppo-medium",
-                   help="ppo-medium: the official PPO, trained until --target-return; random: uniform")
+                   help="ppo-medium: the official PPO, trained until --target-return; "
+                        "random: uniform")
     c.add_argument("--out", default=str(default_data()),
                    help="a .pkl file, in the official layout (default: where lamo.py looks)")
     for f in fields(PPOConfig):

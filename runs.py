@@ -52,7 +52,8 @@ class MetricsLog:
         self.wandb = None
         if run.cfg.wandb:
             import wandb
-            # One W&B run per run folder, its id kept in the folder, so --resume continues the same run.
+            # One W&B run per run folder, its id kept in the folder, so --resume continues the
+            # same run.
             id_file = run.folder / "wandb_id"
             run_id = id_file.read_text() if id_file.exists() else wandb.util.generate_id()
             id_file.write_text(run_id)
@@ -71,8 +72,9 @@ class MetricsLog:
 
     def check_finite(self, sums):
         if sums[3].item() > 0:
-            raise LamoError(f"loss became NaN/inf before step {self.run.step}; stopped. The last good checkpoint "
-                            f"{self.run.folder / 'ckpt.pt'} is intact: resume it with a lower --lr, or check the data")
+            raise LamoError(f"loss became NaN/inf before step {self.run.step}; stopped. "
+                            f"The last good checkpoint {self.run.folder / 'ckpt.pt'} is intact: "
+                            f"resume it with a lower --lr, or check the data")
 
     def losses(self, sums, lr: float):
         self.check_finite(sums)
@@ -112,7 +114,8 @@ def save_checkpoint(run: Run):
     trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     save_atomic({"step": run.step, "config": asdict(run.cfg),
                  "tokens": (run.action_tokens, run.schedule_tokens),
-                 "last_eval": run.history[-1]["eval"] if run.history else None, "trainable": trainable,
+                 "last_eval": run.history[-1]["eval"] if run.history else None,
+                 "trainable": trainable,
                  "state_mean": batcher.state_mean, "state_std": batcher.state_std,
                  "optimizer": run.optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), "batches": batcher.rng.bit_generator.state,
@@ -124,7 +127,8 @@ def save_checkpoint(run: Run):
 
 
 def load_trainable(model, ckpt):
-    missing = set(n for n, p in model.named_parameters() if p.requires_grad) - set(ckpt["trainable"])
+    missing = (set(n for n, p in model.named_parameters() if p.requires_grad) -
+               set(ckpt["trainable"]))
     if missing:
         raise LamoError(f"checkpoint lacks trainable parameter(s) {', '.join(sorted(missing)[:3])}")
     model.load_state_dict(ckpt["trainable"], strict=False)
@@ -146,7 +150,8 @@ def restore(run: Run):
     # To the CPU first: RNG states must stay CPU byte tensors; load_state_dict moves the rest.
     ckpt = torch.load(run.folder / "ckpt.pt", map_location="cpu", weights_only=False)
     if json.loads((run.folder / "subset.json").read_text())["indices"] != run.subset.tolist():
-        raise LamoError(f"the dataset changed since {run.folder} started: its --frac subset differs")
+        raise LamoError(f"the dataset changed since {run.folder} started: "
+                        f"its --frac subset differs")
     load_trainable(run.model, ckpt)
     load_optimizer(run.optimizer, ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -161,7 +166,7 @@ def restore(run: Run):
         run.lm.rng.bit_generator.state = ckpt["rng"]["lm"]
     metrics = run.folder / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if r["step"] <= ckpt["step"]]          # drop what came after the checkpoint
+    rows = [r for r in rows if r["step"] <= ckpt["step"]]      # drop what came after the checkpoint
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run.step = ckpt["step"]
     run.action_tokens, run.schedule_tokens = ckpt["tokens"]
@@ -176,11 +181,13 @@ def summarize(history: list[dict], steps: int) -> dict:
     (sweep.py picks per table cell, as the paper does)."""
     out = {}
     for tgt in history[-1]["eval"]:
-        late = [h["eval"][tgt] for h in history if h["step"] > 0.8 * steps] or [history[-1]["eval"][tgt]]
+        late = ([h["eval"][tgt] for h in history if h["step"] > 0.8 * steps] or
+                [history[-1]["eval"][tgt]])
         scores = [h["eval"][tgt]["score_mean"] for h in history]
         out[tgt] = {"final": scores[-1], "best": max(scores),
                     "last20": float(np.mean([e["score_mean"] for e in late])),
-                    "last20_return": float(np.mean([e["return_mean"] for e in late])), "n_last20": len(late)}
+                    "last20_return": float(np.mean([e["return_mean"] for e in late])),
+                    "n_last20": len(late)}
     best = max(out, key=lambda t: out[t]["last20"])
     return {"targets": out, "headline": out[best]["last20"], "headline_target": best}
 
@@ -197,9 +204,11 @@ def finish(run: Run) -> dict:
         "paper": dict(zip(("mean", "std", "table"), paper)) if paper else None}, indent=2))
     print_eval(run.history[-1]["eval"],
                f"\nfinal evaluation at step {run.step} ({cfg.eval_episodes} episodes per target):")
-    print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   {task.score_name}, mean over episodes")
+    print(f"\n  {'target':>8} {'final':>8} {'best':>8} {'last 20%':>9}   "
+          f"{task.score_name}, mean over episodes")
     for tgt, s in summary["targets"].items():
-        print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   ({s['n_last20']} evaluations in the last 20%)")
+        print(f"  {tgt:>8} {s['final']:>8.1f} {s['best']:>8.1f} {s['last20']:>9.1f}   "
+              f"({s['n_last20']} evaluations in the last 20%)")
     spread = "" if paper is None or paper[1] is None else f" ± {paper[1]}"   # Table 9's DT: none
     in_paper = f"; the paper's {paper[2]}: {paper[0]}{spread}" if paper else ""
     print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
@@ -211,12 +220,13 @@ def finish(run: Run) -> dict:
 def print_eval(ev: dict, header: str):
     print(f"{header}\n  {'target':>8} {'return':>18} {'normalised score':>18}")
     for tgt, e in ev.items():
-        print(f"  {tgt:>8} {e['return_mean']:>9.1f} ± {e['return_std']:<6.1f} {e['score_mean']:>9.1f} ± {e['score_std']:<6.1f}")
+        print(f"  {tgt:>8} {e['return_mean']:>9.1f} ± {e['return_std']:<6.1f} "
+              f"{e['score_mean']:>9.1f} ± {e['score_std']:<6.1f}")
 
 
 def plot_curve(run: Run, paper, path: Path):
-    """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this cell
-    as dashed lines, and the training losses beside it."""
+    """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this
+    cell as dashed lines, and the training losses beside it."""
     import matplotlib                     # imported here: only a finished run pays for it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -231,8 +241,10 @@ def plot_curve(run: Run, paper, path: Path):
     for model, name, style in (("lamo", "LaMo", "--"), ("dt", "DT", ":")):
         cell = PAPER.get((run.task.name, cfg.frac, model))
         if cell:
-            left.axhline(cell[0], color="k", ls=style, lw=1, label=f"paper {name} ({cell[2]}): {cell[0]}")
-    left.set(xlabel="gradient step", ylabel=run.task.score_name, title="evaluation (±std over episodes)")
+            left.axhline(cell[0], color="k", ls=style, lw=1,
+                         label=f"paper {name} ({cell[2]}): {cell[0]}")
+    left.set(xlabel="gradient step", ylabel=run.task.score_name,
+             title="evaluation (±std over episodes)")
     left.legend(fontsize=7)
     rows = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "action_loss" in r]

@@ -67,10 +67,12 @@ class Task:
     subset: Callable[..., np.ndarray] = data.uniform_subset   # the --frac rule
     batcher: Callable[..., Any] = data.trajectory_batcher
     gym_id: str = ""                     # the evaluation env's Gymnasium id
-    env_kwargs: tuple = ()               # extra arguments of the evaluation env, as (key, value) pairs
+    # extra arguments of the evaluation env, as (key, value) pairs
+    env_kwargs: tuple = ()
     # How the official code of this domain builds the token sequence:
     wpe: bool = False                    # add GPT-2's position embedding on the RL path
-    timestep_before_ln: bool = False     # add the timestep embedding before embed_ln (after it: False)
+    # add the timestep embedding before embed_ln (after it: False)
+    timestep_before_ln: bool = False
     pad_right: bool = False              # windows shorter than K: padded on the right (else left)
     adam_eps_pretrained: float = 1e-6    # AdamW eps for a pre-trained body; random bodies get 1e-8
 
@@ -85,12 +87,13 @@ class Task:
 
 
 # ----------------------------------------------------------------------------- MuJoCo (D4RL)
-# The official run.sh (walker2d, halfcheetah) and run_hopper.sh (hopper): lr 1e-4, wd 1e-5, warm-up
-# 2500, K 20, batch 64 (experiment.py's default), 40 x 2500 steps, 20 episodes per target, dropout 0.1.
-# Neither passes --co_training, so lambda = 0; run_cotrain.sh is the one with lambda = 0.1.
+# The official run.sh (walker2d, halfcheetah) and run_hopper.sh (hopper): lr 1e-4, wd 1e-5,
+# warm-up 2500, K 20, batch 64 (experiment.py's default), 40 x 2500 steps, 20 episodes per target,
+# dropout 0.1. Neither passes --co_training, so lambda = 0; run_cotrain.sh is the one with
+# lambda = 0.1.
 MUJOCO_LAMO = Recipe()
-# kzl DT's experiment.py defaults, which the official code keeps for its DT baseline: lr 1e-4, wd 1e-4,
-# warm-up 10k, linear embeddings with a tanh action head.
+# kzl DT's experiment.py defaults, which the official code keeps for its DT baseline: lr 1e-4,
+# wd 1e-4, warm-up 10k, linear embeddings with a tanh action head.
 MUJOCO_DT = replace(MUJOCO_LAMO, embed="linear", weight_decay=1e-4, warmup=10_000)
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{file}.hdf5"
 MUJOCO = {  # gym id, obs, act, D4RL ref min / max (random / expert return), targets (experiment.py)
@@ -108,7 +111,8 @@ def mujoco_task(env: str, dataset: str) -> Task:
         source=D4RL_URL.format(file=f"{env}_{dataset.replace('-', '_')}-v2"),
         loader=data.load_d4rl, env=data.make_mujoco_env, gym_id=gym_id,
         obs_shape=(obs,), act_dim=act, discrete=False, episode_len=1000, max_timestep=1000,
-        rtg_scale=1000.0, targets=targets, ref_min=lo, ref_max=hi, score_name="D4RL normalised score",
+        rtg_scale=1000.0, targets=targets, ref_min=lo, ref_max=hi,
+        score_name="D4RL normalised score",
         lamo=replace(MUJOCO_LAMO, embed=EMBED.get(env, "mlp")), dt=MUJOCO_DT)
 
 
@@ -142,12 +146,13 @@ ANT = Task(
     score_name="D4RL normalised score", lamo=MUJOCO_LAMO, dt=MUJOCO_DT)
 
 
-# ----------------------------------------------------------------------------- Franka Kitchen (Minari)
+# ------------------------------------------------------------------------- Franka Kitchen (Minari)
 # The paper's D4RL kitchen-*-v0 needs mujoco-py; Minari's D4RL/kitchen/*-v2 holds the same
 # demonstrations re-recorded in Gymnasium-Robotics' FrankaKitchen-v1. Values: the official
 # experiment.py's kitchen branch (targets 5..1, rtg scale 1, timestep embedding of 1000) and
 # run_cotrain.sh (lambda 0.1; the paper's Fig. 6: Kitchen without the LM loss is worse), MLP
-# embeddings, lr 1e-4, wd 1e-5, K 20, batch 64, 100k steps, an evaluation every 2500 with 20 episodes.
+# embeddings, lr 1e-4, wd 1e-5, K 20, batch 64, 100k steps, an evaluation every 2500 with 20
+# episodes.
 KITCHEN_LAMO = replace(MUJOCO_LAMO, lm_coef=0.1)
 KITCHEN_DT = MUJOCO_DT
 KITCHEN_TASKS = {  # Minari dataset -> the four subtasks its demonstrations complete
@@ -163,7 +168,8 @@ def kitchen_task(dataset: str) -> Task:
         loader=data.load_minari, env=data.make_kitchen_env, gym_id="FrankaKitchen-v1",
         env_kwargs=(("tasks_to_complete", KITCHEN_TASKS[dataset]),),
         obs_shape=(59,), act_dim=9, discrete=False, episode_len=280, max_timestep=1000,
-        rtg_scale=1.0, targets=(5, 4, 3, 2, 1), ref_min=0.0, ref_max=4.0,   # D4RL: 0 random, 4 subtasks
+        rtg_scale=1.0, targets=(5, 4, 3, 2, 1),
+        ref_min=0.0, ref_max=4.0,   # D4RL: 0 random, 4 subtasks
         score_name="D4RL normalised score", lamo=KITCHEN_LAMO, dt=KITCHEN_DT)
 
 
@@ -174,9 +180,10 @@ def kitchen_task(dataset: str) -> Task:
 # cfgs/env/breakout.yaml (targets 90, 120; max_timestep 4096). PEFT's LoraConfig(r=32,
 # lora_alpha=32) leaves dropout 0 and the c_attn bias frozen; core.py clips gradients at 1.0 and
 # builds AdamW with its default eps 1e-8 for every model.
-ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, context_len=30, batch_size=128,
-                    eval_every=200, eval_episodes=5, lora_rank=32, lora_alpha=32.0, lora_dropout=0.0,
-                    lora_bias=False, grad_clip=1.0, warmup_tokens=375e6, final_tokens=260e9)
+ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, context_len=30,
+                    batch_size=128, eval_every=200, eval_episodes=5, lora_rank=32,
+                    lora_alpha=32.0, lora_dropout=0.0, lora_bias=False, grad_clip=1.0,
+                    warmup_tokens=375e6, final_tokens=260e9)
 # Only breakout.yaml ships; for Qbert and Pong the targets are the paper's Table 6 and lr / wd the
 # config.yaml defaults (3e-4, 0.1: Pong's Table 6 values; Qbert's are not in the official code).
 # Freeway and Asterix (the paper's App. Table 10, 10% data) have no yaml and no Table 6 row that we
@@ -185,7 +192,8 @@ ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, contex
 # (Freeway 30 for 29.6, Asterix 8500 for 8503.3), as Qbert's 14000 sits near its 13455.
 # Action counts: ALE's minimal sets, as DQN-Replay recorded them and d4rl-atari's env plays them
 # (ale-py 0.12: Freeway NOOP, UP, DOWN; Asterix NOOP and the 8 directions).
-# game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score (get_hns.py)
+# game: actions (ALE's minimal set, as in DQN-Replay), targets, lr, wd, random / human score
+# (get_hns.py)
 ATARI = {
     "breakout": (4, (90, 120), 1e-3, 0.01, 1.7, 31.8),
     "qbert": (6, (14000,), 3e-4, 0.1, 163.9, 13455.0),
@@ -202,15 +210,17 @@ def atari_task(game: str) -> Task:
         name=f"{game}-medium", source=game, loader=atari.load_atari,
         env=atari.make_atari_task_env, gym_id=f"{atari.atari_game(game)}NoFrameskip-v4",
         obs_shape=(4, 84, 84), act_dim=n_actions, discrete=True, episode_len=4096,
-        max_timestep=4096, rtg_scale=1.0, targets=targets, ref_min=random_score, ref_max=human_score,
+        max_timestep=4096, rtg_scale=1.0, targets=targets,
+        ref_min=random_score, ref_max=human_score,
         score_name="human-normalised score", lamo=lamo, dt=replace(lamo, embed="linear"),
         subset=atari.atari_subset, batcher=atari.FrameStackBatcher,
-        # official Atari: HF GPT2Model on inputs_embeds adds wpe; time added before embed_ln; windows
-        # right-padded (causality hides the padding, so no attention mask); AdamW's default eps.
+        # official Atari: HF GPT2Model on inputs_embeds adds wpe; time added before embed_ln;
+        # windows right-padded (causality hides the padding, so no attention mask); AdamW's default
+        # eps.
         wpe=True, timestep_before_ln=True, pad_right=True, adam_eps_pretrained=1e-8)
 
 
-# ----------------------------------------------------------------------------- Reacher2d (the official env)
+# --------------------------------------------------------------------- Reacher2d (the official env)
 # The official experiment.py's reacher2d branch: max_ep_len 100 (also the timestep table), targets
 # 76, 40, return scale 10; its env's get_normalized_score is return / 100 (0 random, 100 expert).
 # run.sh: K 5 for reacher2d (20 otherwise), lr 1e-4, wd 1e-5, warm-up 2500, MLP embeddings, LoRA,
@@ -219,7 +229,8 @@ def atari_task(game: str) -> Task:
 REACHER_LAMO = replace(MUJOCO_LAMO, context_len=5)
 REACHER_DT = replace(MUJOCO_DT, context_len=5)
 REACHER = Task(
-    name="reacher2d-medium", source="$LAMO_CACHE/reacher2d/reacher2d-medium-v2.pkl",  # no URL exists
+    name="reacher2d-medium",
+    source="$LAMO_CACHE/reacher2d/reacher2d-medium-v2.pkl",  # no URL exists
     loader=reacher2d.load, env=reacher2d.make_env, gym_id="Reacher2dEnv (reacher2d.py)",
     obs_shape=(12,), act_dim=2, discrete=False, episode_len=100, max_timestep=100,
     rtg_scale=10.0, targets=(76, 40), ref_min=0.0, ref_max=100.0,

@@ -23,8 +23,8 @@ EPISODES, MAX_STEPS = 3, 200
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
-    """`python atari.py collect` in ALE/Breakout-v5: 3 random episodes (seeded: two end by losing the
-    game, at 146 and 129 steps, and one at the 200-step cap). The folder held a stale .npy."""
+    """`python atari.py collect` in ALE/Breakout-v5: 3 random episodes (seeded: two end by losing
+    the game, at 146 and 129 steps, and one at the 200-step cap). The folder held a stale .npy."""
     out = tmp_path_factory.mktemp("collect") / "breakout"
     out.mkdir()
     (out / atari.replay_file("observation", "npy")).write_bytes(b"from an earlier collect")
@@ -146,8 +146,9 @@ def test_length_weighted_subset():
     official = np.random.default_rng(0).choice(100, size=int(np.floor(100 * 0.1)),
                                                p=lengths / lengths.sum(), replace=False)
     assert np.array_equal(a, np.sort(official))
-    for (n, f), k in {(2186, 0.1): 218, (1000, 0.3): 300, (10, 0.3): 3, (1191, 0.005): 5, (7, 0.01): 1,
-                      (5, 1.0): 5, (100, 0.29): 29, (3, 0.5): 1}.items():   # by hand, as in test_lamo
+    # by hand, as in test_lamo
+    for (n, f), k in {(2186, 0.1): 218, (1000, 0.3): 300, (10, 0.3): 3, (1191, 0.005): 5,
+                      (7, 0.01): 1, (5, 1.0): 5, (100, 0.29): 29, (3, 0.5): 1}.items():
         idx = atari.length_weighted_subset(np.arange(1, n + 1), f, 3)
         assert len(idx) == k == len(set(idx.tolist())), (n, f)
         assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n
@@ -161,7 +162,7 @@ def test_length_weighted_subset():
             atari.length_weighted_subset(lengths, f, 0)
 
 
-# ----------------------------------------------------------------------------- frame-stacking batcher
+# --------------------------------------------------------------------------- frame-stacking batcher
 def reference_window(replay, subset, traj, start, K, max_timestep, rtg_scale, S=4):
     """One window, a step and a frame at a time: the official buffer's rule, slow and obvious."""
     s0, n = replay.starts[subset[traj]], replay.lengths[subset[traj]]
@@ -261,7 +262,8 @@ def test_sample_equals_official_buffer_on_unpadded_steps(tmp_path):
     """Same seed, same draws: our batch equals AtariBuffer.sample's wherever the official one is
     defined."""
     replay = synthetic_replay(tmp_path, [3, 80, 25, 200, 31, 64])
-    b = atari.FrameStackBatcher(replay, np.arange(6), K=30, max_timestep=4096, rtg_scale=1.0, seed=7)
+    b = atari.FrameStackBatcher(replay, np.arange(6), K=30, max_timestep=4096, rtg_scale=1.0,
+                                seed=7)
     rng = np.random.default_rng(7)
     for _ in range(2):
         ours = b.sample(32)
@@ -297,7 +299,7 @@ def test_missing_atari_packages_are_named(monkeypatch, module, package):
         atari.make_atari_env("pong", 10)
 
 
-# ----------------------------------------------------------------------------- the CLI on Atari (issue 11)
+# ---------------------------------------------------------------------- the CLI on Atari (issue 11)
 def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     """`python lamo.py --env breakout-medium --data <collected> --frac 0.5` with a tiny GPT-2, a few
     steps and 2 evaluation episodes per target, capped short: the official Atari recipe runs."""
@@ -311,16 +313,20 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     # 2 steps, then --resume to 4: the token-counted schedule continues exactly.
     lamo.main([*common, "--steps", "2", "--out", str(half)])
     lamo.main(["--resume", str(half), "--steps", "4"])
-    metrics = lambda run: [{k: v for k, v in json.loads(line).items() if k not in ("steps_per_s", "eval_s")}
+    metrics = lambda run: [{k: v for k, v in json.loads(line).items()
+                            if k not in ("steps_per_s", "eval_s")}
                            for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics(half) == metrics(out)
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_bias"]) == (32, 32.0, 0.0, False)
-    assert (cfg["grad_clip"], cfg["adam_eps"], cfg["lr"], cfg["weight_decay"]) == (1.0, 1e-8, 1e-3, 0.01)
+    assert ((cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_bias"]) ==
+            (32, 32.0, 0.0, False))
+    assert ((cfg["grad_clip"], cfg["adam_eps"], cfg["lr"], cfg["weight_decay"]) ==
+            (1.0, 1e-8, 1e-3, 0.01))
     subset = json.loads((out / "subset.json").read_text())
     assert subset["n_trajectories"] == 1                       # floor(0.5 * 3)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["targets"]) == {"90", "120"} and summary["metric"].startswith("human-normalised")
+    assert (set(summary["targets"]) == {"90", "120"} and
+            summary["metric"].startswith("human-normalised"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[0] == 0 and 0 < lrs[1] < lrs[2] < lrs[3] < 1e-3   # token warm-up, from 0 at step 1
@@ -341,9 +347,10 @@ def new_games(tmp_path_factory):
     return folders
 
 
-@pytest.mark.parametrize("game, ale, n_actions", [("freeway", "Freeway", 3), ("asterix", "Asterix", 9)])
-def test_new_games_load_through_dqn_replay_and_their_envs_step(new_games, server, monkeypatch, cache,
-                                                                game, ale, n_actions):
+@pytest.mark.parametrize("game, ale, n_actions",
+                         [("freeway", "Freeway", 3), ("asterix", "Asterix", 9)])
+def test_new_games_load_through_dqn_replay_and_their_envs_step(new_games, server, monkeypatch,
+                                                                cache, game, ale, n_actions):
     """Their files come from DQN-Replay's {Game} folder (the loopback server stands in for the
     bucket); their actions fit ALE's minimal set, which the task's env plays; human-normalised
     scores from get_hns.py (random / human: Freeway 0 / 29.6, Asterix 210 / 8503.3)."""
@@ -378,23 +385,26 @@ def test_freeway_end_to_end(new_games, hf_tiny, tmp_path):
     out = tmp_path / "run"
     lamo.main(["--env", "freeway-medium", "--data", str(new_games["freeway"]), "--pretrained",
                str(hf_tiny[1]), "--steps", "2", "--eval-every", "2", "--eval-episodes", "1",
-               "--batch-size", "4", "--context-len", "6", "--eval-max-steps", "10", "--out", str(out)])
+               "--batch-size", "4", "--context-len", "6", "--eval-max-steps", "10",
+               "--out", str(out)])
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["lr"], cfg["weight_decay"], cfg["lora_rank"]) == (3e-4, 0.1, 32)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["targets"]) == {"30"} and summary["evaluation_env"] == "FreewayNoFrameskip-v4"
+    assert (set(summary["targets"]) == {"30"} and
+            summary["evaluation_env"] == "FreewayNoFrameskip-v4")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ev = rows[-1]["eval"]["30"]
     assert ev["score_mean"] == pytest.approx(100 * ev["return_mean"] / 29.6)
 
 
 def test_each_collect_points_at_the_other(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: --env ALE/Pong-v5 is an Atari env; DQN-Replay files "
-                                         r"are written by python atari.py collect --env ALE/Pong-v5"):
+    with pytest.raises(SystemExit, match=r"^error: --env ALE/Pong-v5 is an Atari env; "
+                                         r"DQN-Replay files are written by "
+                                         r"python atari.py collect --env ALE/Pong-v5"):
         data.main(["collect", "--env", "ALE/Pong-v5", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit, match=r"^error: --env Hopper-v4 is not an ALE env .*python data.py "
-                                         r"collect --env Hopper-v4 --out FILE$"):
+    with pytest.raises(SystemExit, match=r"^error: --env Hopper-v4 is not an ALE env "
+                                         r".*python data.py collect --env Hopper-v4 --out FILE$"):
         atari.main(["collect", "--env", "Hopper-v4", "--out", str(tmp_path / "y")])
     assert not (tmp_path / "y").exists()
 
@@ -405,16 +415,16 @@ K_EVAL = 4
 @pytest.fixture(scope="module")
 def atari_rollout():
     """A tiny DT on Breakout through lamo.rollout (its env actions and every model output recorded)
-    and through conftest's step-by-step reference (unpadded windows of the last min(t+1, K) steps, no
-    mask, wpe positions from 0 as in a training window). -> (rollout actions, outputs, reference
+    and through conftest's step-by-step reference (unpadded windows of the last min(t+1, K) steps,
+    no mask, wpe positions from 0 as in a training window). -> (rollout actions, outputs, reference
     actions, reference logits)."""
     import dataclasses
     import lamo
     import tasks
     task = tasks.get_task("breakout-medium")
     torch.manual_seed(0)
-    m = lamo.build_model(lamo.resolve(lamo.Config(env="breakout-medium", model="dt", n_layer=1, n_embd=32,
-                                                  context_len=K_EVAL)), task).eval()
+    m = lamo.build_model(lamo.resolve(lamo.Config(env="breakout-medium", model="dt", n_layer=1,
+                                                  n_embd=32, context_len=K_EVAL)), task).eval()
     outs = []
 
     class Recorder(torch.nn.Module):
@@ -439,23 +449,26 @@ def test_atari_rollout_equals_training_windows(atari_rollout):
     """Atari evaluation shows the model what training shows it at every step: right-padded windows
     from slot 0 while the episode is shorter than K, then the last K real steps, with no empty
     slot between (rollout once shifted the window at t = K - 1, before it was full, leaving one
-    until t = 2K - 3). Same actions as the reference, and each step's logits among rollout's rows."""
+    until t = 2K - 3). Same actions as the reference, and each step's logits among rollout's
+    rows."""
     got, outs, want, ref = atari_rollout
-    assert got == want and len(want) == 12 and len(set(want)) > 1   # the choice moves with the input
+    assert got == want and len(want) == 12 and len(set(want)) > 1  # the choice moves with the input
     for t in range(len(ref)):
         assert closest_row(outs, ref, t) < 1e-5, t
 
 
 def test_atari_model_pieces():
-    """The official Atari model: Nature CNN on stacked frames, an Embedding for actions (+ residual MLP
-    blocks with mlp), Linear + Tanh logits for LaMo and kzl DT's plain Linear for DT; cross-entropy
-    over the real steps only."""
+    """The official Atari model: Nature CNN on stacked frames, an Embedding for actions (+ residual
+    MLP blocks with mlp), Linear + Tanh logits for LaMo and kzl DT's plain Linear for DT;
+    cross-entropy over the real steps only."""
     import lamo
     import tasks
     task = tasks.get_task("breakout-medium")
-    lamo_cfg = lamo.resolve(lamo.Config(env="breakout-medium", pretrained="none", n_layer=1, n_embd=32, n_head=2))
+    lamo_cfg = lamo.resolve(lamo.Config(env="breakout-medium", pretrained="none", n_layer=1,
+                                        n_embd=32, n_head=2))
     m = lamo.build_model(lamo_cfg, task).eval()
-    assert isinstance(m.embed_state[0], lamo.NatureCNN) and isinstance(m.embed_action.fc1, torch.nn.Embedding)
+    assert (isinstance(m.embed_state[0], lamo.NatureCNN) and
+            isinstance(m.embed_action.fc1, torch.nn.Embedding))
     assert isinstance(m.predict_action[-1], torch.nn.Tanh) and m.add_wpe and m.timestep_before_ln
     states = torch.randint(0, 256, (2, 5, 4, 84, 84)).float()
     actions = torch.randint(0, 4, (2, 5))
@@ -466,6 +479,7 @@ def test_atari_model_pieces():
     mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     noise = torch.zeros(2, 5, 4)
     noise[0, 3:] = 100.0                                      # padded steps: any logits, same loss
-    assert lamo.action_loss(logits + noise, actions, mask, True) == lamo.action_loss(logits, actions, mask, True)
+    assert (lamo.action_loss(logits + noise, actions, mask, True) ==
+            lamo.action_loss(logits, actions, mask, True))
     real = torch.nn.functional.cross_entropy(logits[mask.bool()], actions[mask.bool()])
     assert torch.allclose(lamo.action_loss(logits, actions, mask, True), real)

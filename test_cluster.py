@@ -25,7 +25,8 @@ def test_a_run_logs_plain_lines_to_a_file(tiny_hdf5, tmp_path):
     with open(log, "w") as f:   # LAMO_LOG_SECONDS=0: a line every --log-every steps, not every 30 s
         r = subprocess.run([sys.executable, "lamo.py", "--model", "dt", "--data", str(tiny_hdf5),
                             "--steps", "30", "--eval-every", "15", "--eval-episodes", "1",
-                            "--eval-max-steps", "20", "--log-every", "10", "--out", str(tmp_path / "r")],
+                            "--eval-max-steps", "20", "--log-every", "10",
+                            "--out", str(tmp_path / "r")],
                            cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                            env={**os.environ, "LAMO_LOG_SECONDS": "0"})
     text = log.read_text()
@@ -100,7 +101,8 @@ def test_two_processes_download_one_file_once(server, tmp_path):
     assert not dest.with_name("d.hdf5.part").exists()
 
 
-def test_a_requeued_job_checkpoints_on_sigterm_and_the_sweeps_sigint(tiny_hdf5, monkeypatch, tmp_path):
+def test_a_requeued_job_checkpoints_on_sigterm_and_the_sweeps_sigint(tiny_hdf5, monkeypatch,
+                                                                     tmp_path):
     """Slurm's requeue or preemption sends SIGTERM to every process of the job, and sweep.py
     passes a SIGINT on to its run: the pair is one stop, saved after the current step, never an
     abort. (Two Ctrl-Cs still abort, test_lamo.py.)"""

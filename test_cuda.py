@@ -60,7 +60,8 @@ def test_training_step_on_cuda_matches_cpu(tiny_hdf5, precision, rtol):
 def test_batchers_on_cuda_equal_cpu(tiny_hdf5, tmp_path):
     """The pinned, non-blocking copies and the on-device frame stacking give the CPU's batches."""
     trajs = data.load_trajectories(tiny_hdf5, 11, 3)
-    cpu, gpu = (data.TrajectoryBatcher(trajs, 5, 1000, 1000.0, seed=3, device=d) for d in ("cpu", CUDA))
+    cpu, gpu = (data.TrajectoryBatcher(trajs, 5, 1000, 1000.0, seed=3, device=d)
+                for d in ("cpu", CUDA))
     a, b = cpu.sample(16), gpu.sample(16)
     assert a.action_tokens == b.action_tokens
     for x, y in zip(a[:5], b[:5]):
@@ -68,9 +69,11 @@ def test_batchers_on_cuda_equal_cpu(tiny_hdf5, tmp_path):
     rng = np.random.default_rng(0)
     n = 300
     terminal = (np.arange(n) % 50 == 49).astype(np.uint8)
-    replay = atari.AtariReplay(rng.integers(0, 256, (n, 84, 84), dtype=np.uint8), rng.integers(0, 4, n),
-                              rng.integers(0, 2, n).astype(np.float32), terminal)
-    cpu, gpu = (atari.FrameStackBatcher(replay, np.arange(len(replay)), 10, 100, 1.0, seed=1, device=d)
+    replay = atari.AtariReplay(rng.integers(0, 256, (n, 84, 84), dtype=np.uint8),
+                               rng.integers(0, 4, n),
+                               rng.integers(0, 2, n).astype(np.float32), terminal)
+    cpu, gpu = (atari.FrameStackBatcher(replay, np.arange(len(replay)), 10, 100, 1.0, seed=1,
+                                        device=d)
                 for d in ("cpu", CUDA))
     a, b = cpu.sample(8), gpu.sample(8)
     assert a.action_tokens == b.action_tokens
@@ -100,8 +103,8 @@ def test_training_step_and_sampling_never_wait_for_the_gpu(tiny_hdf5):
 
 def run_args(tiny_hdf5, out, *extra):
     return ["--env", "hopper-medium-v2", "--data", str(tiny_hdf5), *SMALL, "--device", "cuda",
-            "--eval-every", "4", "--eval-episodes", "2", "--eval-max-steps", "50", "--log-every", "2",
-            "--out", str(out), *extra]
+            "--eval-every", "4", "--eval-episodes", "2", "--eval-max-steps", "50",
+            "--log-every", "2", "--out", str(out), *extra]
 
 
 def test_resume_and_eval_only_on_cuda(tiny_hdf5, tiny_txt, tmp_path):
@@ -120,7 +123,8 @@ def test_resume_and_eval_only_on_cuda(tiny_hdf5, tiny_txt, tmp_path):
     assert summary["step"] == 8
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval" in r] == [4, 8]
-    assert all(np.isfinite(r["action_loss"]) and r["lm_loss"] > 0 for r in rows if "action_loss" in r)
+    assert all(np.isfinite(r["action_loss"]) and r["lm_loss"] > 0
+               for r in rows if "action_loss" in r)
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["rng"]["cuda"].dtype == torch.uint8
     ev, again = (lamo.main(["--eval-only", str(out / "ckpt.pt"), "--device", "cuda"]) for _ in "12")
@@ -175,8 +179,10 @@ def test_a_pack_on_cuda_matches_its_runs_alone(tiny_hdf5, tmp_path):
     for seed in (0, 1):
         lamo.main(run_args(tiny_hdf5, tmp_path / f"alone{seed}", *common, "--seed", str(seed)))
         packed, alone = (
-            [json.loads(line)["action_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-             if "action_loss" in line] for folder in (tmp_path / "pk" / f"s{seed}", tmp_path / f"alone{seed}"))
+            [json.loads(line)["action_loss"]
+             for line in (folder / "metrics.jsonl").read_text().splitlines()
+             if "action_loss" in line]
+            for folder in (tmp_path / "pk" / f"s{seed}", tmp_path / f"alone{seed}"))
         np.testing.assert_allclose(list(packed), list(alone), rtol=1e-4)
 
 
@@ -186,10 +192,12 @@ def test_a_packs_memory_estimate_on_cuda(tiny_hdf5, tmp_path):
     ran). (The error path itself: test_pack.py, on the CPU.)"""
     args = run_args(tiny_hdf5, tmp_path / "x", "--steps", "2", "--batch-size", "256")
     cfg = lamo.resolve(lamo.parse_args(args)[0])
-    members = [lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", False) for s in range(3)]
+    members = [lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", False)
+               for s in range(3)]
     p = pack.Pack(members)
     batches = [run.batcher.sample(cfg.batch_size) for run in members]
-    pack.train_step(p, batches, None, torch.ones(3, dtype=torch.bool, device=CUDA), cfg, lamo, False)
+    pack.train_step(p, batches, None, torch.ones(3, dtype=torch.bool, device=CUDA), cfg, lamo,
+                    False)
     message = str(pack.out_of_memory(p, batches, None, cfg, lamo, False))
     fits = int(message.split("about ")[1].split()[0])
     per_run = float(message.split("measured: ")[1].split()[0])

@@ -36,7 +36,8 @@ def fake_gpu(monkeypatch):
                         lambda device="cuda": calls.append(("get", torch.device(device)))
                         or torch.arange(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state",
-                        lambda state, device="cuda": calls.append(("set", state, torch.device(device))))
+                        lambda state, device="cuda": calls.append(("set", state,
+                                                                   torch.device(device))))
     return calls, capability
 
 
@@ -135,16 +136,19 @@ def test_sweep_gpus_map_through_the_parents_visible_devices(monkeypatch, tmp_pat
     index left a run with no GPU (and device auto then trained on the CPU), and runs were not
     told to use CUDA."""
     monkeypatch.chdir(tmp_path)
-    grid = ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "0", "--model", "dt", "--name", "g"]
+    grid = ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "0", "--model", "dt",
+            "--name", "g"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert sweep.main([*grid, "--gpus", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--gpus 0: not a CUDA GPU" in err and "device_count() is 0" in err
+    assert (err.count("\n") == 1 and "--gpus 0: not a CUDA GPU" in err and
+            "device_count() is 0" in err)
     assert not (tmp_path / "sweeps").exists()                      # before any run started
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")               # e.g. Slurm's allocation
     assert sweep.visible_gpus(["1", "0"]) == ["7", "5"]
-    assert [sweep.child_env(slot, 2, ["7", "5"])["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["7", "5"]
+    assert [sweep.child_env(slot, 2, ["7", "5"])["CUDA_VISIBLE_DEVICES"]
+            for slot in (0, 1)] == ["7", "5"]
     with pytest.raises(sweep.SweepError, match="--gpus 2: .*indices 0..1"):
         sweep.visible_gpus(["2"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
@@ -159,8 +163,10 @@ def write_replay(folder, actions):
     """Four DQN-Replay .npy arrays, episodes of 10 steps, with the given actions."""
     n = len(actions)
     folder.mkdir()
-    arrays = {"observation": np.zeros((n, 84, 84), np.uint8), "action": np.asarray(actions, np.int32),
-              "reward": np.ones(n, np.float32), "terminal": (np.arange(n) % 10 == 9).astype(np.uint8)}
+    arrays = {"observation": np.zeros((n, 84, 84), np.uint8),
+              "action": np.asarray(actions, np.int32),
+              "reward": np.ones(n, np.float32),
+              "terminal": (np.arange(n) % 10 == 9).astype(np.uint8)}
     for k, v in arrays.items():
         np.save(folder / atari.replay_file(k, "npy"), v)
     return folder
@@ -188,9 +194,12 @@ def test_bench_names_the_device_it_measures(monkeypatch):
     """Defect 10: bench.py synchronised, read and reset peak memory on the current GPU, not on
     --device's."""
     seen = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append(("sync", device)))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(("max", device)) or 2**30)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: seen.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: seen.append(("sync", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device=None: seen.append(("max", device)) or 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: seen.append(("reset", device)))
     gpu1 = torch.device("cuda", 1)
     bench.sync(gpu1)
     assert bench.peak_gb(gpu1) == 1.0

@@ -35,7 +35,8 @@ def fingertip(q1, q2):
     """By hand from the MJCF: the shoulder body is turned 0.785 rad about z, its link is 0.6 long;
     the elbow body turns back by 0.785; the fingertip site sits 0.45 along the elbow link."""
     a = 0.785 + q1
-    return 0.6 * np.array([np.cos(a), np.sin(a)]) + 0.45 * np.array([np.cos(q1 + q2), np.sin(q1 + q2)])
+    return (0.6 * np.array([np.cos(a), np.sin(a)]) +
+            0.45 * np.array([np.cos(q1 + q2), np.sin(q1 + q2)]))
 
 
 def test_model_and_observation_layout():
@@ -56,9 +57,10 @@ def test_model_and_observation_layout():
     assert np.allclose(obs[10:12], tip - [0.2, -0.7])
 
 
-@pytest.mark.parametrize("offset, reward", [((0.05, 0.04), 1.0),    # L1 0.09: inside the band
-                                            ((0.06, 0.05), 0.0),    # L1 0.11, Euclidean 0.078: outside
-                                            ((-0.02, 0.07), 1.0), ((0.0, -0.105), 0.0)])
+@pytest.mark.parametrize("offset, reward", [
+    ((0.05, 0.04), 1.0),    # L1 0.09: inside the band
+    ((0.06, 0.05), 0.0),    # L1 0.11, Euclidean 0.078: outside
+    ((-0.02, 0.07), 1.0), ((0.0, -0.105), 0.0)])
 def test_reward_is_one_inside_the_l1_band(offset, reward):
     env = reacher2d.Reacher2dEnv()
     env.reset(seed=0)
@@ -69,7 +71,8 @@ def test_reward_is_one_inside_the_l1_band(offset, reward):
 
 
 def test_actions_are_clipped():
-    """Out-of-range actions act as their clipped value (step clips; the motors' ctrlrange would too)."""
+    """Out-of-range actions act as their clipped value (step clips; the motors' ctrlrange would
+    too)."""
     a, b = reacher2d.Reacher2dEnv(), reacher2d.Reacher2dEnv()
     a.reset(seed=3), b.reset(seed=3)
     assert np.array_equal(a.step(np.array([5.0, -7.0]))[0], b.step(np.array([1.0, -1.0]))[0])
@@ -116,11 +119,11 @@ def test_loader_reads_the_official_pickle_and_hdf5(tmp_path):
     trajs, files = REACHER.load(str(tmp_path / "reacher2d-medium-v2.pkl"))
     assert files == [tmp_path / "reacher2d-medium-v2.pkl"] and len(trajs) == 3
     for t, e in zip(trajs, episodes, strict=True):
-        assert t["rewards"].shape == t["terminals"].shape == (100,)       # the trailing axis dropped
+        assert t["rewards"].shape == t["terminals"].shape == (100,)      # the trailing axis dropped
         assert t["observations"].shape == (100, 12) and t["actions"].shape == (100, 2)
         assert np.allclose(t["observations"], e["observations"])
         assert t["rewards"].sum() == e["rewards"].sum()
-    with h5py.File(tmp_path / "r.hdf5", "w") as f:                      # D4RL's layout, 3 x 100 steps
+    with h5py.File(tmp_path / "r.hdf5", "w") as f:                    # D4RL's layout, 3 x 100 steps
         for k in ("observations", "actions", "rewards", "terminals"):
             f[k] = np.concatenate([e[k] for e in episodes]).squeeze()
         f["timeouts"] = np.arange(300) % 100 == 99
@@ -129,7 +132,8 @@ def test_loader_reads_the_official_pickle_and_hdf5(tmp_path):
     episodes[1]["observations"] = episodes[1]["observations"][:, :11]
     with open(tmp_path / "bad.pkl", "wb") as f:
         pickle.dump(episodes, f)
-    with pytest.raises(LamoError, match=r"'observations' has shape \(100, 11\), expected \(N, 12\)"):
+    with pytest.raises(LamoError,
+                       match=r"'observations' has shape \(100, 11\), expected \(N, 12\)"):
         REACHER.load(str(tmp_path / "bad.pkl"))
 
 
@@ -187,11 +191,12 @@ def test_generator_writes_the_official_layout_and_is_seeded(tmp_path, cache):
     with pytest.raises(SystemExit, match=r"^error: --out .*again.pkl exists; remove it"):
         reacher2d.main(["collect", *TINY, "--out", str(tmp_path / "again.pkl")])
     with pytest.raises(SystemExit, match=r"^error: --update-every 150 must be a multiple of 100"):
-        reacher2d.main(["collect", *TINY, "--update-every", "150", "--out", str(tmp_path / "x.pkl")])
+        reacher2d.main(["collect", *TINY, "--update-every", "150",
+                        "--out", str(tmp_path / "x.pkl")])
 
 
 def test_generator_filters_and_stops_at_the_target(tmp_path):
-    cfg = reacher2d.PPOConfig(min_return=0, episodes=4)              # random episodes with return > 0
+    cfg = reacher2d.PPOConfig(min_return=0, episodes=4)            # random episodes with return > 0
     rng = np.random.default_rng(0)
     kept, tried = reacher2d.record(lambda obs: rng.uniform(-1, 1, (len(obs), 2)), cfg, batch_envs=8)
     assert len(kept) == 4 and tried > 4 and all(e["rewards"].sum() > 0 for e in kept)
@@ -201,8 +206,10 @@ def test_generator_filters_and_stops_at_the_target(tmp_path):
     with pytest.raises(LamoError, match=r"^only 0 of 2 episodes had a return > 100; lower --min"):
         reacher2d.record(still, replace(cfg, min_return=100, episodes=1), batch_envs=2, max_tries=1)
     tiny = reacher2d.PPOConfig(train_steps=400, update_every=200, epochs=1, check_every=200,
-                               eval_episodes=2, target_return=101)   # a return above 100 is impossible
-    with pytest.raises(LamoError, match=r"^PPO did not reach --target-return 101 in 400 steps \(best "):
+                               eval_episodes=2,
+                               target_return=101)  # a return above 100 is impossible
+    with pytest.raises(LamoError,
+                       match=r"^PPO did not reach --target-return 101 in 400 steps \(best "):
         reacher2d.train_medium(tiny)
 
 
@@ -210,8 +217,8 @@ def test_lamo_end_to_end_on_generated_data(tmp_path):
     reacher2d.main(["collect", *TINY, "--out", str(tmp_path / "r.pkl")])
     out = tmp_path / "run"
     lamo.main(["--env", "reacher2d-medium", "--data", str(tmp_path / "r.pkl"), "--model", "dt",
-               "--n-layer", "1", "--n-embd", "32", "--steps", "4", "--eval-every", "4", "--warmup", "2",
-               "--eval-episodes", "2", "--out", str(out)])
+               "--n-layer", "1", "--n-embd", "32", "--steps", "4", "--eval-every", "4",
+               "--warmup", "2", "--eval-episodes", "2", "--out", str(out)])
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["context_len"], cfg["eval_episodes"], cfg["steps"]) == (5, 2, 4)      # run.sh's K 5
     summary = json.loads((out / "summary.json").read_text())
@@ -230,7 +237,8 @@ def test_task_entry_and_table1():
     assert (c.context_len, c.steps, c.embed, c.lm_coef) == (5, 100_000, "mlp", 0)       # run.sh
     assert (c.lr, c.weight_decay, c.warmup, c.eval_episodes) == (1e-4, 1e-5, 2500, 20)
     assert lamo.resolve(lamo.Config(env="reacher2d-medium", model="dt")).context_len == 5
-    cells = {frac: tuple(tasks.PAPER["reacher2d-medium", frac, model][:2] for model in ("lamo", "dt"))
+    cells = {frac: tuple(tasks.PAPER["reacher2d-medium", frac, model][:2]
+                         for model in ("lamo", "dt"))
              for frac in (0.1, 0.3, 1.0)}
     assert cells == {0.1: ((12.4, 3.8), (2.3, 1.5)), 0.3: ((31.2, 7.6), (6.4, 2.6)),
                      1.0: ((33.0, 8.3), (22.8, 6.0))}
