@@ -1,4 +1,4 @@
-"""Atari for lamo: DQN-Replay files and trajectories, the frame-stacking batch sampler, the ALE envs.
+"""Atari for lamo: DQN-Replay files and trajectories, the frame-stacking sampler, the ALE envs.
 
 Read top to bottom: (1) DQN-Replay data: the download, decompression and memmapped arrays of one
 checkpoint, split into trajectories; (2) the length-weighted --frac rule and FrameStackBatcher, the

@@ -1,4 +1,4 @@
-"""Files, URLs and batches for lamo: the one downloader, the datasets of every domain, the language corpus.
+"""Files, URLs and batches for lamo: the one downloader, every domain's datasets, the LM corpus.
 
 Read top to bottom: (1) errors and the downloader, (2) the loaders and eval envs the task table
 (tasks.py) names: D4RL MuJoCo hdf5, Minari (Franka Kitchen), (3) loading and splitting
