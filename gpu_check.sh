@@ -88,7 +88,7 @@ if (report / "compare.json").exists():       # the compare step's rows, beside b
 val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
 gb = lambda k: val(k, ".2f")
 if b:
-    table += [("LaMo training steps/s (GPT-2 small shape, B=64 K=20, " + b["precision"] + ")",
+    table += [("LaMo training steps/s (GPT-2 small shape, B=64 K=20, " + b.get("precision", "?") + ")",
                val("train_steps_per_s", ".3g"), gb("train_peak_gpu_gb")),
               ("  same + (2, 1024) LM batch", val("train_steps_per_s_with_lm", ".3g"),
                gb("train_peak_gpu_gb_with_lm")),
@@ -110,7 +110,7 @@ if b:
     table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention through "
                f"SDPA's {k.split('_')[1]} kernel", f"{v:.3g}" if not k.endswith("_error") else v[:60], "")
               for k, v in b.items() if k.startswith("packattn_")]
-    table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched ({b['eval_model']})",
+    table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched ({b.get('eval_model')})",
                val("eval_batched_env_steps_per_s", ".0f"), gb("eval_peak_gpu_gb")),
               (f"  the first {b.get('eval_sequential_episodes')} of them one at a time",
                val("eval_sequential_env_steps_per_s", ".0f"), ""),
@@ -151,13 +151,13 @@ if metrics.exists():
         # of the R with the most run-steps/s; evaluations are not counted as packed.
         if "train_steps_per_s" in b and "train_steps_per_s_dt" in b:
             evals_h = 72 * 40 * eval_s / 3600
-            alone = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
+            alone_h = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
             best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
                             and not k.endswith("_gb")), default=None) for m in ("lamo", "dt")}
             if all(best.values()):
                 packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
                 table += [("Table 3 projected, one run at a time: training + evaluation, "
-                           "GPU-hours", f"{alone:.1f} + {evals_h:.1f}", ""),
+                           "GPU-hours", f"{alone_h:.1f} + {evals_h:.1f}", ""),
                           (f"Table 3 projected, packs of {best['lamo'][1]} LaMo / "
                            f"{best['dt'][1]} DT runs: training + evaluation, GPU-hours",
                            f"{packed:.1f} + {evals_h:.1f}", "")]
