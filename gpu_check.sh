@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lamo's GPU check: one command for a GPU machine, about 8 minutes on an H200. Measured there:
 # tests 52-65 s, bench 103 s (before --pack-attention), slice 110 s, plus the wheels and the data;
-# the compare step is new (its limit: 3 minutes). Under a 10-minute cap, give STEPS.
+# the compare step is new (its limit: 4 minutes). Under a 10-minute cap, give STEPS.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
@@ -15,7 +15,8 @@
 #    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), and the
 #    evaluation with its envs in 1 and N worker processes (--eval-workers);
 # 2b. compare: what a pack must beat, or could gain: 1, 4 and 8 LaMo training processes at once
-#    on the GPU (sweep.py --jobs N --gpus 0), and LaMo alone and a pack of 16 with --compile;
+#    on the GPU (sweep.py --jobs N --gpus 0), LaMo alone and a pack of 16 with --compile, and
+#    LaMo alone with --compile-mode reduce-overhead (CUDA graphs);
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
 #    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.
@@ -54,7 +55,7 @@ step tests 90 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging
 step bench 200 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024 --pack-attention cudnn flash efficient
-step compare 180 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
+step compare 240 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
     --compiled 16 --out "$REPORT/compare.json"
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 if [[ $STEPS == *" slice "* ]]; then
@@ -83,7 +84,8 @@ table = []
 b = json.loads((report / "bench.json").read_text()) if (report / "bench.json").exists() else {}
 if (report / "compare.json").exists():       # the compare step's rows, beside bench's own
     compare = json.loads((report / "compare.json").read_text())
-    b.update({k: v for k, v in compare.items() if k.startswith(("procs_", "compiled_"))})
+    b.update({k: v for k, v in compare.items()
+              if k.startswith(("procs_", "compiled_", "cudagraphs_"))})
 # bench.json is written after each of bench.py's sections: a bench cut short leaves rows "n/a"
 val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
 gb = lambda k: val(k, ".2f")
@@ -103,6 +105,11 @@ if b:
                f"run-steps/s, a pack of {k.split('_')[2]}") + " (x one eager run alone)",
                f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"] else ""), gb(k + "_peak_gpu_gb"))
               for k, v in b.items() if k.startswith("compiled_") and not k.endswith("_gb")]
+    table += [("LaMo with --compile --compile-mode reduce-overhead (CUDA graphs): steps/s of one run "
+               "alone (x one eager run alone)", (f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"]
+                                                 else "")) if not k.endswith("_error") else v[:60],
+               gb(k + "_peak_gpu_gb"))
+              for k, v in b.items() if k.startswith("cudagraphs_") and not k.endswith("_gb")]
     table += [(f"run-steps/s, {k.split('_')[2]} LaMo training processes at once on the GPU "
                "(x one eager run alone)", f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"]
                                                         else ""), "")

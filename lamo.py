@@ -114,6 +114,9 @@ class Config:
     precision: str = flag("auto", "auto (bf16 on CUDA, else fp32) | bf16 | fp32: the transformer "
                                   "body's matmuls")
     compile: bool = flag(False, "torch.compile the training forward")
+    compile_mode: str = flag("default", "torch.compile's mode with --compile: default | "
+                                        "reduce-overhead (CUDA graphs: one launch for the "
+                                        "forward's kernels) | max-autotune")
     out: str = flag("", "run folder; default runs/<env>-f<frac>-<model>-s<seed>-<time>")
     resume: str = flag("", "continue the run in this folder from its ckpt.pt")
     eval_only: str = flag("", "evaluate this ckpt.pt and exit")
@@ -130,7 +133,8 @@ PRESETS = {
                n_embd=128),
 }
 CHOICES = {"model": PRESETS, "finetune": ("lora", "full", "frozen"), "embed": ("mlp", "linear"),
-           "activation": ("gelu_tanh", "relu"), "precision": ("auto", "bf16", "fp32")}
+           "activation": ("gelu_tanh", "relu"), "precision": ("auto", "bf16", "fp32"),
+           "compile_mode": ("default", "reduce-overhead", "max-autotune")}
 
 
 # ============================================================================ 2. GPT-2 and LoRA
@@ -633,6 +637,8 @@ def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config,
                discrete: bool) -> torch.Tensor:
     """One gradient step on L = L_action + lambda * L_LM. -> (action loss, LM loss, grad norm,
     non-finite flag) as one device tensor: no .item() here, so the GPU never waits for the host."""
+    if cfg.compile:                 # a new step for CUDA graphs (reduce-overhead); else a no-op
+        torch.compiler.cudagraph_mark_step_begin()
     pred = fwd(batch.states, batch.actions, batch.rtg, batch.timesteps, batch.mask)
     loss_action = action_loss(pred, batch.actions, batch.mask, discrete)
     loss_lm = (lm_loss(model.gpt, lm_block, model.precision) if lm_block is not None
@@ -699,7 +705,7 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     # --compile: the training forward as fused kernels; the first steps pay the compilation.
     # With dropout, compiled runs draw other random masks than eager ones, so the two are not
     # bit-identical.
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     log = MetricsLog(run)
     # action loss, LM loss, grad norm, non-finite: on device
     sums = torch.zeros(4, device=run.device)
@@ -763,7 +769,8 @@ def eval_only(cfg: Config, ckpt_path: Path) -> dict:
 
 
 # ============================================================================ 6. command line
-RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "wandb", "wandb_group",
+RESUME_OVERRIDES = {"steps", "eval_every", "log_every", "device", "compile", "compile_mode",
+                    "wandb", "wandb_group",
                     "eval_workers"}
 EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "device", "precision",
                   "eval_workers"}
@@ -831,6 +838,9 @@ def resolve(cfg: Config, given=()) -> Config:
                         f"--finetune {cfg.finetune}, "
                         f"--lm-coef {cfg.lm_coef}, --warmup-tokens {cfg.warmup_tokens:g}; "
                         f"drop it or turn that part on")
+    if "compile_mode" in given and not cfg.compile:
+        raise LamoError(f"--compile-mode {cfg.compile_mode} has no effect without --compile; "
+                        f"add --compile")
     cfg.eval_max_steps = cfg.eval_max_steps or task.episode_len
     for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every",
               "lm_batch", "lm_seq_len", "warmup", "eval_max_steps"):

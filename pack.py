@@ -84,7 +84,8 @@ class Pack:
         # --compile: the training forward as compiled kernels (dynamo traces through vmap), as
         # lamo.train compiles a run's; the evaluation stays eager, as a run's does. On a GPU this
         # also fuses the math attention's elementwise work (over_runs).
-        self.train_forward = torch.compile(self.forward) if cfg.compile else self.forward
+        self.train_forward = (torch.compile(self.forward, mode=cfg.compile_mode) if cfg.compile
+                              else self.forward)
         self.optimizer = torch.optim.AdamW([self.stacked[n] for n in self.trainable], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                            fused=runs[0].device.type == "cuda")
@@ -180,6 +181,8 @@ def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, di
     of the sum (each run's parameters get only its own gradient), each run clipped by its own
     norm, one AdamW step. A run that has stopped (alive False) contributes nothing.
     -> (R, 4): action loss, LM loss, grad norm, non-finite flag; on the device, no sync."""
+    if cfg.compile:                 # a new step for CUDA graphs (reduce-overhead); else a no-op
+        torch.compiler.cudagraph_mark_step_begin()
     loss_action, loss_lm = losses(pack, batches, lm_blocks, lamo, discrete)
     loss = loss_action + cfg.lm_coef * loss_lm                                   # (R,)
     pack.optimizer.zero_grad(set_to_none=True)

@@ -151,13 +151,17 @@ def test_batched_evaluation_on_cuda_equals_one_at_a_time():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compile_on_cuda_matches_eager(tiny_hdf5, tmp_path):
+    """--compile, and --compile-mode reduce-overhead (the forward as CUDA graphs, replayed each
+    step), give eager's losses (dropout off) over 6 steps."""
     losses = []
-    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+    for name, extra in (("eager", ()), ("compiled", ("--compile",)),
+                        ("graphs", ("--compile", "--compile-mode", "reduce-overhead"))):
         out = tmp_path / name
-        lamo.main(run_args(tiny_hdf5, out, "--steps", "4", "--precision", "fp32", *extra))
+        lamo.main(run_args(tiny_hdf5, out, "--steps", "6", "--precision", "fp32", *extra))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses.append([r["action_loss"] for r in rows if "action_loss" in r])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
+    np.testing.assert_allclose(losses[2], losses[0], rtol=1e-3)
 
 
 def test_sweep_gpus_runs_on_cuda(tiny_hdf5, tmp_path, monkeypatch):

@@ -699,6 +699,26 @@ def test_compile_flag_compiles_and_matches_eager(tiny_hdf5, tmp_path):
     assert len(losses[0]) == 2 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0)
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_compile(tiny_hdf5, tmp_path, monkeypatch):
+    """--compile-mode is torch.compile's mode, for a run and for a pack (reduce-overhead: CUDA
+    graphs on a GPU); without --compile it is a one-line error, not a flag that does nothing."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    base = ["--model", "dt", "--n-layer", "1", "--n-embd", "32", "--data", str(tiny_hdf5),
+            "--steps", "2", "--eval-every", "2", "--eval-episodes", "1", "--targets", "100"]
+    lamo.main([*base, "--compile", "--compile-mode", "reduce-overhead",
+               "--out", str(tmp_path / "r")])
+    lamo.main([*base, "--compile", "--compile-mode", "max-autotune", "--seed", "0", "1",
+               "--out", str(tmp_path / "p")])
+    assert modes == ["reduce-overhead", "max-autotune"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["compile_mode"] == \
+        "reduce-overhead"
+    with pytest.raises(SystemExit, match="--compile-mode reduce-overhead has no effect without"):
+        lamo.main([*base, "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--compile-mode 'fast': choose one of default"):
+        lamo.main([*base, "--compile", "--compile-mode", "fast", "--out", str(tmp_path / "y")])
+
+
 def test_nan_stops_and_ctrl_c_saves(tiny_hdf5, monkeypatch, tmp_path):
     import os
     import signal
@@ -944,7 +964,6 @@ def test_mujoco_tokens_and_head_by_hand(embed):
             torch.randn(B, K, 3, generator=g, dtype=torch.float64))
     r, t = (torch.rand(B, K, 1, generator=g, dtype=torch.float64),
             torch.tensor([[0, 1, 2, 3], [500, 501, 502, 503]]))
-    F = torch.nn.functional
     lin = lambda layer, x: x @ layer.weight.T + layer.bias
     emb = ((lambda mod, x: lin(mod, x)) if embed == "linear" else
            (lambda mod, x: lin(mod.fc2, 0.5 * lin(mod.fc1, x) *
