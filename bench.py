@@ -302,6 +302,30 @@ def still_model(cfg, device):
     return model
 
 
+def bench_pack_eval(cfg, device, batcher, R, max_steps) -> dict:
+    """Env-steps/s of a pack's evaluation (pack.evaluate): R runs x the task's targets x
+    episodes in one batched rollout, each row through its own run's weights, the envs in
+    lamo.eval_envs's worker processes. Every run's action head is zeroed, as in still_model, so
+    its hopper lasts ~140 steps. -> also the seconds it took, to set against R evaluations of one
+    run at a time."""
+    p, _ = pack_step(cfg, device, batcher, R)
+    head = len(p.template.predict_action) + (-2 if cfg.embed == "linear" else -1)
+    with torch.no_grad():
+        for name, stack in p.stacked.items():
+            if name.startswith(f"predict_action.{head}."):
+                stack.zero_()
+    run_cfg = replace(p.runs[0].cfg, eval_max_steps=max_steps)
+    with lamo.eval_envs(run_cfg, HOPPER, R) as envs:
+        pack.evaluate(p, [0], replace(run_cfg, eval_episodes=1), lamo, envs)    # untimed warm-up
+        t0 = time.perf_counter()
+        evals = pack.evaluate(p, list(range(R)), run_cfg, lamo, envs)
+        seconds = time.perf_counter() - t0
+    n_targets = len(lamo.parse_targets(run_cfg.targets))
+    steps = sum(e["length_mean"] * run_cfg.eval_episodes for ev in evals for e in ev.values())
+    return {f"pack_eval_{R}_episodes": R * n_targets * run_cfg.eval_episodes,
+            f"pack_eval_{R}_s": seconds, f"pack_eval_{R}_env_steps_per_s": steps / seconds}
+
+
 def bench_eval(cfg, device, n_episodes, max_steps, n_sequential) -> dict:
     """Env-steps/s of lamo.rollout for n_episodes at once vs the first n_sequential of them one at
     a time (a rate, so a subset measures it; on a GPU one at a time costs ~1 minute per 80 LaMo
@@ -491,6 +515,9 @@ def main(argv=None):
     p.add_argument("--compiled", type=int, metavar="R", default=0,
                    help="also LaMo alone and a pack of R LaMo runs with --compile (a GPU compiles "
                         "each in about a minute)")
+    p.add_argument("--pack-eval", type=int, default=0, metavar="R",
+                   help="also the evaluation of a pack of R LaMo runs, every run's episodes in "
+                        "one rollout")
     p.add_argument("--processes", type=int, nargs="*", default=[], metavar="N",
                    help="also run-steps/s of N LaMo training processes at once on the device, "
                         "for each N (the baseline for packs)")
@@ -610,6 +637,13 @@ def main(argv=None):
                  ("LaMo, --compile: steps/s alone", f"{res['compiled_lamo_1']:.3f}"),
                  ("LaMo, --compile --compile-mode reduce-overhead: steps/s alone",
                   f"{res['cudagraphs_lamo_1']:.3f}" if "cudagraphs_lamo_1" in res else "error")]
+    if a.pack_eval:                         # a pack's evaluation: R runs' episodes at once
+        res.update(bench_pack_eval(lamo_cfg, device, batcher, a.pack_eval, max_steps))
+        save()
+        R = a.pack_eval
+        rows += [(f"eval env-steps/s, a pack of {R} LaMo runs, {res[f'pack_eval_{R}_episodes']} "
+                  f"episodes in one rollout ({res[f'pack_eval_{R}_s']:.1f} s)",
+                  f"{res[f'pack_eval_{R}_env_steps_per_s']:.0f}")]
     if a.processes:                         # N training processes sharing the device
         res.update(bench_processes("lamo", device, a.processes, 10.0 if gpu else 2.0))
         save()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lamo's GPU check: one command for a GPU machine, about 8 minutes on an H200. Measured there:
-# tests 52-65 s, bench 103 s (before --pack-attention), slice 110 s, plus the wheels and the data;
-# the compare step is new (its limit: 4 minutes). Under a 10-minute cap, give STEPS.
+# tests 52-65 s, bench 103 s (before --pack-attention and --pack-eval), slice 110 s, plus the
+# wheels and the data; the compare step is new (limit 4 minutes). Under a 10-minute cap, give STEPS.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
@@ -12,8 +12,9 @@
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
 #    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
 #    of a pack of 16, run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, the
-#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), and the
-#    evaluation with its envs in 1 and N worker processes (--eval-workers);
+#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), the
+#    evaluation with its envs in 1 and N worker processes (--eval-workers), and the evaluation of
+#    a pack of 16 (--pack-eval);
 # 2b. compare: what a pack must beat, or could gain: 1, 4 and 8 LaMo training processes at once
 #    on the GPU (sweep.py --jobs N --gpus 0), LaMo alone and a pack of 16 with --compile, and
 #    LaMo alone with --compile-mode reduce-overhead (CUDA graphs);
@@ -52,9 +53,9 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
 step tests 90 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
-step bench 200 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
+step bench 230 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
-    --batch-sizes 256 1024 --pack-attention cudnn flash efficient
+    --batch-sizes 256 1024 --pack-attention cudnn flash efficient --pack-eval 16
 step compare 240 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
     --compiled 16 --out "$REPORT/compare.json"
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
@@ -100,7 +101,13 @@ if b:
     alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt")}
     table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run alone)",
                f"{b[k]:.3g}" + (f" ({b[k] / alone[k.split('_')[1]]:.1f}x)" if alone[k.split('_')[1]] else ""),
-               gb(k + "_peak_gpu_gb")) for k in b if k.startswith("pack_") and not k.endswith("_gb")]
+               gb(k + "_peak_gpu_gb")) for k in b
+              if k.startswith(("pack_lamo_", "pack_dt_")) and not k.endswith("_gb")]
+    for R in [k.split("_")[2] for k in b if k.startswith("pack_eval_") and k.endswith("_s")
+              and not k.endswith("per_s")]:
+        table += [(f"evaluation env-steps/s, a pack of {R} LaMo runs, "
+                   f"{b[f'pack_eval_{R}_episodes']} episodes in one rollout",
+                   f"{b[f'pack_eval_{R}_env_steps_per_s']:.0f}", "")]
     table += [(f"LaMo with --compile: " + ("steps/s of one run alone" if k == "compiled_lamo_1" else
                f"run-steps/s, a pack of {k.split('_')[2]}") + " (x one eager run alone)",
                f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"] else ""), gb(k + "_peak_gpu_gb"))
@@ -155,19 +162,24 @@ if metrics.exists():
                   ("  same if every episode ran its 1000 steps, hours", f"{worst:.2f}", "")]
         # Table 3: 36 LaMo + 36 DT runs of 100k steps, 40 evaluations each at the slice's cost
         # (LaMo's; DT's are cheaper). Training from bench.json: one run at a time, and as packs
-        # of the R with the most run-steps/s; evaluations are not counted as packed.
+        # of the R with the most run-steps/s; evaluations as packs at bench's pack-evaluation
+        # env-steps/s, for episodes as long as the slice's, where it was measured.
         if "train_steps_per_s" in b and "train_steps_per_s_dt" in b:
             evals_h = 72 * 40 * eval_s / 3600
             alone_h = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
             best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
                             and not k.endswith("_gb")), default=None) for m in ("lamo", "dt")}
+            rate = [v for k, v in b.items() if k.startswith("pack_eval_")
+                    and k.endswith("_env_steps_per_s")]
+            if rate:
+                evals_h_packed = 72 * 40 * episodes * length / max(rate) / 3600
             if all(best.values()):
                 packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
                 table += [("Table 3 projected, one run at a time: training + evaluation, "
                            "GPU-hours", f"{alone_h:.1f} + {evals_h:.1f}", ""),
                           (f"Table 3 projected, packs of {best['lamo'][1]} LaMo / "
                            f"{best['dt'][1]} DT runs: training + evaluation, GPU-hours",
-                           f"{packed:.1f} + {evals_h:.1f}", "")]
+                           f"{packed:.1f} + {evals_h_packed if rate else evals_h:.1f}", "")]
 if table:
     lines += ["", "| measurement | value | peak GPU GB |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in table]

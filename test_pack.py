@@ -326,3 +326,16 @@ def test_bench_times_training_processes_side_by_side():
     import bench
     out = bench.bench_processes("dt", torch.device("cpu"), [1, 2], 0.5)
     assert set(out) == {"procs_dt_1", "procs_dt_2"} and min(out.values()) > 0
+
+
+def test_bench_times_a_packs_evaluation(tiny_hdf5):
+    """bench.py --pack-eval: every run's episodes (runs x targets x episodes) in one rollout."""
+    import bench
+    import data
+    cfg = lamo.resolve(lamo.Config(model="dt", n_layer=1, n_embd=32, n_head=1, batch_size=4,
+                                   context_len=5, eval_workers=1, eval_episodes=2))
+    batcher = data.TrajectoryBatcher(data.load_trajectories(tiny_hdf5, 11, 3), 5, 1000, 1000.0,
+                                     seed=0, device=torch.device("cpu"))
+    out = bench.bench_pack_eval(cfg, torch.device("cpu"), batcher, 2, 30)
+    assert out["pack_eval_2_episodes"] == 2 * 4 * 2
+    assert out["pack_eval_2_s"] > 0 and out["pack_eval_2_env_steps_per_s"] > 0
