@@ -240,19 +240,25 @@ def bench_processes(model: str, device, counts, window_s: float) -> dict:
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
             code = (f"import bench; bench.process_worker({model!r}, {str(device)!r}, {barrier!r}, "
                     f"{n}, {window_s})")
-            procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True) for _ in range(n)]
+            # Output to files, not pipes: polled, a pipe that fills would stall its process.
+            logs = [Path(barrier, f"log_{i}.txt") for i in range(n)]
+            procs = []
+            for log in logs:
+                with open(log, "w") as f:
+                    procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
+                                                  cwd=Path(__file__).parent, stdout=f,
+                                                  stderr=subprocess.STDOUT))
             while any(p.poll() is None for p in procs):
                 if any(p.poll() for p in procs):             # one failed: the rest would wait
                     for p in procs:
                         p.kill()
                 time.sleep(0.1)
-            outs = [p.communicate() for p in procs]
-        failed = [err for p, (_, err) in zip(procs, outs) if p.returncode]
+            outs = [log.read_text() for log in logs]
+        failed = [out for p, out in zip(procs, outs) if p.returncode]
         if failed:
             raise RuntimeError(f"bench: one of {n} training processes failed:\n{failed[0][-2000:]}")
-        rates = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+        rates = [json.loads([line for line in out.splitlines() if line.startswith('{"steps"')][-1])
+                 for out in outs]                  # stderr shares the file: find the JSON line
         out[f"procs_{model}_{n}"] = sum(r["steps"] / r["seconds"] for r in rates)
     return out
 
