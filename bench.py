@@ -86,14 +86,19 @@ def peak_gb(device) -> float | None:
 
 
 def timed(fn, n, device, warmup=1):
+    """Seconds per fn() over n calls after warmup. A training step's statistics (a tensor) must
+    be finite at the end: the speed of a step gone NaN says nothing."""
     for _ in range(warmup):
         fn()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
-        fn()
+        out = fn()
     sync(device)
-    return (time.perf_counter() - t0) / n
+    seconds = (time.perf_counter() - t0) / n
+    if isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+        raise RuntimeError(f"the timed step's losses are not finite ({out.tolist()})")
+    return seconds
 
 
 def new_model(cfg, device):
@@ -118,7 +123,7 @@ def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
     is measured without this one's memory)."""
     torch.manual_seed(0)
     model, params, opt = new_model(cfg, device)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     lm_block = (torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
                 if cfg.lm_coef else None)
     step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
@@ -151,9 +156,10 @@ ATTENTION = {"math": "MATH", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTI
 
 def bench_pack_attention(cfg, name, device, batcher, R, steps, warmup, kernels) -> dict:
     """Run-steps/s of one pack of R runs with its attention through each of SDPA's kernels (as
-    pack.ATTENTION), or the error a kernel gives under vmap."""
+    pack.ATTENTION), or the error a kernel gives under vmap. Without dropout: with it, a pack's
+    attention is pack.RunDropout's own (per-run masks), not SDPA's."""
     from torch.nn.attention import SDPBackend
-    _, step = pack_step(cfg, device, batcher, R)
+    _, step = pack_step(replace(cfg, dropout=0.0, lora_dropout=0.0), device, batcher, R)
     out, default = {}, pack.ATTENTION
     for kernel in kernels:
         pack.ATTENTION = [getattr(SDPBackend, ATTENTION[kernel])]
@@ -516,8 +522,8 @@ def main(argv=None):
                    help="pack sizes R for run-steps/s of packs (default: gpu 1 4 8 16, cpu none; "
                         "a LaMo step is ~20 s per run on 2 CPU cores)")
     p.add_argument("--pack-attention", nargs="*", default=[], choices=sorted(ATTENTION),
-                   help="also the largest pack with its attention through each of these SDPA "
-                        "kernels (pack.py uses math)")
+                   help="also the largest pack, without dropout, with its attention through "
+                        "each of these SDPA kernels (pack.py uses math)")
     p.add_argument("--compiled", type=int, metavar="R", default=0,
                    help="also LaMo alone and a pack of R LaMo runs with --compile (a GPU compiles "
                         "each in about a minute)")

@@ -7,7 +7,8 @@
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
 #
 # 1. the CUDA tests (pytest -m cuda: a step against the CPU, --resume, --eval-only, batched
-#    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies);
+#    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies, packs, a pack with
+#    dropout eager and compiled: its test is new, so the limit has room for its compilation);
 # 2. bench.py --device cuda (LaMo on GPT-2 small's shape with and without the LM batch, the DT
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
 #    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
@@ -52,7 +53,7 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$REPORT/log.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-step tests 90 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
+step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
 step bench 230 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024 --pack-attention cudnn flash efficient --pack-eval 16

@@ -14,10 +14,12 @@ see all R x B windows at once, and the model section of lamo.py stays the only m
 over the stacked tensors is R AdamWs: it is elementwise, and the runs share lr, betas, eps, weight
 decay and step count.
 
-Deviation: dropout masks come from the process's one generator (vmap's randomness="different"):
-each run gets its own masks, but a run's masks depend on its pack-mates, so a run trained in a pack
-equals the same run trained alone only without dropout (tested at dropout 0). A pack is
-reproducible as a pack: its resume is bit-for-bit on CPU, like a single run's.
+Each run's dropout masks are its own (RunDropout): drawn from a generator of the run's, reseeded
+from its seed and step, never from the process's one generator. So a run's masks do not depend
+on its pack-mates, two runs of one seed end bit-identical, and resume needs no saved state.
+Deviation: they are not the masks the run draws alone (torch's dropout draws from the process's
+generator), so a run in a pack equals the same run alone only without dropout (tested at
+dropout 0). A pack is reproducible as a pack: its resume is bit-for-bit on CPU, like a run's.
 
 lamo.py imports this file, so the method's functions (losses, schedule, evaluation) come in as the
 argument `lamo`, the module itself: no import circle.
@@ -26,15 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from data import Batch, LamoError, progress
-from runs import MetricsLog, Run, ctrl_c_saves_checkpoint, finish, save_checkpoint
+from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, last_good,
+                  save_checkpoint)
 
 # What may differ between the runs of a pack; everything else is one config. On lamo.py's command
 # line each takes several values (one per run), and --resume several run folders.
@@ -52,9 +58,71 @@ def over_runs(fn, *args):
     under vmap ("LSE is not correctly aligned"), and cuDNN's and flash give "No available
     kernel"; on the CPU vmap has no rule for the fused kernel and loops over the runs. The price:
     the math kernel's (R B, heads, 3K, 3K) scores, masks and dropout are memory-bound work, most
-    of a pack's step on the GPU (README, "Packs")."""
+    of a pack's step on the GPU (README, "Packs"). randomness="error": dropout's masks come in
+    drawn (RunDropout), so a random draw inside would be a bug."""
     with sdpa_kernel(ATTENTION):
-        return vmap(fn, randomness="different")(*args)
+        return vmap(fn, randomness="error")(*args)
+
+
+class RunDropout(TorchFunctionMode):
+    """Dropout in a pack's vmapped forward with each run's masks its own, drawn beforehand from the
+    run's generator (Pack.drop_masks) and passed in through vmap like the batch. vmap's
+    randomness="different" would draw all R runs' masks from the process's one generator, so a
+    run's masks would hang on its place in the pack and on its pack-mates. This mode catches the
+    model's two dropouts, F.dropout (embeddings, residual branches, LoRA's input) and the one
+    inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
+    in the order the forward drops). SDPA takes no mask for its dropout, so attention with dropout
+    is written out here: softmax(q k^T / sqrt(d), causal or padding mask), dropped, times v: what
+    SDPA's math kernel computes, the one packs use anyway (over_runs). masks=None records each
+    dropout's (shape, p) instead and drops nothing: how Pack.drop_masks learns the forward's."""
+
+    def __init__(self, masks: list | None):
+        super().__init__()
+        self.masks = masks
+        self.sites = []                                  # (shape, p) of each dropout met
+
+    def keep(self, shape, p: float):                    # -> this dropout's keep-mask, or None
+        self.sites.append((tuple(shape), p))
+        if self.masks is None:
+            return None
+        if len(self.sites) > len(self.masks):
+            raise RuntimeError("a pack's training forward dropped more often than it has masks "
+                               "for: draw them with Pack.drop_masks")
+        return self.masks[len(self.sites) - 1]
+
+    def dropout(self, x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        keep = self.keep(x.shape, p)
+        return x if keep is None else torch.where(keep, x / (1 - p), 0.0)
+
+    def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                  scale=None, enable_gqa=False):                 # (B, nh, T, hd) x 3
+        keep = self.keep((*q.shape[:-1], k.shape[-2]), dropout_p) if dropout_p else None
+        if keep is None:                                  # no dropout, or recording
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  is_causal=is_causal, scale=scale,
+                                                  enable_gqa=enable_gqa)
+        att = q @ k.transpose(-2, -1) * (scale or 1 / math.sqrt(q.shape[-1]))   # (B, nh, T, T)
+        if is_causal:
+            attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:    # bool, True = attend; a padding row may have none: a finite
+            att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)   # min, not -inf
+        att = torch.where(keep, att.softmax(-1) / (1 - dropout_p), 0.0)
+        return att @ v                                                      # (B, nh, T, hd)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return self.dropout(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self.attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def seed_of(seed: int, step: int) -> int:
+    """A run's dropout seed at a step: its --seed and the step, hashed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def as_list(value) -> list:
@@ -81,24 +149,67 @@ class Pack:
             for q, view in zip(copies, views):           # each run's module now reads the stack
                 q.data = view
         self.trainable = [n for n, p in self.stacked.items() if p.requires_grad]
+        self.device = runs[0].device
+        self.generators = [torch.Generator(self.device) for _ in runs]   # each run's dropout's
+        self.sites = {}                                  # drop_masks: input shapes -> dropouts
         # --compile: the training forward as compiled kernels (dynamo traces through vmap), as
         # lamo.train compiles a run's; the evaluation stays eager, as a run's does. On a GPU this
         # also fuses the math attention's elementwise work (over_runs).
-        self.train_forward = (torch.compile(self.forward, mode=cfg.compile_mode) if cfg.compile
-                              else self.forward)
+        self.train_forward = (torch.compile(self.vmapped, mode=cfg.compile_mode) if cfg.compile
+                              else self.vmapped)
         self.optimizer = torch.optim.AdamW([self.stacked[n] for n in self.trainable], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                            fused=runs[0].device.type == "cuda")
         self.load_optimizer_states()
 
     def forward(self, states, actions, rtg, timesteps, mask=None, params=None):  # (R, B, K, ...)
-        """lamo's DecisionTransformer.forward, once per run, batched over the run axis.
-        params: the stacked tensors to use (default: all runs'; step_memory passes the first
-        few)."""
-        def one(params, *batch):
-            return functional_call(self.template, {**self.shared, **params}, batch)
+        """lamo's DecisionTransformer.forward, once per run, batched over the run axis; in
+        training, with each run's own dropout masks. params: the stacked tensors to use (default:
+        all runs'; step_memory passes the first few)."""
+        params = params or self.stacked
         batch = (states, actions, rtg, timesteps) + (() if mask is None else (mask,))
-        return over_runs(one, params or self.stacked, *batch)
+        if not self.template.training:
+            return self.vmapped(params, [], *batch)
+        record = lambda: functional_call(self.template, self.first_run(params),
+                                         tuple(x[0] for x in batch))
+        drops = self.drop_masks(params, ("dt", *(x.shape[1:] for x in batch)), record)
+        return self.train_forward(params, drops, *batch)
+
+    def vmapped(self, params, drops: list, *batch):
+        """The forward proper (what --compile compiles): each run's tensors, its rows of the
+        keep-masks `drops` (none without dropout) and its batch through lamo's model."""
+        def one(params, drops, *batch):
+            with RunDropout(drops) if drops else contextlib.nullcontext():
+                return functional_call(self.template, {**self.shared, **params}, batch)
+        return over_runs(one, params, drops, *batch)
+
+    def first_run(self, params) -> dict:
+        """The first run's tensors, shared and its own: one run's model for functional_call."""
+        return {**self.shared, **{k: v[0] for k, v in params.items()}}
+
+    def drop_masks(self, params, key: tuple, record) -> list[torch.Tensor]:
+        """The keep-masks of every dropout of one training forward, for the runs in params: each
+        (runs, *shape) bool, row r drawn by run r's generator, in the order the forward drops.
+        Where the forward drops, and in what shapes, is learnt once per input shape (key):
+        record() runs one run's forward, without gradients, under a recording RunDropout."""
+        if key not in self.sites:
+            recorder = RunDropout(None)
+            with torch.no_grad(), recorder:
+                record()
+            self.sites[key] = recorder.sites
+        n = len(next(iter(params.values())))                      # R, or fewer (step_memory)
+        masks = []
+        for shape, p in self.sites[key]:
+            keep = torch.empty((n, *shape), dtype=torch.bool, device=self.device)
+            for row, g in zip(keep, self.generators):
+                row.bernoulli_(1 - p, generator=g)
+            masks.append(keep)
+        return masks
+
+    def seed_dropout(self):
+        """Reseed each run's dropout generator from its seed and the step it is at."""
+        for g, run in zip(self.generators, self.runs):
+            g.manual_seed(seed_of(run.cfg.seed, run.step))
 
     def policy(self, S, A, R, TS, mask, runs: np.ndarray):          # (n, K, ...), runs (n,)
         """The pack as lamo.rollout's model: row i through the weights of run runs[i]. Rows come
@@ -120,12 +231,19 @@ class Pack:
     def lm_losses(self, lm_loss, blocks, precision: str, params=None) -> torch.Tensor:
         """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias).
         (R, B, T+1) token ids -> (R,)."""
-        def one(params, block):
+        def one(params, drops, block):
             weights = {k.removeprefix("gpt."): v for k, v in {**self.shared, **params}.items()
                        if k.startswith("gpt.")}
-            return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)), block,
-                           precision)
-        return over_runs(one, params or self.stacked, blocks)
+            with RunDropout(drops) if drops else contextlib.nullcontext():
+                return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)),
+                               block, precision)
+        params = params or self.stacked
+        gpt = {k.removeprefix("gpt."): v for k, v in self.first_run(params).items()
+               if k.startswith("gpt.")}
+        record = lambda: lm_loss(lambda idx: functional_call(self.template.gpt, gpt, (idx,)),
+                                 blocks[0], precision)
+        drops = self.drop_masks(params, ("lm", blocks.shape[1:]), record)
+        return over_runs(one, params, drops, blocks)
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ per run: each run's gradients are scaled by its own
@@ -167,7 +285,7 @@ class Pack:
 def losses(pack: Pack, batches: list[Batch], lm_blocks, lamo, discrete: bool, params=None):
     """Each run's action loss and LM loss. -> two (R,) tensors."""
     b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
-    pred = pack.train_forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
+    pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
     per_run_loss = vmap(functools.partial(lamo.action_loss, discrete=discrete))
     loss_action = per_run_loss(pred, b.actions, b.mask)                          # (R,)
     loss_lm = (pack.lm_losses(lamo.lm_loss, torch.stack(lm_blocks), pack.template.precision,
@@ -183,6 +301,7 @@ def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, di
     -> (R, 4): action loss, LM loss, grad norm, non-finite flag; on the device, no sync."""
     if cfg.compile:                 # a new step for CUDA graphs (reduce-overhead); else a no-op
         torch.compiler.cudagraph_mark_step_begin()
+    pack.seed_dropout()
     loss_action, loss_lm = losses(pack, batches, lm_blocks, lamo, discrete)
     loss = loss_action + cfg.lm_coef * loss_lm                                   # (R,)
     pack.optimizer.zero_grad(set_to_none=True)
@@ -315,10 +434,12 @@ def train(runs: list[Run], lamo) -> list[dict]:
     def check_finite():                              # a run that went NaN stops; the rest go on
         for r in range(R):
             if r not in stopped and sums[r, 3].item() > 0:
-                print(f"run {runs[r].folder}: loss became NaN/inf before step {step}; stopped. Its "
-                      f"last good checkpoint is intact; the other runs of the pack go on")
+                print(f"run {runs[r].folder}: loss became NaN/inf before step {step}; stopped. "
+                      f"{last_good(runs[r])}; the other runs of the pack go on")
                 stopped.add(r)
                 alive[r] = False
+        if len(stopped) == R:
+            raise LamoError("every run of the pack went NaN/inf; none goes on")
 
     def save(members):                # the pack's AdamW state is sliced once for them all
         pack.save_optimizer_states()
@@ -375,7 +496,4 @@ def train(runs: list[Run], lamo) -> list[dict]:
                       f"python lamo.py --resume " + " ".join(str(run.folder) for run in runs))
                 raise SystemExit(130)
     bar.close()
-    if len(stopped) == R:
-        raise LamoError("every run of the pack went NaN/inf; their last good checkpoints are "
-                        "intact")
     return [finish(run) for r, run in enumerate(runs) if r not in stopped]

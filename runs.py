@@ -73,8 +73,7 @@ class MetricsLog:
     def check_finite(self, sums):
         if sums[3].item() > 0:
             raise LamoError(f"loss became NaN/inf before step {self.run.step}; stopped. "
-                            f"The last good checkpoint {self.run.folder / 'ckpt.pt'} is intact: "
-                            f"resume it with a lower --lr, or check the data")
+                            f"{last_good(self.run)}: try a lower --lr, or check the data")
 
     def losses(self, sums, lr: float):
         self.check_finite(sums)
@@ -101,6 +100,13 @@ class MetricsLog:
         self.file.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def last_good(run: Run) -> str:
+    """What a run that went NaN/inf leaves: its last checkpoint, or none yet."""
+    ckpt = run.folder / "ckpt.pt"
+    return (f"The last good checkpoint {ckpt} is intact (--resume takes it)" if ckpt.exists()
+            else "It saved no checkpoint before that")
 
 
 def save_atomic(obj, path: Path):

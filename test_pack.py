@@ -122,6 +122,89 @@ def test_a_packs_evaluation_takes_each_runs_actions(preset, tiny_hdf5, hf_tiny, 
     assert compared > 80                 # hopper episodes of an untrained policy end early
 
 
+@pytest.mark.parametrize("preset", ["dt", "lamo"])
+def test_runs_of_one_seed_end_bit_identical_with_dropout(preset, tiny_hdf5, hf_tiny, tiny_txt,
+                                                         tmp_path):
+    """Dropout on (LaMo also with the LM loss, whose forward drops too): in a pack of seeds 0, 1,
+    0, 0 the three runs of seed 0 end bit-identical, wherever they sit in the pack, and seed 1
+    differs. Each run's masks come from its own generator (pack.RunDropout)."""
+    args = (dt_args(tiny_hdf5, 20) if preset == "dt" else
+            [*lamo_args(tiny_hdf5, hf_tiny, 20), "--lm-coef", "0.1", "--lm-corpus",
+             str(tiny_txt), "--lm-seq-len", "16"])
+    members = []
+    for i, seed in enumerate([0, 1, 0, 0]):
+        cfg = lamo.resolve(lamo.parse_args([*args, "--seed", str(seed)])[0])
+        members.append(lamo.start_run(cfg, tmp_path / f"r{i}", resume=False))
+    assert members[0].cfg.dropout > 0
+    pack.train(members, lamo)
+    final = [torch.load(tmp_path / f"r{i}" / "ckpt.pt", weights_only=False)["trainable"]
+             for i in range(4)]
+    for i in (2, 3):
+        assert all(torch.equal(final[0][k], final[i][k]) for k in final[0])
+        assert metrics(tmp_path / "r0") == metrics(tmp_path / f"r{i}")
+    assert any(not torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_each_runs_masks_come_from_its_own_generator(tiny_hdf5, tmp_path):
+    """Pack.drop_masks: row r of every keep-mask is what run r's generator, seeded from its seed
+    and step, draws; equal seeds draw equal rows, other seeds other rows, and p is kept."""
+    members = []
+    for i, seed in enumerate([3, 4, 3]):
+        cfg = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--seed", str(seed),
+                                            "--dropout", "0.5"])[0])
+        members.append(lamo.start_run(cfg, tmp_path / f"r{i}", resume=False))
+    p = pack.Pack(members)
+    for run in members:
+        run.step = 7
+    p.seed_dropout()
+    b = members[0].batcher.sample(16)
+    batch = [x.expand(3, *x.shape) for x in (b.states, b.actions, b.rtg, b.timesteps, b.mask)]
+    record = lambda: torch.func.functional_call(p.template, p.first_run(p.stacked),
+                                                tuple(x[0] for x in batch))
+    masks = p.drop_masks(p.stacked, ("dt", *(x.shape[1:] for x in batch)), record)
+    # the DT preset drops its embeddings, then in each layer attention, its branch and the MLP's
+    assert [m.shape[1:] for m in masks][:2] == [(16, 15, 128), (16, 1, 15, 15)]
+    g = torch.Generator().manual_seed(pack.seed_of(3, 7))
+    for m in masks:
+        want = torch.empty(m.shape[1:], dtype=torch.bool).bernoulli_(0.5, generator=g)
+        assert torch.equal(m[0], want) and torch.equal(m[2], want)
+        assert not torch.equal(m[0], m[1])
+    kept = torch.cat([m.flatten() for m in masks]).float().mean().item()
+    assert kept == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_packs_dropout_applies_the_masks_it_is_given():
+    """pack.RunDropout's attention with dropout, every element kept and p -> 0, equals
+    F.scaled_dot_product_attention: causal, and with a padding mask (rows with a key to see);
+    a padding row with none stays finite. With dropout, attention and F.dropout apply the given
+    keep-mask."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)                      # (B, nh, T, hd)
+    keep = [torch.ones(2, 4, 6, 6, dtype=torch.bool)]
+    with pack.RunDropout(keep):
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=1e-12)
+    torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]).bool()            # left padding
+    attend = torch.ones(6, 6).bool().tril() & valid[:, None, None, :]     # (B, 1, T, T)
+    with pack.RunDropout(keep):
+        padded = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=1e-12)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+    rows = attend.any(-1).squeeze(1)                                      # (B, T)
+    torch.testing.assert_close(padded.transpose(1, 2)[rows], want.transpose(1, 2)[rows])
+    assert torch.isfinite(padded).all() and not rows.all()
+    # with dropout: the mask it is given, by the textbook; and F.dropout's, scaled by 1 / (1 - p)
+    keep = torch.rand(2, 4, 6, 6) > 0.3
+    with pack.RunDropout([keep]):
+        dropped = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.3)
+    att = (q @ k.transpose(-2, -1) / 8 ** 0.5).masked_fill(~torch.ones(6, 6).bool().tril(),
+                                                           float("-inf")).softmax(-1)
+    torch.testing.assert_close(dropped, (att * keep / 0.7) @ v)
+    x, keep = torch.randn(4, 5), torch.rand(4, 5) > 0.3
+    with pack.RunDropout([keep]):
+        assert torch.equal(F.dropout(x, 0.3, training=True), torch.where(keep, x / 0.7, 0.0))
+
+
 def test_each_run_is_clipped_by_its_own_norm(tiny_hdf5, tmp_path):
     cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5))[0])
     p = pack.Pack([lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", resume=False)
@@ -162,6 +245,16 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
     assert torch.load(tmp_path / "pk" / "s1" / "ckpt.pt", weights_only=False)["step"] == 25
     for seed in (0, 2):
         assert json.loads((tmp_path / "pk" / f"s{seed}" / "summary.json").read_text())["step"] == 50
+
+
+def test_a_pack_whose_runs_all_go_nan_stops(tiny_hdf5, tmp_path, monkeypatch, capsys):
+    """Every run non-finite at its first step: each says it has no checkpoint yet, and the pack
+    stops with one line (not an evaluation of no runs)."""
+    monkeypatch.setattr(lamo, "action_loss", lambda pred, *a, **kw: pred.sum() * float("nan"))
+    with pytest.raises(SystemExit, match="every run of the pack went NaN/inf"):
+        lamo.main([*dt_args(tiny_hdf5), "--seed", "0", "1", "--out", str(tmp_path / "pk")])
+    out = capsys.readouterr().out
+    assert out.count("before step 1; stopped. It saved no checkpoint before that") == 2
 
 
 def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, monkeypatch,
@@ -223,15 +316,16 @@ def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
 # raised inside torch's compiler
 @pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path):
-    """--compile with a pack: dynamo captures the vmapped training forward as a graph and, without
-    dropout, the runs' losses are the eager pack's."""
+    """--compile with a pack, dropout on: dynamo captures the vmapped training forward as one
+    graph, without a break, and the runs' losses are the eager pack's, as both apply the masks
+    drawn from the runs' generators. (Before those, vmap drew the masks, and the compiled pack's
+    losses were NaN from its first step on the CPU.)"""
     from torch._dynamo.utils import counters
-    args = [*dt_args(tiny_hdf5, 4), "--n-layer", "1", "--n-embd", "32", "--dropout", "0",
-            "--seed", "0", "1"]
+    args = [*dt_args(tiny_hdf5, 4), "--n-layer", "1", "--n-embd", "32", "--seed", "0", "1"]
     torch._dynamo.reset()
     counters.clear()
     lamo.main([*args, "--compile", "--out", str(tmp_path / "c")])
-    assert counters["stats"]["unique_graphs"] >= 1
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     lamo.main([*args, "--out", str(tmp_path / "e")])
     for seed in ("s0", "s1"):
         compiled, eager = losses(tmp_path / "c" / seed), losses(tmp_path / "e" / seed)
@@ -339,3 +433,28 @@ def test_bench_times_a_packs_evaluation(tiny_hdf5):
     out = bench.bench_pack_eval(cfg, torch.device("cpu"), batcher, 2, 30)
     assert out["pack_eval_2_episodes"] == 2 * 4 * 2
     assert out["pack_eval_2_s"] > 0 and out["pack_eval_2_env_steps_per_s"] > 0
+
+
+def test_bench_times_no_step_gone_nan():
+    """bench.timed refuses a speed for a training step whose statistics ended non-finite."""
+    import bench
+    cpu = torch.device("cpu")
+    assert bench.timed(lambda: torch.ones(2, 4), 2, cpu) > 0
+    with pytest.raises(RuntimeError, match="not finite"):
+        bench.timed(lambda: torch.tensor([[float("nan"), 0.0, 1.0, 1.0]]), 2, cpu)
+
+
+def test_bench_compiled_rows_compile_with_their_modes(tiny_hdf5, monkeypatch):
+    """bench.py --compiled: the run and the pack compile with torch.compile's default mode, the
+    CUDA-graph row with reduce-overhead (torch.compile stubbed: which modes reach it)."""
+    import bench
+    import data
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: modes.append(mode) or fn)
+    cfg = lamo.resolve(lamo.Config(model="dt", n_layer=1, n_embd=32, n_head=1, batch_size=4,
+                                   context_len=5))
+    batcher = data.TrajectoryBatcher(data.load_trajectories(tiny_hdf5, 11, 3), 5, 1000, 1000.0,
+                                     seed=0, device=torch.device("cpu"))
+    out = bench.bench_compiled(cfg, torch.device("cpu"), batcher, 2, 1)
+    assert {"compiled_lamo_1", "compiled_lamo_2", "cudagraphs_lamo_1"} <= set(out)
+    assert modes == ["default", "default", "reduce-overhead"]
