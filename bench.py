@@ -488,11 +488,15 @@ def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str
         with torch.inference_mode(not train):
             fn()                                                     # warm-up
             sync(device)
-            with profile(activities=activities) as prof:
+            with profile(activities=activities, record_shapes=True) as prof:
                 fn()
                 sync(device)
         out.append(f"## {name} (top {top} by {sort})\n\n"
                    + prof.key_averages().table(sort_by=sort, row_limit=top))
+        # which tensors the top operators move: where a pack's copies and adds come from
+        out.append(f"### the same, by input shape (top {top})\n\n"
+                   + prof.key_averages(group_by_input_shape=True).table(sort_by=sort,
+                                                                        row_limit=top))
     return "\n\n".join(out)
 
 
