@@ -151,6 +151,16 @@ class Pack:
         self.trainable = [n for n, p in self.stacked.items() if p.requires_grad]
         self.device = runs[0].device
         self.generators = [torch.Generator(self.device) for _ in runs]   # each run's dropout's
+        # vmap's rule for F.linear adds the bias after the matmul, where autocast does not cast
+        # it: an fp32 bias turns the bf16 product fp32, so in a pack every branch of the body
+        # and the MLP's 4d-wide hidden layer would be fp32 (twice the bytes, a cast before each
+        # next matmul) where a run alone keeps them bf16. So under bf16 the body's linear
+        # biases come in bf16 (a differentiable cast, once a step), as autocast casts them alone.
+        self.bf16_biases = set()
+        if self.template.precision == "bf16":
+            self.bf16_biases = {f"{name}.bias" for name, m in self.template.named_modules()
+                                if name.startswith("gpt.h.") and getattr(m, "bias", None)
+                                is not None and getattr(m, "weight", torch.empty(0)).dim() == 2}
         self.sites = {}                                  # drop_masks: input shapes -> dropouts
         # --compile: the training forward as compiled kernels (dynamo traces through vmap), as
         # lamo.train compiles a run's; the evaluation stays eager, as a run's does. On a GPU this
@@ -180,8 +190,14 @@ class Pack:
         keep-masks `drops` (none without dropout) and its batch through lamo's model."""
         def one(params, drops, *batch):
             with RunDropout(drops) if drops else contextlib.nullcontext():
-                return functional_call(self.template, {**self.shared, **params}, batch)
+                return functional_call(self.template, self.weights(params), batch)
         return over_runs(one, params, drops, *batch)
+
+    def weights(self, params) -> dict:
+        """Every tensor of one run's model (inside vmap: the shared ones and its own), the body's
+        linear biases in bf16 under bf16 (self.bf16_biases)."""
+        return {k: v.to(torch.bfloat16) if k in self.bf16_biases else v
+                for k, v in {**self.shared, **params}.items()}
 
     def first_run(self, params) -> dict:
         """The first run's tensors, shared and its own: one run's model for functional_call."""
@@ -232,7 +248,7 @@ class Pack:
         """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias).
         (R, B, T+1) token ids -> (R,)."""
         def one(params, drops, block):
-            weights = {k.removeprefix("gpt."): v for k, v in {**self.shared, **params}.items()
+            weights = {k.removeprefix("gpt."): v for k, v in self.weights(params).items()
                        if k.startswith("gpt.")}
             with RunDropout(drops) if drops else contextlib.nullcontext():
                 return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)),

@@ -205,6 +205,30 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
         assert torch.equal(F.dropout(x, 0.3, training=True), torch.where(keep, x / 0.7, 0.0))
 
 
+def test_a_bf16_pack_keeps_the_body_in_bf16(tiny_hdf5, hf_tiny, tmp_path):
+    """Under bf16 a pack's attention and MLP layers give bf16, as a run's alone do: vmap's
+    F.linear adds the bias after autocast's matmul, and an fp32 bias would make them fp32 (twice
+    the bytes on a GPU). And the pack of one still trains as the run alone, within bf16's
+    rounding."""
+    args = [*lamo_args(tiny_hdf5, hf_tiny, 10), *NO_DROPOUT, "--precision", "bf16"]
+    cfg = lamo.resolve(lamo.parse_args(args)[0])
+    pack.train([lamo.start_run(cfg, tmp_path / "p", resume=False)], lamo)
+    lamo.main([*args, "--out", str(tmp_path / "alone")])
+    assert rel(losses(tmp_path / "p"), losses(tmp_path / "alone")) < 1e-4      # 4.4e-6 seen
+    run = lamo.start_run(cfg, tmp_path / "q", resume=False)
+    dtypes = {}
+    for name in ("gpt.h.0.attn.c_attn", "gpt.h.0.attn", "gpt.h.0.mlp.c_fc", "gpt.h.1.mlp"):
+        run.model.get_submodule(name).register_forward_hook(
+            lambda m, i, out, name=name: dtypes.setdefault(name, []).append(out.dtype))
+    b = run.batcher.sample(4)
+    run.model.train()
+    run.model(b.states, b.actions, b.rtg, b.timesteps, b.mask)
+    pack.Pack([run]).forward(*(x[None] for x in (b.states, b.actions, b.rtg, b.timesteps,
+                                                  b.mask)))
+    assert len(dtypes) == 4                       # alone, the pack (and its recording pass)
+    assert all(dtype == torch.bfloat16 for seen in dtypes.values() for dtype in seen)
+
+
 def test_each_run_is_clipped_by_its_own_norm(tiny_hdf5, tmp_path):
     cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5))[0])
     p = pack.Pack([lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", resume=False)
