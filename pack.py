@@ -72,8 +72,8 @@ class RunDropout(TorchFunctionMode):
     model's two dropouts, F.dropout (embeddings, residual branches, LoRA's input) and the one
     inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
     in the order the forward drops). SDPA takes no mask for its dropout, so attention with dropout
-    is written out here: softmax(q k^T / sqrt(d), causal or padding mask), dropped, times v: what
-    SDPA's math kernel computes, the one packs use anyway (over_runs). masks=None records each
+    is written out here: softmax(q k^T / sqrt(d), causal or padding mask), dropped, times v, in
+    fp32: what SDPA's math kernel computes, the one packs use anyway (over_runs). masks=None records each
     dropout's (shape, p) instead and drops nothing: how Pack.drop_masks learns the forward's."""
 
     def __init__(self, masks: list | None):
@@ -103,13 +103,17 @@ class RunDropout(TorchFunctionMode):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                   is_causal=is_causal, scale=scale,
                                                   enable_gqa=enable_gqa)
-        att = q @ k.transpose(-2, -1) * (scale or 1 / math.sqrt(q.shape[-1]))   # (B, nh, T, T)
-        if is_causal:
-            attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        if attn_mask is not None:    # bool, True = attend; a padding row may have none: a finite
-            att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)   # min, not -inf
-        att = torch.where(keep, att.softmax(-1) / (1 - dropout_p), 0.0)
-        return att @ v                                                      # (B, nh, T, hd)
+        # As the math kernel: in fp32 whatever the autocast (it upcasts bf16), q and k each
+        # scaled by sqrt(scale); a fully masked (padding) row gets a finite min, not -inf.
+        s = math.sqrt(scale or 1 / math.sqrt(q.shape[-1]))
+        with torch.autocast(q.device.type, enabled=False):
+            att = (q.float() * s) @ (k.float().transpose(-2, -1) * s)           # (B, nh, T, T)
+            if is_causal:
+                attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            if attn_mask is not None:                            # bool, True = attend
+                att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)
+            att = torch.where(keep, att.softmax(-1) / (1 - dropout_p), 0.0)
+            return (att @ v.float()).to(q.dtype)                            # (B, nh, T, hd)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -179,6 +179,7 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
     a padding row with none stays finite. With dropout, attention and F.dropout apply the given
     keep-mask."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)                      # (B, nh, T, hd)
     keep = [torch.ones(2, 4, 6, 6, dtype=torch.bool)]
@@ -193,6 +194,13 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
     rows = attend.any(-1).squeeze(1)                                      # (B, T)
     torch.testing.assert_close(padded.transpose(1, 2)[rows], want.transpose(1, 2)[rows])
     assert torch.isfinite(padded).all() and not rows.all()
+    # bf16 (the body's c_attn gives bf16 under autocast): in fp32 and back, bit for bit as SDPA's
+    # math kernel computes it, not in bf16 matmuls that would round the scores
+    qh, kh, vh = (x.bfloat16() for x in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pack.RunDropout(keep):
+        half = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
+        assert torch.equal(half, F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
     # with dropout: the mask it is given, by the textbook; and F.dropout's, scaled by 1 / (1 - p)
     keep = torch.rand(2, 4, 6, 6) > 0.3
     with pack.RunDropout([keep]):
