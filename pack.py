@@ -73,8 +73,9 @@ class RunDropout(TorchFunctionMode):
     inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
     in the order the forward drops). SDPA takes no mask for its dropout, so attention with dropout
     is written out here: softmax(q k^T / sqrt(d), causal or padding mask), dropped, times v, in
-    fp32: what SDPA's math kernel computes, the one packs use anyway (over_runs). masks=None records each
-    dropout's (shape, p) instead and drops nothing: how Pack.drop_masks learns the forward's."""
+    fp32: what SDPA's math kernel computes, the one packs use anyway (over_runs). masks=None
+    records each dropout's (shape, p) instead and drops nothing: how Pack.drop_masks learns the
+    forward's."""
 
     def __init__(self, masks: list | None):
         super().__init__()
@@ -251,17 +252,16 @@ class Pack:
     def lm_losses(self, lm_loss, blocks, precision: str, params=None) -> torch.Tensor:
         """lamo's lm_loss through each run's GPT-2 (its LoRA, its c_attn bias).
         (R, B, T+1) token ids -> (R,)."""
+        def through(weights, block):                   # lm_loss of GPT-2 with these tensors
+            gpt = {k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")}
+            return lm_loss(lambda idx: functional_call(self.template.gpt, gpt, (idx,)), block,
+                           precision)
+
         def one(params, drops, block):
-            weights = {k.removeprefix("gpt."): v for k, v in self.weights(params).items()
-                       if k.startswith("gpt.")}
             with RunDropout(drops) if drops else contextlib.nullcontext():
-                return lm_loss(lambda idx: functional_call(self.template.gpt, weights, (idx,)),
-                               block, precision)
+                return through(self.weights(params), block)
         params = params or self.stacked
-        gpt = {k.removeprefix("gpt."): v for k, v in self.first_run(params).items()
-               if k.startswith("gpt.")}
-        record = lambda: lm_loss(lambda idx: functional_call(self.template.gpt, gpt, (idx,)),
-                                 blocks[0], precision)
+        record = lambda: through(self.first_run(params), blocks[0])
         drops = self.drop_masks(params, ("lm", blocks.shape[1:]), record)
         return over_runs(one, params, drops, blocks)
 
