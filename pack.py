@@ -73,9 +73,10 @@ class RunDropout(TorchFunctionMode):
     inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
     in the order the forward drops). SDPA takes no mask for its dropout, so attention with dropout
     is written out here: softmax(q k^T / sqrt(d), causal or padding mask), dropped, times v, in
-    fp32: what SDPA's math kernel computes, the one packs use anyway (over_runs). masks=None
-    records each dropout's (shape, p) instead and drops nothing: how Pack.drop_masks learns the
-    forward's."""
+    fp32: what SDPA's math kernel computes, the one packs use anyway (over_runs). Each mask must
+    have its dropout's shape, and the forward must use them all: else an error, not a silent
+    broadcast. masks=None records each dropout's (shape, p) instead and drops nothing: how
+    Pack.drop_masks learns the forward's."""
 
     def __init__(self, masks: list | None):
         super().__init__()
@@ -89,13 +90,17 @@ class RunDropout(TorchFunctionMode):
         if len(self.sites) > len(self.masks):
             raise RuntimeError("a pack's training forward dropped more often than it has masks "
                                "for: draw them with Pack.drop_masks")
-        return self.masks[len(self.sites) - 1]
+        keep = self.masks[len(self.sites) - 1]
+        if keep.shape != shape:
+            raise RuntimeError(f"a pack's dropout of shape {tuple(shape)} got a mask of "
+                               f"{tuple(keep.shape)}: the recorded dropouts are not this forward's")
+        return keep
 
     def dropout(self, x, p=0.5, training=True, inplace=False):
         if not training or p == 0:
             return x
         keep = self.keep(x.shape, p)
-        return x if keep is None else torch.where(keep, x / (1 - p), 0.0)
+        return x if keep is None else kept(x, keep, p)
 
     def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False):                 # (B, nh, T, hd) x 3
@@ -104,17 +109,28 @@ class RunDropout(TorchFunctionMode):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                   is_causal=is_causal, scale=scale,
                                                   enable_gqa=enable_gqa)
+        if enable_gqa or (attn_mask is not None and (is_causal or attn_mask.dtype != torch.bool)):
+            raise NotImplementedError("pack.RunDropout's attention takes a causal or a bool mask, "
+                                      "no grouped-query heads: what lamo.py's model passes")
+        device = q.device.type
+        if torch.is_autocast_enabled(device):        # what SDPA gets under autocast, fp32 or not
+            q, k, v = (x.to(torch.get_autocast_dtype(device)) for x in (q, k, v))
         # As the math kernel: in fp32 whatever the autocast (it upcasts bf16), q and k each
         # scaled by sqrt(scale); a fully masked (padding) row gets a finite min, not -inf.
-        s = math.sqrt(scale or 1 / math.sqrt(q.shape[-1]))
-        with torch.autocast(q.device.type, enabled=False):
+        s = math.sqrt(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        with torch.autocast(device, enabled=False):
             att = (q.float() * s) @ (k.float().transpose(-2, -1) * s)           # (B, nh, T, T)
             if is_causal:
                 attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
             if attn_mask is not None:                            # bool, True = attend
                 att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)
-            att = torch.where(keep, att.softmax(-1) / (1 - dropout_p), 0.0)
-            return (att @ v.float()).to(q.dtype)                            # (B, nh, T, hd)
+            return (kept(att.softmax(-1), keep, dropout_p) @ v.float()).to(q.dtype)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if exc[0] is None and self.masks is not None and len(self.sites) != len(self.masks):
+            raise RuntimeError(f"a pack's training forward dropped {len(self.sites)} times, "
+                               f"and it has {len(self.masks)} masks")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,6 +139,12 @@ class RunDropout(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self.attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def kept(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout with a given keep-mask: x / (1 - p) where kept, else 0 (and 0 at p = 1, without
+    the 0 * inf of 1 / (1 - p) in the backward)."""
+    return torch.where(keep, x * (1 / (1 - p) if p < 1 else 0.0), 0.0)
 
 
 def seed_of(seed: int, step: int) -> int:

@@ -154,11 +154,11 @@ def test_runs_of_one_seed_end_bit_identical_with_dropout(preset, tiny_hdf5, hf_t
 
 def test_each_runs_masks_come_from_its_own_generator(tiny_hdf5, tmp_path):
     """Pack.drop_masks: row r of every keep-mask is what run r's generator, seeded from its seed
-    and step, draws; equal seeds draw equal rows, other seeds other rows, and p is kept."""
+    and step, draws; equal seeds draw equal rows, other seeds other rows, and 1 - p is kept."""
     members = []
     for i, seed in enumerate([3, 4, 3]):
         cfg = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--seed", str(seed),
-                                            "--dropout", "0.5"])[0])
+                                            "--dropout", "0.2"])[0])
         members.append(lamo.start_run(cfg, tmp_path / f"r{i}", resume=False))
     p = pack.Pack(members)
     for run in members:
@@ -173,11 +173,11 @@ def test_each_runs_masks_come_from_its_own_generator(tiny_hdf5, tmp_path):
     assert [m.shape[1:] for m in masks][:2] == [(16, 15, 128), (16, 1, 15, 15)]
     g = torch.Generator().manual_seed(pack.seed_of(3, 7))
     for m in masks:
-        want = torch.empty(m.shape[1:], dtype=torch.bool).bernoulli_(0.5, generator=g)
+        want = torch.empty(m.shape[1:], dtype=torch.bool).bernoulli_(0.8, generator=g)
         assert torch.equal(m[0], want) and torch.equal(m[2], want)
         assert not torch.equal(m[0], m[1])
     kept = torch.cat([m.flatten() for m in masks]).float().mean().item()
-    assert kept == pytest.approx(0.5, abs=0.01)
+    assert kept == pytest.approx(0.8, abs=0.01)                  # 1 - p kept
 
 
 def test_a_packs_dropout_applies_the_masks_it_is_given():
@@ -208,7 +208,12 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
         half = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=1e-12)
     with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
         assert torch.equal(half, F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
-    # with dropout: the mask it is given, by the textbook; and F.dropout's, scaled by 1 / (1 - p)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pack.RunDropout(keep):   # fp32 in: cast
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                          dropout_p=1e-12), half)
+    with pack.RunDropout(keep), pytest.raises(NotImplementedError, match="bool mask"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(6, 6), dropout_p=0.1)
+    # with dropout: the mask it is given, by the textbook; and F.dropout's, times 1 / (1 - p)
     keep = torch.rand(2, 4, 6, 6) > 0.3
     with pack.RunDropout([keep]):
         dropped = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.3)
@@ -217,7 +222,15 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
     torch.testing.assert_close(dropped, (att * keep / 0.7) @ v)
     x, keep = torch.randn(4, 5), torch.rand(4, 5) > 0.3
     with pack.RunDropout([keep]):
-        assert torch.equal(F.dropout(x, 0.3, training=True), torch.where(keep, x / 0.7, 0.0))
+        assert torch.equal(F.dropout(x, 0.3, training=True),
+                           torch.where(keep, x * (1 / 0.7), 0.0))      # as torch scales
+    x.requires_grad_()
+    with pack.RunDropout([torch.zeros(4, 5, dtype=torch.bool)]):   # p = 1: zeros, and no NaN
+        F.dropout(x, 1.0, training=True).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match="dropped 1 times, and it has 2 masks"):
+        with pack.RunDropout([keep, keep]):                # recorded dropouts this forward lacks
+            F.dropout(x, 0.3, training=True)
 
 
 def test_a_bf16_pack_keeps_the_body_in_bf16(tiny_hdf5, hf_tiny, tmp_path):
