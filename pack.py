@@ -241,12 +241,18 @@ class Pack:
                 record()
             self.sites[key] = recorder.sites
         n = len(next(iter(params.values())))                      # R, or fewer (step_memory)
-        masks = []
-        for shape, p in self.sites[key]:
-            keep = torch.empty((n, *shape), dtype=torch.bool, device=self.device)
+        sites = self.sites[key]
+        masks = [None] * len(sites)
+        # One draw a run for all the dropouts of one rate (not one a run and dropout: 49 sites
+        # in GPT-2's forward), split into the dropouts' shapes.
+        for p in sorted({p for _, p in sites}):
+            mine = [i for i, (_, q) in enumerate(sites) if q == p]
+            sizes = [math.prod(sites[i][0]) for i in mine]
+            keep = torch.empty((n, sum(sizes)), dtype=torch.bool, device=self.device)
             for row, g in zip(keep, self.generators):
                 row.bernoulli_(1 - p, generator=g)
-            masks.append(keep)
+            for i, part in zip(mine, keep.split(sizes, dim=1)):
+                masks[i] = part.view(n, *sites[i][0])
         return masks
 
     def seed_dropout(self):

@@ -171,10 +171,11 @@ def test_each_runs_masks_come_from_its_own_generator(tiny_hdf5, tmp_path):
     masks = p.drop_masks(p.stacked, ("dt", *(x.shape[1:] for x in batch)), record)
     # the DT preset drops its embeddings, then in each layer attention, its branch and the MLP's
     assert [m.shape[1:] for m in masks][:2] == [(16, 15, 128), (16, 1, 15, 15)]
-    g = torch.Generator().manual_seed(pack.seed_of(3, 7))
-    for m in masks:
-        want = torch.empty(m.shape[1:], dtype=torch.bool).bernoulli_(0.8, generator=g)
-        assert torch.equal(m[0], want) and torch.equal(m[2], want)
+    g = torch.Generator().manual_seed(pack.seed_of(3, 7))     # one draw for all, then split
+    drawn = torch.empty(sum(m[0].numel() for m in masks), dtype=torch.bool).bernoulli_(0.8,
+                                                                                       generator=g)
+    for m, want in zip(masks, drawn.split([m[0].numel() for m in masks])):
+        assert torch.equal(m[0].flatten(), want) and torch.equal(m[2].flatten(), want)
         assert not torch.equal(m[0], m[1])
     kept = torch.cat([m.flatten() for m in masks]).float().mean().item()
     assert kept == pytest.approx(0.8, abs=0.01)                  # 1 - p kept
