@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # lamo's GPU check: one command for a GPU machine, about 8 minutes on an H200. Measured there:
 # tests 52-65 s, bench 103 s (before --pack-attention and --pack-eval), slice 110 s, plus the
-# wheels and the data; the compare step is new (limit 4 minutes). Under a 10-minute cap, give STEPS.
+# wheels and the data; the compare step is new (limit 7 minutes: three compilations and three
+# process counts, never timed). Under a 10-minute cap a call, give STEPS: "tests bench" in one
+# call, then "compare" in the next, on the same warm machine.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
@@ -57,7 +59,7 @@ step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:loggin
 step bench 230 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
     --profile "$WORK/profile.txt" \
     --batch-sizes 256 1024 --pack-attention cudnn flash efficient --pack-eval 16
-step compare 240 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
+step compare 420 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
     --compiled 16 --out "$REPORT/compare.json"
 cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
 if [[ $STEPS == *" slice "* ]]; then
