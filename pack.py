@@ -183,11 +183,10 @@ class Pack:
         # and the MLP's 4d-wide hidden layer would be fp32 (twice the bytes, a cast before each
         # next matmul) where a run alone keeps them bf16. So under bf16 the body's linear
         # biases come in bf16 (a differentiable cast, once a step), as autocast casts them alone.
-        self.bf16_biases = set()
-        if self.template.precision == "bf16":
-            self.bf16_biases = {f"{name}.bias" for name, m in self.template.named_modules()
-                                if name.startswith("gpt.h.") and getattr(m, "bias", None)
-                                is not None and getattr(m, "weight", torch.empty(0)).dim() == 2}
+        body = [(name, m) for name, m in self.template.named_modules()
+                if name.startswith("gpt.h.") and getattr(m, "bias", None) is not None]
+        self.bf16_biases = ({f"{name}.bias" for name, m in body if m.weight.dim() == 2}
+                            if self.template.precision == "bf16" else set())
         self.sites = {}                                  # drop_masks: input shapes -> dropouts
         # --compile: the training forward as compiled kernels (dynamo traces through vmap), as
         # lamo.train compiles a run's; the evaluation stays eager, as a run's does. On a GPU this
@@ -207,10 +206,13 @@ class Pack:
         batch = (states, actions, rtg, timesteps) + (() if mask is None else (mask,))
         if not self.template.training:
             return self.vmapped(params, [], *batch)
+        return self.train_forward(params, self.batch_masks(params, batch), *batch)
+
+    def batch_masks(self, params, batch: tuple) -> list[torch.Tensor]:
+        """drop_masks for the training forward on batch (R, B, K, ...)."""
         record = lambda: functional_call(self.template, self.first_run(params),
                                          tuple(x[0] for x in batch))
-        drops = self.drop_masks(params, ("dt", *(x.shape[1:] for x in batch)), record)
-        return self.train_forward(params, drops, *batch)
+        return self.drop_masks(params, ("dt", *(x.shape[1:] for x in batch)), record)
 
     def vmapped(self, params, drops: list, *batch):
         """The forward proper (what --compile compiles): each run's tensors, its rows of the

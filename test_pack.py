@@ -165,10 +165,9 @@ def test_each_runs_masks_come_from_its_own_generator(tiny_hdf5, tmp_path):
         run.step = 7
     p.seed_dropout()
     b = members[0].batcher.sample(16)
-    batch = [x.expand(3, *x.shape) for x in (b.states, b.actions, b.rtg, b.timesteps, b.mask)]
-    record = lambda: torch.func.functional_call(p.template, p.first_run(p.stacked),
-                                                tuple(x[0] for x in batch))
-    masks = p.drop_masks(p.stacked, ("dt", *(x.shape[1:] for x in batch)), record)
+    batch = tuple(x.expand(3, *x.shape) for x in (b.states, b.actions, b.rtg, b.timesteps,
+                                                   b.mask))
+    masks = p.batch_masks(p.stacked, batch)
     # the DT preset drops its embeddings, then in each layer attention, its branch and the MLP's
     assert [m.shape[1:] for m in masks][:2] == [(16, 15, 128), (16, 1, 15, 15)]
     g = torch.Generator().manual_seed(pack.seed_of(3, 7))     # one draw for all, then split
