@@ -202,17 +202,19 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     return out
 
 
-def bench_compiled(cfg, device, batcher, R, steps) -> dict:
+def bench_compiled(cfg, device, batcher, R, steps, out: dict, save=lambda: None) -> dict:
     """--compile's gain: LaMo's steps/s alone and run-steps/s of a pack of R LaMo runs with the
     training forward compiled (two untimed warm-up steps pay the compilation), each with its peak
-    GPU memory. Against the eager rows of the same bench, it says whether fusing the pack's math
-    attention and cutting a run's kernel launches is worth the compile."""
+    GPU memory, into out (save() after each: a compilation cut short keeps the rows before it).
+    Against the eager rows of the same bench, it says whether fusing the pack's math attention
+    and cutting a run's kernel launches is worth the compile."""
     cfg = replace(cfg, compile=True)
-    out = {}
     out["compiled_lamo_1"], out["compiled_lamo_1_peak_gpu_gb"] = measured(
         lambda: train_steps_per_s(cfg, device, batcher, steps, 2), device)
+    save()
     out[f"compiled_lamo_{R}"], out[f"compiled_lamo_{R}_peak_gpu_gb"] = measured(
         lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, 2), device)
+    save()
     # --compile-mode reduce-overhead: the forward's kernels as one CUDA graph, the remedy for a
     # launch-bound step; not yet run on a GPU, so a failure is a row, not the end of the bench.
     graphs = replace(cfg, compile_mode="reduce-overhead")
@@ -646,7 +648,7 @@ def main(argv=None):
                  ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
                   f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}")]
     if a.compiled:                          # --compile: LaMo alone and a pack
-        res.update(bench_compiled(lamo_cfg, device, batcher, a.compiled, steps))
+        bench_compiled(lamo_cfg, device, batcher, a.compiled, steps, res, save)
         save()
         rows += [(f"LaMo, --compile: run-steps/s, pack of {a.compiled}",
                   f"{res[f'compiled_lamo_{a.compiled}']:.3f}"),

@@ -7,6 +7,7 @@
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
+#   QUICK=1 STEPS="tests bench compare" bash gpu_check.sh   # the three in one 10-minute call
 #
 # 1. the CUDA tests (pytest -m cuda: a step against the CPU, --resume, --eval-only, batched
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies, packs, a pack with
@@ -55,13 +56,21 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$REPORT/log.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-step tests 150 python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging test_cuda.py
-step bench 230 python3 bench.py --device cuda --train-steps 20 --out "$REPORT/bench.json" \
-    --profile "$WORK/profile.txt" \
-    --batch-sizes 256 1024 --pack-attention cudnn flash efficient --pack-eval 16
-step compare 420 python3 bench.py --device cuda --train-steps 20 --sections --processes 1 4 8 \
-    --compiled 16 --out "$REPORT/compare.json"
-cp "$WORK/profile.txt" "$REPORT/profile.txt" 2>/dev/null
+# QUICK=1: tests, bench and compare in one call under 10 minutes (570 s of limits), for a session
+# whose device time is 15 minutes with the machine's start: bench leaves out what no pack changes
+# (evaluation, sampling) and the fused kernels that failed under vmap; compare, 1 and 8 processes.
+if [[ ${QUICK:-0} == 1 ]]; then
+    LIMITS=(130 190 250) BENCH=(--sections train packs --batch-sizes 1024) PROCS=(4)
+else
+    LIMITS=(150 230 420) BENCH=(--batch-sizes 256 1024 --pack-attention cudnn flash efficient)
+    PROCS=(1 4 8)
+fi
+step tests "${LIMITS[0]}" python3 -m pytest -m cuda -q -rP -p no:cacheprovider -p no:logging \
+    test_cuda.py
+step bench "${LIMITS[1]}" python3 bench.py --device cuda --train-steps 20 \
+    --out "$REPORT/bench.json" --profile "$REPORT/profile.txt" "${BENCH[@]}" --pack-eval 16
+step compare "${LIMITS[2]}" python3 bench.py --device cuda --train-steps 20 --sections \
+    --compiled 16 --processes "${PROCS[@]}" --out "$REPORT/compare.json"
 if [[ $STEPS == *" slice "* ]]; then
     timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
         --max-steps 1000 --out "$WORK/hopper.hdf5" > /dev/null 2>&1 || echo "collect failed" >> "$WORK/status"

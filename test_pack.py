@@ -507,6 +507,9 @@ def test_bench_compiled_rows_compile_with_their_modes(tiny_hdf5, monkeypatch):
                                    context_len=5))
     batcher = data.TrajectoryBatcher(data.load_trajectories(tiny_hdf5, 11, 3), 5, 1000, 1000.0,
                                      seed=0, device=torch.device("cpu"))
-    out = bench.bench_compiled(cfg, torch.device("cpu"), batcher, 2, 1)
+    out, saved = {}, []
+    bench.bench_compiled(cfg, torch.device("cpu"), batcher, 2, 1, out,
+                         lambda: saved.append(sorted(out)))
     assert {"compiled_lamo_1", "compiled_lamo_2", "cudagraphs_lamo_1"} <= set(out)
+    assert "compiled_lamo_1" in saved[0] and "compiled_lamo_2" not in saved[0]   # kept one by one
     assert modes == ["default", "default", "reduce-overhead"]
