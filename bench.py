@@ -14,6 +14,7 @@ Prints a table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -110,12 +111,21 @@ def new_model(cfg, device):
 
 def measured(fn, device) -> tuple:
     """fn()'s result and the peak GPU memory it took (None off CUDA); its memory freed after."""
+    free(device)
     peak_gb(device)
     result = fn()
     peak = peak_gb(device)
+    free(device)
+    return result, peak
+
+
+def free(device):
+    """Free what earlier measurements left: a pack lives in reference cycles (its compiled or
+    bound forward holds it), which only the cyclic garbage collector frees, and on an H100 the
+    packs of one bench.py left unfreed filled its 80 GB."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result, peak
 
 
 def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
@@ -155,9 +165,9 @@ ATTENTION = {"math": "MATH", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTI
 
 
 def bench_pack_attention(cfg, name, device, batcher, R, steps, warmup, kernels) -> dict:
-    """Run-steps/s of one pack of R runs with its attention through each of SDPA's kernels (as
-    pack.ATTENTION), or the error a kernel gives under vmap. Without dropout: with it, a pack's
-    attention is pack.RunDropout's own (per-run masks), not SDPA's."""
+    """Run-steps/s of one pack of R runs with its attention through each of SDPA's kernels (set
+    in pack.ATTENTION; a pack's own is written out, pack.RunDropout), or the error a kernel gives
+    under vmap. Without dropout: SDPA cannot take a run's own masks."""
     from torch.nn.attention import SDPBackend
     _, step = pack_step(replace(cfg, dropout=0.0, lora_dropout=0.0), device, batcher, R)
     out, default = {}, pack.ATTENTION
@@ -470,6 +480,7 @@ def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    free(device)
     torch.manual_seed(0)
     model, params, opt = new_model(cfg, device)
     step = lambda: lamo.train_step(model, model, opt, params, batcher.sample(cfg.batch_size), None,
@@ -656,7 +667,8 @@ def main(argv=None):
                  ("LaMo, --compile --compile-mode reduce-overhead: steps/s alone",
                   f"{res['cudagraphs_lamo_1']:.3f}" if "cudagraphs_lamo_1" in res else "error")]
     if a.pack_eval:                         # a pack's evaluation: R runs' episodes at once
-        res.update(bench_pack_eval(lamo_cfg, device, batcher, a.pack_eval, max_steps))
+        res.update(measured(lambda: bench_pack_eval(lamo_cfg, device, batcher, a.pack_eval,
+                                                    max_steps), device)[0])
         save()
         R = a.pack_eval
         rows += [(f"eval env-steps/s, a pack of {R} LaMo runs, {res[f'pack_eval_{R}_episodes']} "

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from data import Batch, LamoError, progress
@@ -46,21 +46,23 @@ from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, last_good,
 # line each takes several values (one per run), and --resume several run folders.
 PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 
-# The attention kernels a pack's forward may use, in SDPA's order of preference (see over_runs);
-# bench.py --pack-attention measures packs with others.
-ATTENTION = [SDPBackend.MATH]
+# None: a pack's attention is RunDropout's, written out. bench.py --pack-attention sets SDPA's
+# kernels here instead, to time them under vmap (without dropout).
+ATTENTION = None
 
 
 def over_runs(fn, *args):
-    """vmap(fn) over the run axis (dim 0 of each arg), with attention through SDPA's math kernel
-    (softmax(q k^T) v in plain ops), the one kernel vmap batches on every device. On CUDA (torch
-    2.11 on an H200, bench.py --pack-attention) the memory-efficient kernel fails in its backward
-    under vmap ("LSE is not correctly aligned"), and cuDNN's and flash give "No available
-    kernel"; on the CPU vmap has no rule for the fused kernel and loops over the runs. The price:
-    the math kernel's (R B, heads, 3K, 3K) scores, masks and dropout are memory-bound work, most
-    of a pack's step on the GPU (README, "Packs"). randomness="error": dropout's masks come in
-    drawn (RunDropout), so a random draw inside would be a bug."""
-    with sdpa_kernel(ATTENTION):
+    """vmap(fn) over the run axis (dim 0 of each arg). fn's attention is written out in plain ops
+    (RunDropout.attention: softmax(q k^T) v in fp32, what SDPA's math kernel computes), not one of
+    SDPA's kernels, none of which serves a pack on CUDA (torch 2.11): under vmap the
+    memory-efficient kernel fails in its backward ("LSE is not correctly aligned"), cuDNN's and
+    flash give "No available kernel" (bench.py --pack-attention, on an H200), and the math
+    kernel's bf16 backward fails ("expected input and grad types to match", a pack of 3 seeds on
+    an H100; on the CPU it runs). The price: the (R B, heads, 3K, 3K) scores, masks and dropout
+    are memory-bound work, most of an eager pack's step on the GPU (README, "Packs"), which
+    --compile fuses. randomness="error": dropout's masks come in drawn (RunDropout), so a random
+    draw inside would be a bug."""
+    with sdpa_kernel(ATTENTION) if ATTENTION else contextlib.nullcontext():
         return vmap(fn, randomness="error")(*args)
 
 
@@ -71,9 +73,9 @@ class RunDropout(TorchFunctionMode):
     run's masks would hang on its place in the pack and on its pack-mates. This mode catches the
     model's two dropouts, F.dropout (embeddings, residual branches, LoRA's input) and the one
     inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
-    in the order the forward drops). SDPA takes no mask for its dropout, so attention with dropout
-    is written out here: softmax(q k^T / sqrt(d), causal or padding mask), dropped, times v, in
-    fp32: what SDPA's math kernel computes, the one packs use anyway (over_runs). Each mask must
+    in the order the forward drops). SDPA takes no mask for its dropout, so attention is written
+    out here, with dropout or without (over_runs says why): softmax(q k^T / sqrt(d), causal or
+    padding mask), dropped, times v, in fp32, what SDPA's math kernel computes. Each mask must
     have its dropout's shape, and the forward must use them all: else an error, not a silent
     broadcast. masks=None records each dropout's (shape, p) instead and drops nothing: how
     Pack.drop_masks learns the forward's."""
@@ -105,7 +107,7 @@ class RunDropout(TorchFunctionMode):
     def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                   scale=None, enable_gqa=False):                 # (B, nh, T, hd) x 3
         keep = self.keep((*q.shape[:-1], k.shape[-2]), dropout_p) if dropout_p else None
-        if keep is None:                                  # no dropout, or recording
+        if ATTENTION and not dropout_p:                   # bench.py --pack-attention's kernels
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                   is_causal=is_causal, scale=scale,
                                                   enable_gqa=enable_gqa)
@@ -124,7 +126,10 @@ class RunDropout(TorchFunctionMode):
                 attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
             if attn_mask is not None:                            # bool, True = attend
                 att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)
-            return (kept(att.softmax(-1), keep, dropout_p) @ v.float()).to(q.dtype)
+            att = att.softmax(-1)
+            if keep is not None:                                     # not recording
+                att = kept(att, keep, dropout_p)
+            return (att @ v.float()).to(q.dtype)
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
@@ -218,7 +223,7 @@ class Pack:
         """The forward proper (what --compile compiles): each run's tensors, its rows of the
         keep-masks `drops` (none without dropout) and its batch through lamo's model."""
         def one(params, drops, *batch):
-            with RunDropout(drops) if drops else contextlib.nullcontext():
+            with RunDropout(drops):
                 return functional_call(self.template, self.weights(params), batch)
         return over_runs(one, params, drops, *batch)
 
@@ -288,7 +293,7 @@ class Pack:
                            precision)
 
         def one(params, drops, block):
-            with RunDropout(drops) if drops else contextlib.nullcontext():
+            with RunDropout(drops):
                 return through(self.weights(params), block)
         params = params or self.stacked
         record = lambda: through(self.first_run(params), blocks[0])

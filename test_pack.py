@@ -257,6 +257,34 @@ def test_a_bf16_pack_keeps_the_body_in_bf16(tiny_hdf5, hf_tiny, tmp_path):
     assert all(dtype == torch.bfloat16 for seen in dtypes.values() for dtype in seen)
 
 
+def test_a_packs_attention_is_written_out_without_dropout_too(tiny_hdf5, tmp_path):
+    """No SDPA kernel runs in a pack, dropout or not, training or evaluating: on CUDA the math
+    kernel's bf16 backward fails under vmap (seen on an H100) and the fused ones fail too, so
+    pack.RunDropout writes attention out (a pack of 3 seeds, bf16, dropout 0, as the failing
+    test_cuda.py test)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+    args = [*dt_args(tiny_hdf5, 2), *NO_DROPOUT, "--precision", "bf16"]
+    cfg = lamo.resolve(lamo.parse_args(args)[0])
+    members = [lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", False)
+               for s in range(3)]
+    p = pack.Pack(members)
+    batches = [run.batcher.sample(cfg.batch_size) for run in members]
+    with Ops():
+        pack.train_step(p, batches, None, torch.ones(3, dtype=torch.bool), cfg, lamo, False)
+        p.template.eval()
+        p.forward(*(torch.stack([getattr(b, k) for b in batches])
+                    for k in ("states", "actions", "rtg", "timesteps")))
+    assert "mm.default" in Ops.seen or "bmm.default" in Ops.seen        # the mode saw the step
+    assert not [op for op in Ops.seen if "scaled_dot_product" in op], Ops.seen
+
+
 def test_each_run_is_clipped_by_its_own_norm(tiny_hdf5, tmp_path):
     cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5))[0])
     p = pack.Pack([lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", resume=False)
