@@ -473,10 +473,13 @@ def bench_atari_sampling(device, n_frames=40_000, B=128, K=30, reps=3) -> dict:
             "atari_sample_vectorised_ms": timed(lambda: batcher.sample(B), reps, device) * 1e3}
 
 
-def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str:
+def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15):
     """torch.profiler's top `top` operators, by self time on the device (CUDA) or the CPU, of one
     LaMo training step (after a warm-up step), of one batched evaluation forward, and of one step
-    of a pack of pack_runs LaMo runs (none if 0)."""
+    of a pack of pack_runs LaMo runs (none if 0); each also by input shape, from a second profile
+    with record_shapes, which holds memory: a pack step's peak grew from 2.0 to 3.3 GB on the CPU
+    (DT preset, 8 runs), and a pack of 16 LaMo runs, 25 GB alone, ran an H100's 80 GB out. So the
+    pack's by-shape table is of a pack of at most 4 runs. Yields each table as it is made."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -490,27 +493,31 @@ def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15) -> str
                                      torch.randn(n_episodes, K, HOPPER.act_dim),
                                      torch.randn(n_episodes, K, 1),
                                      torch.arange(K).expand(n_episodes, -1))]
-    out = []
-    sections = [("one training step, B=64 K=20", step, True),
-                (f"one evaluation forward, {n_episodes} episodes", lambda: model(*window), False)]
-    if pack_runs:
-        sections.append((f"one training step of a pack of {pack_runs} runs, B=64 K=20 each",
-                         pack_step(cfg, device, batcher, pack_runs)[1], True))
-    for name, fn, train in sections:
+    both = ("top", "by shape")
+    packs = ({pack_runs: ("top",), 4: ("by shape",)} if pack_runs > 4
+             else {pack_runs: both} if pack_runs else {})
+    sections = [("one training step, B=64 K=20", step, True, both),    # (title, fn or a pack's
+                (f"one evaluation forward, {n_episodes} episodes",       # runs, training?,
+                 lambda: model(*window), False, both)]                   # its tables)
+    sections += [(f"one training step of a pack of {R} runs, B=64 K=20 each", R, True, tables)
+                 for R, tables in packs.items()]
+    for name, fn, train, tables in sections:
+        free(device)                    # a pack is built in its turn, the one before it freed
+        if isinstance(fn, int):
+            fn = pack_step(cfg, device, batcher, fn)[1]
         model.train(train)
-        with torch.inference_mode(not train):
-            fn()                                                     # warm-up
-            sync(device)
-            with profile(activities=activities, record_shapes=True) as prof:
-                fn()
+        for table in tables:
+            with torch.inference_mode(not train):
+                fn()                                                     # warm-up
                 sync(device)
-        out.append(f"## {name} (top {top} by {sort})\n\n"
-                   + prof.key_averages().table(sort_by=sort, row_limit=top))
-        # which tensors the top operators move: where a pack's copies and adds come from
-        out.append(f"### the same, by input shape (top {top})\n\n"
-                   + prof.key_averages(group_by_input_shape=True).table(sort_by=sort,
-                                                                        row_limit=top))
-    return "\n\n".join(out)
+                with profile(activities=activities, record_shapes=table == "by shape") as prof:
+                    fn()
+                    sync(device)
+            # by shape: which tensors the top operators move, where copies and adds come from
+            yield (f"## {name}, {table} (top {top} by {sort})\n\n"
+                   + prof.key_averages(group_by_input_shape=table == "by shape").table(
+                       sort_by=sort, row_limit=top) + "\n\n")
+        del fn
 
 
 def main(argv=None):
@@ -689,9 +696,11 @@ def main(argv=None):
     save()
     print(f"written to {a.out}")
     if a.profile:
-        with open(a.profile, "w") as f:
-            f.write(profile_tables(lamo_cfg, device, batcher, a.eval_episodes,
-                                   max(sizes, default=0)))
+        with open(a.profile, "w") as f:           # table by table: a failure keeps those before
+            for table in profile_tables(lamo_cfg, device, batcher, a.eval_episodes,
+                                        max(sizes, default=0)):
+                f.write(table)
+                f.flush()
         print(f"profile written to {a.profile}")
     return res
 

@@ -541,3 +541,21 @@ def test_bench_compiled_rows_compile_with_their_modes(tiny_hdf5, monkeypatch):
     assert {"compiled_lamo_1", "compiled_lamo_2", "cudagraphs_lamo_1"} <= set(out)
     assert "compiled_lamo_1" in saved[0] and "compiled_lamo_2" not in saved[0]   # kept one by one
     assert modes == ["default", "default", "reduce-overhead"]
+
+
+def test_bench_profiles_a_big_pack_by_shape_as_a_pack_of_four(tiny_hdf5):
+    """bench.py --profile: each section's top operators, and by input shape, the pack's from a
+    pack of 4 (record_shapes holds memory: a pack of 16 ran an H100 out)."""
+    import bench
+    import data
+    cfg = lamo.resolve(lamo.Config(model="dt", n_layer=1, n_embd=32, n_head=1, batch_size=4,
+                                   context_len=5))
+    batcher = data.TrajectoryBatcher(data.load_trajectories(tiny_hdf5, 11, 3), 5, 1000, 1000.0,
+                                     seed=0, device=torch.device("cpu"))
+    tables = "".join(bench.profile_tables(cfg, torch.device("cpu"), batcher, 2, pack_runs=5,
+                                          top=3))
+    titles = [line for line in tables.splitlines() if line.startswith("## ")]
+    assert [t.split(" (top")[0] for t in titles[-2:]] == [
+        "## one training step of a pack of 5 runs, B=64 K=20 each, top",
+        "## one training step of a pack of 4 runs, B=64 K=20 each, by shape"]
+    assert len(titles) == 6 and "Input Shapes" in tables
