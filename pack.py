@@ -51,10 +51,12 @@ PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 ATTENTION = None
 
 
-def over_runs(fn, *args):
-    """vmap(fn) over the run axis (dim 0 of each arg). fn's attention is written out in plain ops
-    (RunDropout.attention: softmax(q k^T) v in fp32, what SDPA's math kernel computes), not one of
-    SDPA's kernels, none of which serves a pack on CUDA (torch 2.11): under vmap the
+def over_runs(fn, params, drops: list, *args):
+    """fn(params, *args) for each run, vmapped over the run axis (dim 0 of each), under
+    RunDropout with the run's rows of the keep-masks `drops` (none without dropout). Its
+    attention is written out in plain ops (RunDropout.attention: softmax(q k^T) v in fp32, what
+    SDPA's math kernel computes), not one of SDPA's kernels, none of which serves a pack on
+    CUDA (torch 2.11): under vmap the
     memory-efficient kernel fails in its backward ("LSE is not correctly aligned"), cuDNN's and
     flash give "No available kernel" (bench.py --pack-attention, on an H200), and the math
     kernel's bf16 backward fails ("expected input and grad types to match", a pack of 3 seeds on
@@ -62,8 +64,11 @@ def over_runs(fn, *args):
     are memory-bound work, most of an eager pack's step on the GPU (README, "Packs"), which
     --compile fuses. randomness="error": dropout's masks come in drawn (RunDropout), so a random
     draw inside would be a bug."""
+    def one(params, drops, *args):
+        with RunDropout(drops):
+            return fn(params, *args)
     with sdpa_kernel(ATTENTION) if ATTENTION else contextlib.nullcontext():
-        return vmap(fn, randomness="error")(*args)
+        return vmap(one, randomness="error")(params, drops, *args)
 
 
 class RunDropout(TorchFunctionMode):
@@ -195,7 +200,7 @@ class Pack:
         self.sites = {}                                  # drop_masks: input shapes -> dropouts
         # --compile: the training forward as compiled kernels (dynamo traces through vmap), as
         # lamo.train compiles a run's; the evaluation stays eager, as a run's does. On a GPU this
-        # also fuses the math attention's elementwise work (over_runs).
+        # also fuses the written-out attention's elementwise work (over_runs).
         self.train_forward = (torch.compile(self.vmapped, mode=cfg.compile_mode) if cfg.compile
                               else self.vmapped)
         self.optimizer = torch.optim.AdamW([self.stacked[n] for n in self.trainable], lr=cfg.lr,
@@ -222,9 +227,7 @@ class Pack:
     def vmapped(self, params, drops: list, *batch):
         """The forward proper (what --compile compiles): each run's tensors, its rows of the
         keep-masks `drops` (none without dropout) and its batch through lamo's model."""
-        def one(params, drops, *batch):
-            with RunDropout(drops):
-                return functional_call(self.template, self.weights(params), batch)
+        one = lambda params, *batch: functional_call(self.template, self.weights(params), batch)
         return over_runs(one, params, drops, *batch)
 
     def weights(self, params) -> dict:
@@ -292,13 +295,11 @@ class Pack:
             return lm_loss(lambda idx: functional_call(self.template.gpt, gpt, (idx,)), block,
                            precision)
 
-        def one(params, drops, block):
-            with RunDropout(drops):
-                return through(self.weights(params), block)
         params = params or self.stacked
         record = lambda: through(self.first_run(params), blocks[0])
         drops = self.drop_masks(params, ("lm", blocks.shape[1:]), record)
-        return over_runs(one, params, drops, blocks)
+        return over_runs(lambda params, block: through(self.weights(params), block), params,
+                         drops, blocks)
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ per run: each run's gradients are scaled by its own
