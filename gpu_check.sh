@@ -56,11 +56,13 @@ step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$REPORT/log.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$REPORT/gpu.csv" 2>&1
-# QUICK=1: tests, bench and compare in one call under 10 minutes (570 s of limits), for a session
+# QUICK=1: tests, bench and compare in one call under 10 minutes (585 s of limits), for a session
 # whose device time is 15 minutes with the machine's start: bench leaves out what no pack changes
-# (evaluation, sampling) and the fused kernels that failed under vmap; compare, 1 and 8 processes.
+# (evaluation, sampling) and the fused kernels that failed under vmap; compare, the processes
+# (4 at once: 2.5x one run on an H100). On an H100 the three took 99, 160 and 223 s, with
+# 4 processes and before the CUDA-graph pack's test and row.
 if [[ ${QUICK:-0} == 1 ]]; then
-    LIMITS=(130 190 250) BENCH=(--sections train packs --batch-sizes 1024) PROCS=(4)
+    LIMITS=(135 175 275) BENCH=(--sections train packs --batch-sizes 1024) PROCS=()
 else
     LIMITS=(150 230 420) BENCH=(--batch-sizes 256 1024 --pack-attention cudnn flash efficient)
     PROCS=(1 4 8)
