@@ -104,47 +104,56 @@ if (report / "compare.json").exists():       # the compare step's rows, beside b
 # bench.json is written after each of bench.py's sections: a bench cut short leaves rows "n/a"
 val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
 gb = lambda k: val(k, ".2f")
+alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt")}
+
+
+def times(v, model="lamo"):      # a rate and its ratio to one eager run alone, or an error's start
+    if isinstance(v, str):
+        return v[:60]
+    return f"{v:.3g}" + (f" ({v / alone[model]:.1f}x)" if alone[model] else "")
+
+
+def runs(k):                     # compiled_lamo_16 -> a pack's rate; compiled_lamo_1 -> a run's
+    R = k.split("_")[2]
+    return "steps/s of one run alone" if R == "1" else f"run-steps/s, a pack of {R}"
+
+
+rows = lambda prefix: [(k, v) for k, v in b.items() if k.startswith(prefix)
+                       and not k.endswith("_gb")]
 if b:
-    table += [("LaMo training steps/s (GPT-2 small shape, B=64 K=20, " + b.get("precision", "?") + ")",
+    table += [(f"LaMo training steps/s (GPT-2 small shape, B=64 K=20, {b.get('precision', '?')})",
                val("train_steps_per_s", ".3g"), gb("train_peak_gpu_gb")),
               ("  same + (2, 1024) LM batch", val("train_steps_per_s_with_lm", ".3g"),
                gb("train_peak_gpu_gb_with_lm")),
-              ("DT preset training steps/s", val("train_steps_per_s_dt", ".3g"), gb("train_peak_gpu_gb_dt"))]
-    table += [(f"LaMo training steps/s at B={B} ({int(B) / 64:g}x the tokens of one run)", f"{v:.3g}", "")
-              for B, v in b.get("train_steps_per_s_by_batch", {}).items()]
-    alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt")}
-    table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run alone)",
-               f"{b[k]:.3g}" + (f" ({b[k] / alone[k.split('_')[1]]:.1f}x)" if alone[k.split('_')[1]] else ""),
-               gb(k + "_peak_gpu_gb")) for k in b
-              if k.startswith(("pack_lamo_", "pack_dt_")) and not k.endswith("_gb")]
+              ("DT preset training steps/s", val("train_steps_per_s_dt", ".3g"),
+               gb("train_peak_gpu_gb_dt"))]
+    table += [(f"LaMo training steps/s at B={B} ({int(B) / 64:g}x the tokens of one run)",
+               f"{v:.3g}", "") for B, v in b.get("train_steps_per_s_by_batch", {}).items()]
+    table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run "
+               "alone)", times(v, k.split("_")[1]), gb(k + "_peak_gpu_gb"))
+              for k, v in rows(("pack_lamo_", "pack_dt_"))]
     for R in [k.split("_")[2] for k in b if k.startswith("pack_eval_") and k.endswith("_s")
               and not k.endswith("per_s")]:
         table += [(f"evaluation env-steps/s, a pack of {R} LaMo runs, "
                    f"{b[f'pack_eval_{R}_episodes']} episodes in one rollout",
                    f"{b[f'pack_eval_{R}_env_steps_per_s']:.0f}", "")]
-    table += [(f"LaMo with --compile: " + ("steps/s of one run alone" if k == "compiled_lamo_1" else
-               f"run-steps/s, a pack of {k.split('_')[2]}") + " (x one eager run alone)",
-               f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"] else ""), gb(k + "_peak_gpu_gb"))
-              for k, v in b.items() if k.startswith("compiled_") and not k.endswith("_gb")]
-    table += [("LaMo with --compile --compile-mode reduce-overhead (CUDA graphs): " + (
-                   "steps/s of one run alone" if k.startswith("cudagraphs_lamo_1_") or
-                   k == "cudagraphs_lamo_1" else f"run-steps/s, a pack of {k.split('_')[2]}")
-               + " (x one eager run alone)", (f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)"
-                                              if alone["lamo"] else ""))
-               if not k.endswith("_error") else v[:60], gb(k + "_peak_gpu_gb"))
-              for k, v in b.items() if k.startswith("cudagraphs_") and not k.endswith("_gb")]
+    table += [(f"LaMo with --compile: {runs(k)} (x one eager run alone)", times(v),
+               gb(k + "_peak_gpu_gb")) for k, v in rows("compiled_")]
+    table += [(f"LaMo with --compile --compile-mode reduce-overhead (CUDA graphs): {runs(k)} "
+               "(x one eager run alone)", times(v), gb(k + "_peak_gpu_gb"))
+              for k, v in rows("cudagraphs_")]
     table += [(f"run-steps/s, {k.split('_')[2]} LaMo training processes at once on the GPU "
-               "(x one eager run alone)", f"{v:.3g}" + (f" ({v / alone['lamo']:.1f}x)" if alone["lamo"]
-                                                        else ""), "")
-              for k, v in b.items() if k.startswith("procs_")]
-    table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention through "
-               f"SDPA's {k.split('_')[1]} kernel", f"{v:.3g}" if not k.endswith("_error") else v[:60], "")
-              for k, v in b.items() if k.startswith("packattn_")]
-    table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched ({b.get('eval_model')})",
-               val("eval_batched_env_steps_per_s", ".0f"), gb("eval_peak_gpu_gb")),
+               "(x one eager run alone)", times(v), "") for k, v in rows("procs_")]
+    table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention "
+               f"through SDPA's {k.split('_')[1]} kernel", times(v) if isinstance(v, str)
+               else f"{v:.3g}", "") for k, v in rows("packattn_")]
+    table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched "
+               f"({b.get('eval_model')})", val("eval_batched_env_steps_per_s", ".0f"),
+               gb("eval_peak_gpu_gb")),
               (f"  the first {b.get('eval_sequential_episodes')} of them one at a time",
                val("eval_sequential_env_steps_per_s", ".0f"), ""),
-              ("  env stepping alone (MuJoCo's floor)", val("eval_env_alone_env_steps_per_s", ".0f"), ""),
+              ("  env stepping alone (MuJoCo's floor)",
+               val("eval_env_alone_env_steps_per_s", ".0f"), ""),
               ("  model forward ms per episode, batch of 1 / batched",
                f"{val('forward_ms_per_episode_batch_1', '.2f')} / "
                f"{val('forward_ms_per_episode_batched', '.3f')}", "")]
@@ -154,7 +163,8 @@ if b:
     table += [("batch sampling ms, loop / vectorised",
                f"{val('sample_loop_ms', '.2f')} / {val('sample_vectorised_ms', '.3f')}", ""),
               ("Atari batch sampling ms, official loop / ours",
-               f"{val('atari_sample_loop_ms', '.0f')} / {val('atari_sample_vectorised_ms', '.1f')}", "")]
+               f"{val('atari_sample_loop_ms', '.0f')} / "
+               f"{val('atari_sample_vectorised_ms', '.1f')}", "")]
 metrics = work / "slice" / "metrics.jsonl"
 if metrics.exists():
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
