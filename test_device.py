@@ -205,3 +205,63 @@ def test_bench_names_the_device_it_measures(monkeypatch):
     assert bench.peak_gb(gpu1) == 1.0
     assert seen == [("sync", gpu1), ("max", gpu1), ("reset", gpu1)]
     assert bench.peak_gb(torch.device("cpu")) is None
+
+
+def test_the_gpu_checks_report_computes_its_rows(tmp_path):
+    """gpu_report.py on a check's files made here: each rate beside one eager run alone, an
+    error row, "n/a" for what a step cut short never measured, and Table 3's GPU-hours worked
+    out by hand (36 LaMo + 36 DT runs of 100k steps, 72 x 40 evaluations)."""
+    import gpu_report
+    report, work = tmp_path / "r", tmp_path / "w"
+    (work / "slice").mkdir(parents=True)
+    report.mkdir()
+    (report / "bench.json").write_text(json.dumps({
+        "precision": "bf16", "train_steps_per_s": 10.0, "train_peak_gpu_gb": 1.5,
+        "train_steps_per_s_dt": 20.0, "pack_lamo_4": 25.0, "pack_lamo_4_peak_gpu_gb": 6.0,
+        "pack_dt_4": 80.0, "pack_eval_16_episodes": 1280, "pack_eval_16_s": 9.0,
+        "pack_eval_16_env_steps_per_s": 1000.0}))
+    (report / "compare.json").write_text(json.dumps({
+        "compiled_lamo_1": 15.0, "cudagraphs_lamo_16_error": "boom: no graph", "device": "x"}))
+    (work / "status").write_text("tests 0 90\nbench 124 175\n")
+    (work / "tests.log").write_text("fp32: action loss 0.1\nnoise\n11 passed in 84s\n")
+    rows = [{"step": s, "steps_per_s": 5.0 if s == 100 else 9.0} for s in range(100, 401, 100)]
+    rows += [{"step": 200, "eval_s": 10.0, "eval": {"100": {"length_mean": 500}}}]
+    (work / "slice" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (work / "slice" / "config.json").write_text(json.dumps({"eval_episodes": 20,
+                                                             "targets": "1,2,3,4"}))
+    text = gpu_report.report(report, work, "NVIDIA X", "torch 9")
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()
+             if line.startswith("| ") and " | " in line}
+    assert table["bench"] == ["124", "175 |"] and "CUDA tests: 11 passed in 84s" in text
+    assert "    fp32: action loss 0.1" in text and "noise" not in text
+    assert table["run-steps/s, a pack of 4 lamo runs (x one run alone)"] == ["25 (2.5x)", "6.00 |"]
+    assert table["run-steps/s, a pack of 4 dt runs (x one run alone)"][0] == "80 (4.0x)"
+    assert table["LaMo with --compile: steps/s of one run alone (x one eager run alone)"][0] \
+        == "15 (1.5x)"
+    assert table["LaMo with --compile --compile-mode reduce-overhead (CUDA graphs): run-steps/s, "
+                 "a pack of 16 (x one eager run alone)"][0] == "boom: no graph"
+    assert table["evaluation env-steps/s, a pack of 16 LaMo runs, 1280 episodes in one "
+                 "rollout"][0] == "1000"
+    assert table["batch sampling ms, loop / vectorised"][0] == "n/a / n/a"
+    # the slice: steps 200 and 300 (100 is warm-up, 300's interval holds the evaluation at 200)
+    assert table["hopper slice: training steps/s (median of 100-step intervals)"][0] == "9"
+    # one at a time: 36e5 (1/10 + 1/20) s = 150 h; 72 x 40 x 10 s = 8 h. Packs of 4: 36e5 (1/25
+    # + 1/80) s = 52.5 h; 72 x 40 evaluations x 80 episodes x 500 steps / 1000 per s = 32 h
+    assert table["Table 3 projected, one run at a time: training + evaluation, GPU-hours"][0] \
+        == "150.0 + 8.0"
+    assert table["Table 3 projected, packs of 4 LaMo / 4 DT runs: training + evaluation, "
+                 "GPU-hours"][0] == "52.5 + 32.0"
+
+
+def test_the_gpu_check_stops_in_one_line_without_cuda(tmp_path):
+    """gpu_check.sh on a machine without CUDA: exit 1 and one line that says so, nothing run."""
+    import subprocess
+    from pathlib import Path
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    out = subprocess.run(["bash", str(Path(__file__).parent / "gpu_check.sh"), str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "gpu_check.sh: no CUDA GPU visible to torch here; run it on a GPU machine"]
+    assert not (tmp_path / "r").exists()

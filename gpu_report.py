@@ -1,0 +1,168 @@
+"""gpu_report: the GPU check's report.md, which gpu_check.sh writes and prints last.
+
+    python3 gpu_report.py REPORT_DIR WORK_DIR
+
+From REPORT_DIR's bench.json and compare.json (bench.py's figures, written after each of its
+sections) and WORK_DIR's status (each step's exit and seconds), tests.log (pytest -m cuda) and
+slice/ (the hopper slice's run folder): one table of every figure, each rate beside one eager run
+alone, and Table 3's GPU-hours projected from them. A figure that a step cut short did not
+measure reads "n/a"; a row an error replaced shows the error's start.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def figures(report: Path) -> dict:
+    """bench.json's figures with the compare step's rows beside them ({} if bench never wrote)."""
+    b = json.loads((report / "bench.json").read_text()) if (report / "bench.json").exists() else {}
+    if (report / "compare.json").exists():
+        compare = json.loads((report / "compare.json").read_text())
+        b.update({k: v for k, v in compare.items()
+                  if k.startswith(("procs_", "compiled_", "cudagraphs_"))})
+    return b
+
+
+def bench_rows(b: dict) -> list[tuple[str, str, str]]:
+    """(measurement, value, peak GPU GB) of each of bench.py's figures."""
+    val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
+    gb = lambda k: val(k, ".2f")
+    alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt")}
+
+    def times(v, model="lamo"):  # a rate and its ratio to one eager run alone, or an error's start
+        if isinstance(v, str):
+            return v[:60]
+        return f"{v:.3g}" + (f" ({v / alone[model]:.1f}x)" if alone[model] else "")
+
+    def runs(k):                 # compiled_lamo_16 -> a pack's rate; compiled_lamo_1 -> a run's
+        R = k.split("_")[2]
+        return "steps/s of one run alone" if R == "1" else f"run-steps/s, a pack of {R}"
+
+    rows = lambda prefix: [(k, v) for k, v in b.items() if k.startswith(prefix)
+                           and not k.endswith("_gb")]
+    table = [(f"LaMo training steps/s (GPT-2 small shape, B=64 K=20, {b.get('precision', '?')})",
+              val("train_steps_per_s", ".3g"), gb("train_peak_gpu_gb")),
+             ("  same + (2, 1024) LM batch", val("train_steps_per_s_with_lm", ".3g"),
+              gb("train_peak_gpu_gb_with_lm")),
+             ("DT preset training steps/s", val("train_steps_per_s_dt", ".3g"),
+              gb("train_peak_gpu_gb_dt"))]
+    table += [(f"LaMo training steps/s at B={B} ({int(B) / 64:g}x the tokens of one run)",
+               f"{v:.3g}", "") for B, v in b.get("train_steps_per_s_by_batch", {}).items()]
+    table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run "
+               "alone)", times(v, k.split("_")[1]), gb(k + "_peak_gpu_gb"))
+              for k, v in rows(("pack_lamo_", "pack_dt_"))]
+    table += [(f"evaluation env-steps/s, a pack of {k.split('_')[2]} LaMo runs, "
+               f"{b[k.removesuffix('_env_steps_per_s') + '_episodes']} episodes in one rollout",
+               f"{v:.0f}", "") for k, v in rows("pack_eval_") if k.endswith("_env_steps_per_s")]
+    table += [(f"LaMo with --compile: {runs(k)} (x one eager run alone)", times(v),
+               gb(k + "_peak_gpu_gb")) for k, v in rows("compiled_")]
+    table += [(f"LaMo with --compile --compile-mode reduce-overhead (CUDA graphs): {runs(k)} "
+               "(x one eager run alone)", times(v), gb(k + "_peak_gpu_gb"))
+              for k, v in rows("cudagraphs_")]
+    table += [(f"run-steps/s, {k.split('_')[2]} LaMo training processes at once on the GPU "
+               "(x one eager run alone)", times(v), "") for k, v in rows("procs_")]
+    table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention "
+               f"through SDPA's {k.split('_')[1]} kernel", times(v) if isinstance(v, str)
+               else f"{v:.3g}", "") for k, v in rows("packattn_")]
+    table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched "
+               f"({b.get('eval_model')})", val("eval_batched_env_steps_per_s", ".0f"),
+               gb("eval_peak_gpu_gb")),
+              (f"  the first {b.get('eval_sequential_episodes')} of them one at a time",
+               val("eval_sequential_env_steps_per_s", ".0f"), ""),
+              ("  env stepping alone (MuJoCo's floor)",
+               val("eval_env_alone_env_steps_per_s", ".0f"), ""),
+              ("  model forward ms per episode, batch of 1 / batched",
+               f"{val('forward_ms_per_episode_batch_1', '.2f')} / "
+               f"{val('forward_ms_per_episode_batched', '.3f')}", "")]
+    table += [(f"evaluation env-steps/s, {b['eval_episodes']} episodes, {k.split('_')[2]} env "
+               f"worker processes", f"{v:.0f}", "") for k, v in rows("eval_workers_")
+              if k.endswith("_env_steps_per_s")]
+    table += [("batch sampling ms, loop / vectorised",
+               f"{val('sample_loop_ms', '.2f')} / {val('sample_vectorised_ms', '.3f')}", ""),
+              ("Atari batch sampling ms, official loop / ours",
+               f"{val('atari_sample_loop_ms', '.0f')} / "
+               f"{val('atari_sample_vectorised_ms', '.1f')}", "")]
+    return table
+
+
+def slice_rows(b: dict, run: Path) -> list[tuple[str, str, str]]:
+    """The hopper slice's training speed and evaluation cost from its run folder, extrapolated to
+    the protocol's 100k steps and 40 evaluations, and Table 3's GPU-hours: 36 LaMo + 36 DT runs,
+    40 evaluations each at the slice's cost (LaMo's; DT's are cheaper). Training from b: one run
+    at a time, and as packs of the R with the most run-steps/s; evaluations as packs at bench's
+    pack-evaluation env-steps/s, for episodes as long as the slice's, where it was measured."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    eval_steps = {r["step"] for r in evals}
+    # training speed: log intervals after the first (warm-up) that contain no evaluation
+    sps = [r["steps_per_s"] for r in rows if "steps_per_s" in r and r["step"] > 100
+           and r["step"] - 100 not in eval_steps]
+    if not (sps and evals):
+        return []
+    train_sps = statistics.median(sps)
+    eval_s = statistics.mean(r["eval_s"] for r in evals)
+    length = statistics.mean(e["length_mean"] for r in evals for e in r["eval"].values())
+    cfg = json.loads((run / "config.json").read_text())
+    episodes = cfg["eval_episodes"] * len(cfg["targets"].split(","))
+    hours = (100_000 / train_sps + 40 * eval_s) / 3600
+    worst = (100_000 / train_sps + 40 * eval_s * 1000 / length) / 3600
+    table = [("hopper slice: training steps/s (median of 100-step intervals)",
+              f"{train_sps:.3g}", ""),
+             (f"hopper slice: seconds per evaluation ({episodes} episodes, mean length "
+              f"{length:.0f})", f"{eval_s:.1f}", ""),
+             ("hopper protocol extrapolated: 100k steps + 40 evaluations, hours",
+              f"{hours:.2f}", ""),
+             ("  same if every episode ran its 1000 steps, hours", f"{worst:.2f}", "")]
+    if "train_steps_per_s" in b and "train_steps_per_s_dt" in b:
+        evals_h = 72 * 40 * eval_s / 3600
+        alone_h = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
+        best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
+                        and not k.endswith("_gb")), default=None) for m in ("lamo", "dt")}
+        rate = [v for k, v in b.items() if k.startswith("pack_eval_")
+                and k.endswith("_env_steps_per_s")]
+        evals_h_packed = 72 * 40 * episodes * length / max(rate) / 3600 if rate else evals_h
+        table += [("Table 3 projected, one run at a time: training + evaluation, GPU-hours",
+                   f"{alone_h:.1f} + {evals_h:.1f}", "")]
+        if all(best.values()):
+            packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
+            table += [(f"Table 3 projected, packs of {best['lamo'][1]} LaMo / {best['dt'][1]} "
+                       "DT runs: training + evaluation, GPU-hours",
+                       f"{packed:.1f} + {evals_h_packed:.1f}", "")]
+    return table
+
+
+def report(report: Path, work: Path, device: str, versions: str) -> str:
+    """report.md's text: each step's exit and seconds, the CUDA tests' summary, every figure."""
+    status = [line.split() for line in (work / "status").read_text().splitlines()] \
+        if (work / "status").exists() else []
+    lines = [f"# lamo GPU check: {device}", "", f"{versions}, command `bash gpu_check.sh`", "",
+             "| step | exit | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {s[0]} | {s[1]} | {s[2] if len(s) > 2 else ''} |" for s in status]
+    tests = (work / "tests.log").read_text().splitlines() if (work / "tests.log").exists() else []
+    lines += ["", "CUDA tests: " + (tests[-1] if tests else "no output")]
+    lines += [f"    {line}" for line in tests if line.startswith(("fp32:", "bf16:"))]
+    b = figures(report)
+    table = (bench_rows(b) if b else []) + slice_rows(b, work / "slice")
+    if table:
+        lines += ["", "| measurement | value | peak GPU GB |", "| --- | --- | --- |"]
+        lines += [f"| {a} | {v} | {g} |" for a, v, g in table]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    import torch
+    report_dir, work = (Path(x) for x in (argv or sys.argv[1:]))
+    versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    text = report(report_dir, work, torch.cuda.get_device_name(), versions)
+    (report_dir / "report.md").write_text(text)
+    print("\n" + text, end="")
+
+
+if __name__ == "__main__":
+    main()
