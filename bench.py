@@ -216,8 +216,8 @@ def bench_compiled(cfg, device, batcher, R, steps, out: dict, save=lambda: None)
     """--compile's gain: LaMo's steps/s alone and run-steps/s of a pack of R LaMo runs with the
     training forward compiled (two untimed warm-up steps pay the compilation), each with its peak
     GPU memory, into out (save() after each: a compilation cut short keeps the rows before it).
-    Against the eager rows of the same bench, it says whether fusing the pack's math attention
-    and cutting a run's kernel launches is worth the compile."""
+    Against the eager rows of the same bench, it says whether fusing the pack's written-out
+    attention and cutting a run's kernel launches is worth the compile."""
     cfg = replace(cfg, compile=True)
     out["compiled_lamo_1"], out["compiled_lamo_1_peak_gpu_gb"] = measured(
         lambda: train_steps_per_s(cfg, device, batcher, steps, 2), device)
@@ -481,9 +481,10 @@ def profile_tables(cfg, device, batcher, n_episodes, pack_runs=0, top=15):
     """torch.profiler's top `top` operators, by self time on the device (CUDA) or the CPU, of one
     LaMo training step (after a warm-up step), of one batched evaluation forward, and of one step
     of a pack of pack_runs LaMo runs (none if 0); each also by input shape, from a second profile
-    with record_shapes, which holds memory: a pack step's peak grew from 2.0 to 3.3 GB on the CPU
-    (DT preset, 8 runs), and a pack of 16 LaMo runs, 25 GB alone, ran an H100's 80 GB out. So the
-    pack's by-shape table is of a pack of at most 4 runs. Yields each table as it is made."""
+    with record_shapes, which holds memory: the peak RSS of a process that profiled one step of
+    a pack of 8 DT-preset runs (B=64) on the CPU was 3.3 GB with it, 1.9 GB without it, and a
+    pack of 16 LaMo runs (25 GB alone) ran an H100's 80 GB out. So the pack's by-shape table is
+    of a pack of at most 4 runs. Yields each table as it is made."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

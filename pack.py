@@ -52,18 +52,17 @@ ATTENTION = None
 
 
 def over_runs(fn, params, drops: list, *args):
-    """fn(params, *args) for each run, vmapped over the run axis (dim 0 of each), under
-    RunDropout with the run's rows of the keep-masks `drops` (none without dropout). Its
-    attention is written out in plain ops (RunDropout.attention: softmax(q k^T) v in fp32, what
-    SDPA's math kernel computes), not one of SDPA's kernels, none of which serves a pack on
-    CUDA (torch 2.11): under vmap the
-    memory-efficient kernel fails in its backward ("LSE is not correctly aligned"), cuDNN's and
-    flash give "No available kernel" (bench.py --pack-attention, on an H200), and the math
-    kernel's bf16 backward fails ("expected input and grad types to match", a pack of 3 seeds on
-    an H100; on the CPU it runs). The price: the (R B, heads, 3K, 3K) scores, masks and dropout
-    are memory-bound work, most of an eager pack's step on the GPU (README, "Packs"), which
-    --compile fuses. randomness="error": dropout's masks come in drawn (RunDropout), so a random
-    draw inside would be a bug."""
+    """fn(params, *args) for each run, vmapped over the run axis (dim 0 of each), under RunDropout
+    with the run's rows of the keep-masks `drops` (none without dropout). Its attention is
+    written out in plain ops (RunDropout.attention: softmax(q k^T) v in fp32, what SDPA's math
+    kernel computes), not one of SDPA's kernels, none of which serves a pack on CUDA (torch
+    2.11): under vmap the memory-efficient kernel fails in its backward ("LSE is not correctly
+    aligned"), cuDNN's and flash give "No available kernel" (bench.py --pack-attention, on an
+    H200), and the math kernel's bf16 backward fails ("expected input and grad types to match",
+    a pack of 3 seeds on an H100; on the CPU it runs). The price: the (R B, heads, 3K, 3K)
+    scores, masks and dropout are memory-bound work, most of an eager pack's step on the GPU
+    (README, "Packs"), which --compile fuses. randomness="error": dropout's masks come in drawn
+    (RunDropout), so a random draw inside would be a bug."""
     def one(params, drops, *args):
         with RunDropout(drops):
             return fn(params, *args)

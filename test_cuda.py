@@ -213,7 +213,8 @@ def test_a_pack_with_dropout_on_cuda(tiny_hdf5, tmp_path):
     """Dropout on, bf16 (what a LaMo pack trains with): each run's keep-masks drawn on the GPU by
     its own generator (pack.drop_masks), so seeds 0, 1, 0 leave runs 0 and 2 equal within
     rounding and run 1 not; and the compiled pack, one graph, gives the eager pack's losses, as
-    CUDA graphs of it do (--compile-mode reduce-overhead: 3.5x for a run alone on an H100)."""
+    must CUDA graphs of it (--compile-mode reduce-overhead: 3.5x for a run alone on an H100; for
+    a pack, new here, not yet run on a GPU)."""
     common = ["--steps", "6", "--log-every", "1", "--dropout", "0.1", "--lora-dropout", "0.1"]
     members = []
     for i, seed in enumerate((0, 1, 0)):
