@@ -547,6 +547,7 @@ def test_bench_compiled_rows_compile_with_their_modes(tiny_hdf5, monkeypatch):
         <= set(out)
     assert "compiled_lamo_1" in saved[0] and "compiled_lamo_2" not in saved[0]   # kept one by one
     assert modes == ["default", "default", "reduce-overhead", "reduce-overhead"]
+    assert list(out)[-2:] == ["cudagraphs_lamo_1", "cudagraphs_lamo_1_peak_gpu_gb"]
 
 
 def test_bench_profiles_a_big_pack_by_shape_as_a_pack_of_four(tiny_hdf5):
