@@ -673,7 +673,6 @@ def main(argv=None):
                   f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}")]
     if a.compiled:                          # --compile: LaMo alone and a pack
         bench_compiled(lamo_cfg, device, batcher, a.compiled, steps, res, save)
-        save()
         rows += [(f"LaMo, --compile: run-steps/s, pack of {a.compiled}",
                   f"{res[f'compiled_lamo_{a.compiled}']:.3f}"),
                  ("LaMo, --compile: steps/s alone", f"{res['compiled_lamo_1']:.3f}"),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# lamo's GPU check: one command for a GPU machine, about 8 minutes on an H200. Measured there:
-# tests 52-65 s, bench 103 s (before --pack-attention and --pack-eval), slice 110 s, plus the
-# wheels and the data; the compare step is new (limit 7 minutes: three compilations and three
-# process counts, never timed). Under a 10-minute cap a call, give STEPS: "tests bench" in one
-# call, then "compare" in the next, on the same warm machine.
+# lamo's GPU check: one command for a GPU machine. Measured on an H200: tests 52-65 s, bench
+# 103 s (before --pack-attention and --pack-eval), slice 110 s, plus the wheels and the data; on
+# an H100 (QUICK=1, below): tests 99 s, bench 160 s, compare 223 s. Under a 10-minute cap a
+# call, give QUICK=1 STEPS="tests bench compare", or STEPS: "tests bench" in one call, then
+# "compare" in the next, on the same warm machine.
 #
 #   bash gpu_check.sh [REPORT_DIR]          # default: gpu_report/
 #   STEPS="tests bench" bash gpu_check.sh   # some of the steps (default: tests bench compare slice)
@@ -11,24 +11,24 @@
 #
 # 1. the CUDA tests (pytest -m cuda: a step against the CPU, --resume, --eval-only, batched
 #    evaluation, --compile, sweep.py --gpus, the batchers' pinned copies, packs, a pack with
-#    dropout eager and compiled: its test is new, so the limit has room for its compilation);
+#    dropout eager, compiled and as CUDA graphs);
 # 2. bench.py --device cuda (LaMo on GPT-2 small's shape with and without the LM batch, the DT
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
 #    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
-#    of a pack of 16, run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py) for LaMo and DT, the
-#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), the
-#    evaluation with its envs in 1 and N worker processes (--eval-workers), and the evaluation of
-#    a pack of 16 (--pack-eval);
+#    of a pack of 16 (by input shape: of 4), run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py)
+#    for LaMo and DT, the pack of 16 through SDPA's fused kernels (they failed under vmap in torch
+#    2.11), the evaluation with its envs in 1 and N worker processes (--eval-workers), and the
+#    evaluation of a pack of 16 (--pack-eval);
 # 2b. compare: what a pack must beat, or could gain: 1, 4 and 8 LaMo training processes at once
 #    on the GPU (sweep.py --jobs N --gpus 0), LaMo alone and a pack of 16 with --compile, and
-#    LaMo alone with --compile-mode reduce-overhead (CUDA graphs);
+#    both with --compile-mode reduce-overhead (CUDA graphs);
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
 #    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.
 # The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
 # as OpenAI's weights, which a machine without network cannot download.
-# REPORT_DIR gets report.md (printed last), log.txt (every step's output), gpu.csv, bench.json,
-# compare.json, profile.txt and the slice's curve.png: 7 files.
+# REPORT_DIR gets report.md (gpu_report.py, printed last), log.txt (every step's output), gpu.csv,
+# bench.json, compare.json, profile.txt and the slice's curve.png: 7 files.
 # A GPU machine without gymnasium, mujoco and ale-py: run `bash ../shared/gpu/wheels.sh` on a
 # machine with network first; the .whl/ folder it fills is installed from here.
 set -uo pipefail
