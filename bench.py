@@ -14,8 +14,10 @@ Prints a table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import gpu_report
 import lamo
 import pack
 from data import TrajectoryBatcher, progress
@@ -109,6 +112,47 @@ def new_model(cfg, device):
     return (model, *lamo.make_optimizer(model, cfg, device))
 
 
+def device_busy(step, device, n=3, top=8) -> dict:
+    """Where a step's time goes, from torch.profiler over n more steps: "ms", the milliseconds a
+    step keeps the device busy (CUDA: running kernels, the union of their intervals; CPU: inside
+    operators), and "top", the `top` kernels (CPU: operators, by self time) as [name, ms a step].
+    Beside a step's wall time (1 / its rate) it says what bounds the step: busy near wall, the
+    device's work (only less work, or faster kernels, speeds it up); busy far below wall, the
+    host's launching (what CUDA graphs, --compile and packs fill). Kernel durations do not
+    depend on the profiler's overhead on the host, so the busy time is the real one."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    # On CUDA the kernels alone: the host's operators would be tens of thousands of events a
+    # pack's step for the profiler to parse, and say nothing of the device's time.
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    events = [e for e in prof.events() if e.device_type == (DeviceType.CUDA if cuda
+                                                            else DeviceType.CPU)]
+    if not events:
+        raise RuntimeError(f"the profiler saw no {device.type} activity in {n} steps")
+    busy, end = 0.0, -math.inf                       # the union of the events' intervals, in us
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in events):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    own = collections.Counter()
+    for e in events:
+        own[e.name] += e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+    return {"ms": busy / 1e3 / n,
+            "top": [[name, us / 1e3 / n] for name, us in own.most_common(top)]}
+
+
+def busy_or_error(step, device) -> dict:
+    """device_busy, or {"error": its first line}: the profiler failing (say, on CUDA graphs) must
+    not cost the rate measured before it."""
+    try:
+        return device_busy(step, device)
+    except Exception as e:                       # noqa: BLE001 -- any failure is the row's
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
 def measured(fn, device) -> tuple:
     """fn()'s result and the peak GPU memory it took (None off CUDA); its memory freed after."""
     free(device)
@@ -128,9 +172,9 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
+def train_steps_per_s(cfg, device, batcher, steps, warmup, busy: dict | None = None) -> float:
     """Steps/s of lamo.train_step on one freshly built model, freed on return (so the next variant
-    is measured without this one's memory)."""
+    is measured without this one's memory); with a dict `busy`, device_busy's figures into it."""
     torch.manual_seed(0)
     model, params, opt = new_model(cfg, device)
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
@@ -138,7 +182,10 @@ def train_steps_per_s(cfg, device, batcher, steps, warmup) -> float:
                 if cfg.lm_coef else None)
     step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
                                    lm_block, cfg, False)
-    return 1 / timed(step, steps, device, warmup=warmup)
+    rate = 1 / timed(step, steps, device, warmup=warmup)
+    if busy is not None:
+        busy.update(busy_or_error(step, device))
+    return rate
 
 
 def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
@@ -148,16 +195,24 @@ def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
     push the whole benchmark past 3 minutes, and a CPU step has little to warm up."""
     warmup = (2 if cfg.compile else 1) if device.type == "cuda" else 0
     out = {"train_warmup_steps": warmup}
+    if device.type == "cuda":           # what bounds LaMo's step (on a CPU: 3 more 20-s steps)
+        out["busy_train_steps_per_s"] = {}
     for key, c in (("", cfg), ("_with_lm", replace(cfg, lm_coef=0.1)), ("_dt", dt_cfg)):
         out["train_steps_per_s" + key], out["train_peak_gpu_gb" + key] = measured(
-            lambda: train_steps_per_s(c, device, batcher, steps, warmup), device)
+            lambda: train_steps_per_s(c, device, batcher, steps, warmup,
+                                      out.get("busy_train_steps_per_s" + key)), device)
     return out
 
 
-def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup) -> float:
-    """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch."""
+def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup, busy: dict | None = None
+                         ) -> float:
+    """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch; with a dict
+    `busy`, device_busy's figures for one step of the pack into it."""
     _, step = pack_step(cfg, device, batcher, R)
-    return R / timed(step, steps, device, warmup=warmup)
+    rate = R / timed(step, steps, device, warmup=warmup)
+    if busy is not None:
+        busy.update(busy_or_error(step, device))
+    return rate
 
 
 ATTENTION = {"math": "MATH", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
@@ -204,11 +259,13 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     """Run-steps/s of packs of each size for LaMo (GPT-2 small's shape) and the DT preset; R = 1
     is one run alone through the pack's path, and the single-run rows above are one run per
     process."""
-    out = {}
+    # what bounds the biggest LaMo pack's step (on a GPU; a CPU's is its compute)
+    out = {f"busy_pack_lamo_{max(sizes)}": {}} if sizes and device.type == "cuda" else {}
     for name, cfg in (("lamo", lamo_cfg), ("dt", dt_cfg)):
         for R in sizes:
             out[f"pack_{name}_{R}"], out[f"pack_{name}_{R}_peak_gpu_gb"] = measured(
-                lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup), device)
+                lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup,
+                                             out.get(f"busy_pack_{name}_{R}")), device)
     return out
 
 
@@ -219,19 +276,24 @@ def bench_compiled(cfg, device, batcher, R, steps, out: dict, save=lambda: None)
     Against the eager rows of the same bench, it says whether fusing the pack's written-out
     attention and cutting a run's kernel launches is worth the compile."""
     cfg = replace(cfg, compile=True)
+    busy = lambda key: out.setdefault(f"busy_{key}", {})         # device_busy's, for each row
     out["compiled_lamo_1"], out["compiled_lamo_1_peak_gpu_gb"] = measured(
-        lambda: train_steps_per_s(cfg, device, batcher, steps, 2), device)
+        lambda: train_steps_per_s(cfg, device, batcher, steps, 2, busy("compiled_lamo_1")),
+        device)
     save()
     out[f"compiled_lamo_{R}"], out[f"compiled_lamo_{R}_peak_gpu_gb"] = measured(
-        lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, 2), device)
+        lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, 2,
+                                     busy(f"compiled_lamo_{R}")), device)
     save()
     # --compile-mode reduce-overhead: the forward's kernels as one CUDA graph, the remedy for a
     # launch-bound step (a run alone: 3.5x eager on an H100); for a pack not yet run on a GPU, so
     # a failure is a row, not the end of the bench. The pack first, the new row: a step that its
     # time limit cuts short (gpu_check.sh) keeps the rows measured before.
     graphs = replace(cfg, compile_mode="reduce-overhead")
-    for n, rate in ((R, lambda: pack_run_steps_per_s(graphs, device, batcher, R, steps, 3)),
-                    (1, lambda: train_steps_per_s(graphs, device, batcher, steps, 3))):
+    for n, rate in ((R, lambda: pack_run_steps_per_s(graphs, device, batcher, R, steps, 3,
+                                                     busy(f"cudagraphs_lamo_{R}"))),
+                    (1, lambda: train_steps_per_s(graphs, device, batcher, steps, 3,
+                                                  busy("cudagraphs_lamo_1")))):
         try:
             out[f"cudagraphs_lamo_{n}"], out[f"cudagraphs_lamo_{n}_peak_gpu_gb"] = measured(
                 rate, device)
@@ -695,6 +757,9 @@ def main(argv=None):
         rows += [(f"run-steps/s, {n} LaMo training processes at once",
                   f"{res[f'procs_lamo_{n}']:.3f}")
                  for n in a.processes]
+    # what bounds the profiled steps: the device's work, or the host's launching of it
+    rows += [(f"{name}: wall / device-busy ms a step", f"{wall} / {busy}")
+             for name, wall, busy, _, _ in gpu_report.busy_rows(res)]
     # (d) memory
     res["peak_host_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows.append(("peak host RSS GB", f"{res['peak_host_rss_gb']:.2f}"))

@@ -21,7 +21,8 @@
 #    evaluation of a pack of 16 (--pack-eval);
 # 2b. compare: what a pack must beat, or could gain: 1, 4 and 8 LaMo training processes at once
 #    on the GPU (sweep.py --jobs N --gpus 0), LaMo alone and a pack of 16 with --compile, and
-#    both with --compile-mode reduce-overhead (CUDA graphs);
+#    both with --compile-mode reduce-overhead (CUDA graphs); with 2, what bounds each LaMo row's
+#    step: the GPU's busy time (torch.profiler's kernels over 3 steps) against its wall time;
 # 3. a timed 2,000-step slice of the hopper protocol (LaMo, B=64, K=20, 2 evaluations of 4 targets
 #    x 20 episodes) on a Hopper dataset collected here, extrapolated to the paper's 100k steps,
 #    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.

@@ -22,8 +22,46 @@ def figures(report: Path) -> dict:
     if (report / "compare.json").exists():
         compare = json.loads((report / "compare.json").read_text())
         b.update({k: v for k, v in compare.items()
-                  if k.startswith(("procs_", "compiled_", "cudagraphs_"))})
+                  if k.startswith(("procs_", "compiled_", "cudagraphs_", "busy_"))})
     return b
+
+
+BUSY = {"train_steps_per_s": "LaMo, eager", "pack_lamo": "LaMo, eager",
+        "compiled_lamo": "LaMo, --compile", "cudagraphs_lamo": "LaMo, CUDA graphs"}
+
+
+def busy_rows(b: dict, top: int = 3) -> list[tuple[str, str, str, str, str]]:
+    """What bounds each profiled step (bench.device_busy): (configuration, wall ms a step = runs
+    / run-steps/s, device-busy ms a step and its share of the wall, busy ms per run-step, the
+    top kernels). Busy near 100%: the device's work bounds the step, and only less of it per run
+    gains; far below: the host's launching does."""
+    rows = []
+    for key, busy in b.items():
+        if not key.startswith("busy_") or not busy:
+            continue
+        row = key.removeprefix("busy_")                  # the rate's key: compiled_lamo_16
+        alone = row == "train_steps_per_s"
+        runs = 1 if alone else int(row.split("_")[2])
+        pack = row.startswith("pack_") or runs > 1
+        name = (f"{BUSY[row if alone else row.rsplit('_', 1)[0]]}: "
+                + (f"a pack of {runs}" if pack else "one run alone"))
+        rate = b.get(row)
+        if "error" in busy or not isinstance(rate, (int, float)):
+            rows.append((name, "n/a", busy.get("error", "n/a")[:60], "", ""))
+            continue
+        wall = 1e3 * runs / rate
+        kernels = "; ".join(f"{short(n)} {ms:.2f}" for n, ms in busy["top"][:top])
+        rows.append((name, f"{wall:.2f}", f"{busy['ms']:.2f} ({busy['ms'] / wall:.0%})",
+                     f"{busy['ms'] / runs:.2f}", kernels))
+    return rows
+
+
+def short(kernel: str) -> str:
+    """A CUDA kernel's name, its first 60 characters past the namespaces that every aten kernel
+    shares: 'vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::BFloat16>...'."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "at::"):
+        kernel = kernel.replace(noise, "")
+    return kernel[:60].replace("|", "/")
 
 
 def bench_rows(b: dict) -> list[tuple[str, str, str]]:
@@ -152,6 +190,13 @@ def report(report: Path, work: Path, device: str, versions: str) -> str:
     if table:
         lines += ["", "| measurement | value | peak GPU GB |", "| --- | --- | --- |"]
         lines += [f"| {a} | {v} | {g} |" for a, v, g in table]
+    busy = busy_rows(b)
+    if busy:
+        lines += ["", "What bounds a step (torch.profiler's kernel time over 3 steps against the "
+                  "step's wall time; ms a step, top kernels in ms a step):", "",
+                  "| configuration | wall ms | GPU busy ms | busy ms per run-step | "
+                  "top kernels |", "| --- | --- | --- | --- | --- |"]
+        lines += ["| " + " | ".join(r) + " |" for r in busy]
     return "\n".join(lines) + "\n"
 
 

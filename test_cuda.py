@@ -101,6 +101,29 @@ def test_training_step_and_sampling_never_wait_for_the_gpu(tiny_hdf5):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def test_a_packs_training_step_never_waits_for_the_gpu(tiny_hdf5, tmp_path):
+    """A pack's hot path queues its work too: its runs' batches, their own dropout masks (each
+    run's generator), the vmapped forward and backward, each run's clip and the one AdamW step,
+    with no host sync (torch.cuda's sync debug mode raises at the first). bf16 and dropout on,
+    what a LaMo pack trains with."""
+    args = run_args(tiny_hdf5, tmp_path / "x", "--dropout", "0.1", "--lora-dropout", "0.1")
+    cfg = lamo.resolve(lamo.parse_args(args)[0])
+    members = [lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", False)
+               for s in range(3)]
+    p = pack.Pack(members)
+    alive = torch.ones(3, dtype=torch.bool, device=CUDA)
+    step = lambda: pack.train_step(p, [run.batcher.sample(cfg.batch_size) for run in members],
+                                   None, alive, cfg, lamo, False)
+    step()                              # lazy initialisation; where the forward drops, recorded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def run_args(tiny_hdf5, out, *extra):
     return ["--env", "hopper-medium-v2", "--data", str(tiny_hdf5), *SMALL, "--device", "cuda",
             "--eval-every", "4", "--eval-episodes", "2", "--eval-max-steps", "50",

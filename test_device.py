@@ -207,6 +207,28 @@ def test_bench_names_the_device_it_measures(monkeypatch):
     assert bench.peak_gb(torch.device("cpu")) is None
 
 
+def test_bench_measures_how_long_a_step_keeps_the_device_busy():
+    """bench.device_busy on the CPU: the time inside operators, each instant counted once though
+    a matmul holds an mm (the union of the profiler's intervals, not their sum): on one thread
+    that is the sum of the operators' self times, and no more than the wall time around it; its
+    top operator by self time is the mm."""
+    import time
+    torch.manual_seed(0)
+    x = torch.randn(600, 600)
+    step = lambda: (x @ x).relu()                   # aten::matmul > aten::mm, then aten::relu
+    t0 = time.perf_counter()
+    busy = bench.device_busy(step, torch.device("cpu"), n=3)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / 3
+    assert 0 < busy["ms"] <= wall_ms
+    assert len(busy["top"]) < 8                                   # every operator is in the top
+    assert busy["ms"] == pytest.approx(sum(ms for _, ms in busy["top"]), rel=1e-6)
+    assert busy["top"][0][0] == "aten::mm" and busy["top"][0][1] <= busy["ms"]
+    failed = bench.busy_or_error(lambda: 1 / 0, torch.device("cpu"))
+    assert failed == {"error": "ZeroDivisionError: division by zero"}
+    assert bench.busy_or_error(lambda: None, torch.device("cpu")) == {      # not a busy 0 ms
+        "error": "RuntimeError: the profiler saw no cpu activity in 3 steps"}
+
+
 def test_the_gpu_checks_report_computes_its_rows(tmp_path):
     """gpu_report.py on a check's files made here: each rate beside one eager run alone, an
     error row, "n/a" for what a step cut short never measured, and Table 3's GPU-hours worked
@@ -221,7 +243,11 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
         "pack_dt_4": 80.0, "pack_eval_16_episodes": 1280, "pack_eval_16_s": 9.0,
         "pack_eval_16_env_steps_per_s": 1000.0}))
     (report / "compare.json").write_text(json.dumps({
-        "compiled_lamo_1": 15.0, "cudagraphs_lamo_16_error": "boom: no graph", "device": "x"}))
+        "compiled_lamo_1": 15.0, "cudagraphs_lamo_16_error": "boom: no graph", "device": "x",
+        "compiled_lamo_16": 200.0, "busy_compiled_lamo_16": {"ms": 48.0, "top": [
+            ["void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>",
+             10.0], ["sm90_gemm", 9.0]]},
+        "busy_cudagraphs_lamo_16": {"error": "RuntimeError: CUPTI"}}))
     (work / "status").write_text("tests 0 90\nbench 124 175\n")
     (work / "tests.log").write_text("fp32: action loss 0.1\nnoise\n11 passed in 84s\n")
     rows = [{"step": s, "steps_per_s": 5.0 if s == 100 else 9.0} for s in range(100, 401, 100)]
@@ -251,6 +277,11 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
         == "150.0 + 8.0"
     assert table["Table 3 projected, packs of 4 LaMo / 4 DT runs: training + evaluation, "
                  "GPU-hours"][0] == "52.5 + 32.0"
+    # what bounds a step: 16 runs at 200 run-steps/s are 80 ms a step, 48 of them busy, 3 a run
+    assert table["LaMo, --compile: a pack of 16"] == [
+        "80.00", "48.00 (60%)", "3.00", "vectorized_elementwise_kernel<4, CUDAFunctor_add> 10.00; "
+        "sm90_gemm 9.00 |"]
+    assert table["LaMo, CUDA graphs: a pack of 16"][:2] == ["n/a", "RuntimeError: CUPTI"]
 
 
 def test_the_gpu_check_stops_in_one_line_without_cuda(tmp_path):

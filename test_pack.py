@@ -548,6 +548,10 @@ def test_bench_compiled_rows_compile_with_their_modes(tiny_hdf5, monkeypatch):
     assert "compiled_lamo_1" in saved[0] and "compiled_lamo_2" not in saved[0]   # kept one by one
     assert modes == ["default", "default", "reduce-overhead", "reduce-overhead"]
     assert list(out)[-2:] == ["cudagraphs_lamo_1", "cudagraphs_lamo_1_peak_gpu_gb"]
+    # what bounds each row's step: the profiler's busy time, and its top operators, for each
+    for row in ("compiled_lamo_1", "compiled_lamo_2", "cudagraphs_lamo_1", "cudagraphs_lamo_2"):
+        busy = out[f"busy_{row}"]
+        assert busy["ms"] > 0 and busy["top"][0][1] > 0, (row, busy)
 
 
 def test_bench_profiles_a_big_pack_by_shape_as_a_pack_of_four(tiny_hdf5):
