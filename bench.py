@@ -250,19 +250,26 @@ def pack_step(cfg, device, batcher, R):
                                 batcher, None, None, {}))
     p = pack.Pack(members)
     alive = torch.ones(R, dtype=torch.bool, device=device)
-    step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)], None,
-                                   alive, cfg, lamo, False)
+    lm_blocks = ([torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)]
+                 * R if cfg.lm_coef else None)                  # lambda > 0: each run's LM batch
+    step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)],
+                                   lm_blocks, alive, cfg, lamo, False)
     return p, step
 
 
 def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict:
-    """Run-steps/s of packs of each size for LaMo (GPT-2 small's shape) and the DT preset; R = 1
-    is one run alone through the pack's path, and the single-run rows above are one run per
+    """Run-steps/s of packs of each size for LaMo (GPT-2 small's shape) and the DT preset, and
+    of LaMo with the (2, 1024) LM batch (Kitchen's lambda = 0.1; "lamo+lm") up to 4 runs; R = 1 is
+    one run alone through the pack's path, and the single-run rows above are one run per
     process."""
-    # what bounds the biggest LaMo pack's step (on a GPU; a CPU's is its compute)
-    out = {f"busy_pack_lamo_{max(sizes)}": {}} if sizes and device.type == "cuda" else {}
-    for name, cfg in (("lamo", lamo_cfg), ("dt", dt_cfg)):
-        for R in sizes:
+    lm_sizes = [R for R in sizes if R <= 4]      # 1 and 4: a run's memory and speed, in seconds
+    # what bounds the biggest LaMo packs' steps (on a GPU; a CPU's is its compute)
+    out = ({f"busy_pack_lamo_{max(sizes)}": {}, f"busy_pack_lamo+lm_{max(lm_sizes)}": {}}
+           if lm_sizes and device.type == "cuda" else {})
+    with_lm = replace(lamo_cfg, lm_coef=0.1)
+    for name, cfg, runs in (("lamo", lamo_cfg, sizes), ("dt", dt_cfg, sizes),
+                            ("lamo+lm", with_lm, lm_sizes)):
+        for R in runs:
             out[f"pack_{name}_{R}"], out[f"pack_{name}_{R}_peak_gpu_gb"] = measured(
                 lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup,
                                              out.get(f"busy_pack_{name}_{R}")), device)
@@ -683,7 +690,7 @@ def main(argv=None):
                     device)[0])
                 save()
         rows += [(f"run-steps/s, pack of {R} {key} runs", f"{res[f'pack_{key}_{R}']:.3f}")
-                 for key in cfgs for R in sizes]
+                 for key in ("lamo", "dt", "lamo+lm") for R in sizes if f"pack_{key}_{R}" in res]
         rows += [(f"run-steps/s, pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention: "
                   f"{k.split('_')[1]}", f"{v:.3f}" if not k.endswith("_error") else "error")
                  for k, v in res.items() if k.startswith("packattn_")]

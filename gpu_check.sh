@@ -16,9 +16,10 @@
 #    preset, evaluation batched vs one at a time, sampling, peak GPU memory per section), with
 #    torch.profiler's top 15 operators of one training step, one evaluation forward and one step
 #    of a pack of 16 (by input shape: of 4), run-steps/s of packs of 1, 4, 8 and 16 runs (pack.py)
-#    for LaMo and DT, the pack of 16 through SDPA's fused kernels (they failed under vmap in torch
-#    2.11), the evaluation with its envs in 1 and N worker processes (--eval-workers), and the
-#    evaluation of a pack of 16 (--pack-eval);
+#    for LaMo and DT, and of 1 and 4 LaMo runs with the (2, 1024) LM batch (Kitchen's), the
+#    pack of 16 through SDPA's fused kernels (they failed under vmap in torch 2.11), the
+#    evaluation with its envs in 1 and N worker processes (--eval-workers), and the evaluation
+#    of a pack of 16 (--pack-eval);
 # 2b. compare: what a pack must beat, or could gain: 1, 4 and 8 LaMo training processes at once
 #    on the GPU (sweep.py --jobs N --gpus 0), LaMo alone and a pack of 16 with --compile, and
 #    both with --compile-mode reduce-overhead (CUDA graphs); with 2, what bounds each LaMo row's

@@ -27,6 +27,7 @@ def figures(report: Path) -> dict:
 
 
 BUSY = {"train_steps_per_s": "LaMo, eager", "pack_lamo": "LaMo, eager",
+        "pack_lamo+lm": "LaMo + (2, 1024) LM batch, eager",
         "compiled_lamo": "LaMo, --compile", "cudagraphs_lamo": "LaMo, CUDA graphs"}
 
 
@@ -68,7 +69,8 @@ def bench_rows(b: dict) -> list[tuple[str, str, str]]:
     """(measurement, value, peak GPU GB) of each of bench.py's figures."""
     val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
     gb = lambda k: val(k, ".2f")
-    alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt")}
+    alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt"),
+             "lamo+lm": b.get("train_steps_per_s_with_lm")}
 
     def times(v, model="lamo"):  # a rate and its ratio to one eager run alone, or an error's start
         if isinstance(v, str):
@@ -91,7 +93,7 @@ def bench_rows(b: dict) -> list[tuple[str, str, str]]:
                f"{v:.3g}", "") for B, v in b.get("train_steps_per_s_by_batch", {}).items()]
     table += [(f"run-steps/s, a pack of {k.split('_')[2]} {k.split('_')[1]} runs (x one run "
                "alone)", times(v, k.split("_")[1]), gb(k + "_peak_gpu_gb"))
-              for k, v in rows(("pack_lamo_", "pack_dt_"))]
+              for k, v in rows(("pack_lamo_", "pack_dt_", "pack_lamo+lm_"))]
     table += [(f"evaluation env-steps/s, a pack of {k.split('_')[2]} LaMo runs, "
                f"{b[k.removesuffix('_env_steps_per_s') + '_episodes']} episodes in one rollout",
                f"{v:.0f}", "") for k, v in rows("pack_eval_") if k.endswith("_env_steps_per_s")]

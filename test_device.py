@@ -241,6 +241,7 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
         "precision": "bf16", "train_steps_per_s": 10.0, "train_peak_gpu_gb": 1.5,
         "train_steps_per_s_dt": 20.0, "pack_lamo_4": 25.0, "pack_lamo_4_peak_gpu_gb": 6.0,
         "pack_dt_4": 80.0, "pack_eval_16_episodes": 1280, "pack_eval_16_s": 9.0,
+        "train_steps_per_s_with_lm": 5.0, "pack_lamo+lm_4": 12.0,
         "pack_eval_16_env_steps_per_s": 1000.0}))
     (report / "compare.json").write_text(json.dumps({
         "compiled_lamo_1": 15.0, "cudagraphs_lamo_16_error": "boom: no graph", "device": "x",
@@ -262,6 +263,7 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
     assert "    fp32: action loss 0.1" in text and "noise" not in text
     assert table["run-steps/s, a pack of 4 lamo runs (x one run alone)"] == ["25 (2.5x)", "6.00 |"]
     assert table["run-steps/s, a pack of 4 dt runs (x one run alone)"][0] == "80 (4.0x)"
+    assert table["run-steps/s, a pack of 4 lamo+lm runs (x one run alone)"][0] == "12 (2.4x)"
     assert table["LaMo with --compile: steps/s of one run alone (x one eager run alone)"][0] \
         == "15 (1.5x)"
     assert table["LaMo with --compile --compile-mode reduce-overhead (CUDA graphs): run-steps/s, "

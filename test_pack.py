@@ -494,6 +494,22 @@ def tiny_bench(tiny_hdf5, **cfg):
     return config, batcher
 
 
+def test_bench_times_packs_of_lamo_with_its_lm_batch(tiny_hdf5):
+    """bench.py's packs: LaMo, DT and LaMo with the LM batch ("lamo+lm", Kitchen's lambda) at
+    each size, every run of the last computing its own LM loss on the tiny GPT-2."""
+    import bench
+    from dataclasses import replace
+    dt, batcher = tiny_bench(tiny_hdf5)
+    cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", n_layer=1, n_head=2,
+                                   n_embd=16, batch_size=4, context_len=5, lm_seq_len=8))
+    out = bench.bench_packs(cfg, dt, torch.device("cpu"), batcher, [1, 2], 1, 0)
+    assert {f"pack_{m}_{R}" for m in ("lamo", "dt", "lamo+lm") for R in (1, 2)} <= set(out)
+    _, step = bench.pack_step(replace(cfg, lm_coef=0.1), torch.device("cpu"), batcher, 2)
+    stats = step()                                  # (runs, 4): action, LM loss, norm, NaN flag
+    assert stats.shape == (2, 4) and (stats[:, 1] > 5).all()          # ~ln(50257) = 10.8
+    assert (bench.pack_step(cfg, torch.device("cpu"), batcher, 2)[1]()[:, 1] == 0).all()
+
+
 def test_bench_reports_an_attention_kernel_that_fails_in_a_pack(tiny_hdf5):
     """bench.py --pack-attention: a kernel vmap cannot use is an error row, not a crash, and
     pack.ATTENTION (None: the pack's own attention) is restored after each kernel."""
