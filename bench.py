@@ -144,6 +144,48 @@ def device_busy(step, device, n=3, top=8) -> dict:
             "top": [[name, us / 1e3 / n] for name, us in own.most_common(top)]}
 
 
+def saved_gib(fn, params=()) -> float:
+    """GiB that autograd keeps for the backward of fn()'s graph, tensor by tensor
+    (saved_tensors_hooks): each storage once, the storages of `params` (held anyway) not."""
+    held = {p.untyped_storage().data_ptr() for p in params}
+    kept = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        fn()
+    return sum(kept.values()) / 2**30
+
+
+def bench_saved(cfg, device, batcher) -> dict:
+    """What each run of a LaMo pack keeps for its backward, in GiB (saved_gib; a pack of 2 less a
+    pack of 1): for the action forward (B=64, K=20) and for the (2, 1024) LM batch's, at bf16, a
+    GPU's precision. Counted, not timed, so the same on any device: the pack's attention is
+    written out (pack.RunDropout), not a device's SDPA kernel."""
+    cfg = replace(cfg, lm_coef=0.1, precision="bf16")
+    block = torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
+
+    def packed(R) -> tuple:
+        p = pack_step(cfg, device, batcher, R)[0]
+        p.template.train()
+        held = [*p.stacked.values(), *p.shared.values(), *p.template.parameters()]
+        x = pack.Batch(*(torch.stack(t) for t in zip(*[batcher.sample(cfg.batch_size)[:5]
+                                                        for _ in range(R)])))   # (R, B, K, ...)
+        p.seed_dropout()
+        return (saved_gib(lambda: p.forward(x.states, x.actions, x.rtg, x.timesteps, x.mask),
+                          held),
+                saved_gib(lambda: p.lm_losses(lamo.lm_loss, torch.stack([block] * R),
+                                              p.template.precision), held))
+    one = packed(1)
+    free(device)
+    two = packed(2)
+    return {"saved_pack_action_gib_per_run": two[0] - one[0],
+            "saved_pack_lm_gib_per_run": two[1] - one[1]}
+
+
 def busy_or_error(step, device) -> dict:
     """device_busy, or {"error": its first line}: the profiler failing (say, on CUDA graphs) must
     not cost the rate measured before it."""
@@ -635,6 +677,9 @@ def main(argv=None):
     p.add_argument("--eval-workers", type=int, nargs="*", default=None,
                    help="worker-process counts for the evaluation's envs (default: 1 and the "
                         "cores available, or 2)")
+    p.add_argument("--saved", action="store_true",
+                   help="also the GiB each run of a LaMo pack keeps for its backward, for the "
+                        "action and the LM batch (counted, the same on any device)")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     device = lamo.pick_device(a.device)
@@ -740,6 +785,12 @@ def main(argv=None):
                  ("  ratio loop / vectorised", f"{res['ratio_sampling_vectorised_vs_loop']:.0f}x"),
                  ("Atari batch sampling ms, B=128 K=30: official loop / vectorised",
                   f"{res['atari_sample_loop_ms']:.0f} / {res['atari_sample_vectorised_ms']:.0f}")]
+    if a.saved:                             # what a run keeps for its backward, counted
+        res.update(bench_saved(lamo_cfg, device, batcher))
+        save()
+        rows += [("GiB kept for the backward, each run of a LaMo pack: action / LM batch",
+                  f"{res['saved_pack_action_gib_per_run']:.2f} / "
+                  f"{res['saved_pack_lm_gib_per_run']:.2f}")]
     if a.compiled:                          # --compile: LaMo alone and a pack
         bench_compiled(lamo_cfg, device, batcher, a.compiled, steps, res, save)
         rows += [(f"LaMo, --compile: run-steps/s, pack of {a.compiled}",

@@ -51,9 +51,10 @@ PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
 ATTENTION = None
 
 
-def over_runs(fn, params, drops: list, *args):
+def over_runs(fn, params, drops: list, *args, recompute: bool = False):
     """fn(params, *args) for each run, vmapped over the run axis (dim 0 of each), under RunDropout
-    with the run's rows of the keep-masks `drops` (none without dropout). Its attention is
+    with the run's rows of the keep-masks `drops` (none without dropout); with `recompute`, its
+    attention keeps only its inputs for the backward (Recomputed). Its attention is
     written out in plain ops (RunDropout.attention: softmax(q k^T) v in fp32, what SDPA's math
     kernel computes), not one of SDPA's kernels, none of which serves a pack on CUDA (torch
     2.11): under vmap the memory-efficient kernel fails in its backward ("LSE is not correctly
@@ -64,7 +65,7 @@ def over_runs(fn, params, drops: list, *args):
     (README, "Packs"), which --compile fuses. randomness="error": dropout's masks come in drawn
     (RunDropout), so a random draw inside would be a bug."""
     def one(params, drops, *args):
-        with RunDropout(drops):
+        with RunDropout(drops, recompute):
             return fn(params, *args)
     with sdpa_kernel(ATTENTION) if ATTENTION else contextlib.nullcontext():
         return vmap(one, randomness="error")(params, drops, *args)
@@ -82,11 +83,13 @@ class RunDropout(TorchFunctionMode):
     padding mask), dropped, times v, in fp32, what SDPA's math kernel computes. Each mask must
     have its dropout's shape, and the forward must use them all: else an error, not a silent
     broadcast. masks=None records each dropout's (shape, p) instead and drops nothing: how
-    Pack.drop_masks learns the forward's."""
+    Pack.drop_masks learns the forward's. recompute: the attention through Recomputed, which
+    keeps its inputs, not its (T, T) scores, for the backward (the LM batch's 1,024 tokens)."""
 
-    def __init__(self, masks: list | None):
+    def __init__(self, masks: list | None, recompute: bool = False):
         super().__init__()
         self.masks = masks
+        self.recompute = recompute
         self.sites = []                                  # (shape, p) of each dropout met
 
     def keep(self, shape, p: float):                    # -> this dropout's keep-mask, or None
@@ -121,19 +124,10 @@ class RunDropout(TorchFunctionMode):
         device = q.device.type
         if torch.is_autocast_enabled(device):        # what SDPA gets under autocast, fp32 or not
             q, k, v = (x.to(torch.get_autocast_dtype(device)) for x in (q, k, v))
-        # As the math kernel: in fp32 whatever the autocast (it upcasts bf16), q and k each
-        # scaled by sqrt(scale); a fully masked (padding) row gets a finite min, not -inf.
-        s = math.sqrt(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
         with torch.autocast(device, enabled=False):
-            att = (q.float() * s) @ (k.float().transpose(-2, -1) * s)           # (B, nh, T, T)
-            if is_causal:
-                attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
-            if attn_mask is not None:                            # bool, True = attend
-                att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)
-            att = att.softmax(-1)
-            if keep is not None:                                     # not recording
-                att = kept(att, keep, dropout_p)
-            return (att @ v.float()).to(q.dtype)
+            if self.recompute:
+                return Recomputed.apply(q, k, v, attn_mask, is_causal, keep, dropout_p, scale)
+            return math_attention(q, k, v, attn_mask, is_causal, keep, dropout_p, scale)
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
@@ -148,6 +142,53 @@ class RunDropout(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self.attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def math_attention(q, k, v, attn_mask, is_causal: bool, keep, p: float, scale
+                   ) -> torch.Tensor:
+    """softmax(q k^T scale, masked) v with dropout's keep-mask `keep` (None: no dropout), as SDPA's
+    math kernel computes it: in fp32 whatever the inputs (it upcasts bf16), q and k each scaled by
+    sqrt(scale); a fully masked (padding) row gets a finite min, not -inf. (B, nh, T, hd) x 3 ->
+    (B, nh, T, hd) in q's dtype."""
+    s = math.sqrt(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    att = (q.float() * s) @ (k.float().transpose(-2, -1) * s)                 # (B, nh, T, T)
+    if is_causal:
+        attn_mask = torch.ones(att.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:                                    # bool, True = attend
+        att = att.masked_fill(~attn_mask, torch.finfo(att.dtype).min)
+    att = att.softmax(-1)
+    if keep is not None:
+        att = kept(att, keep, p)
+    return (att @ v.float()).to(q.dtype)
+
+
+class Recomputed(torch.autograd.Function):
+    """math_attention() that keeps only its inputs for the backward and computes its (T, T) scores
+    again there. Autograd would keep the softmax's fp32 output, its dropped fp32 copy and fp32
+    q, k and v: for the LM batch's 1,024 tokens, 216 MiB a layer and run beside 24 MiB of
+    keep-mask, where SDPA's fused kernel in a run alone keeps none of it. Same forward; its
+    backward is math_attention's own (torch.func.vjp of the same ops), so the gradients are
+    autograd's bit for bit (tested); the price is one more forward of the attention. A Function,
+    not torch.utils.checkpoint, which fails under vmap: generate_vmap_rule runs this under it."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, attn_mask, is_causal, keep, p, scale):
+        return math_attention(q, k, v, attn_mask, is_causal, keep, p, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, ctx.is_causal, keep, ctx.p, ctx.scale = inputs
+        ctx.save_for_backward(q, k, v, attn_mask, keep)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, attn_mask, keep = ctx.saved_tensors
+        again = lambda q, k, v: math_attention(q, k, v, attn_mask, ctx.is_causal, keep, ctx.p,
+                                               ctx.scale)
+        with torch.autocast(q.device.type, enabled=False):       # as the forward ran
+            _, vjp = torch.func.vjp(again, q, k, v)
+            return *vjp(grad), None, None, None, None, None
 
 
 def kept(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -297,8 +338,10 @@ class Pack:
         params = params or self.stacked
         record = lambda: through(self.first_run(params), blocks[0])
         drops = self.drop_masks(params, ("lm", blocks.shape[1:]), record)
+        # The LM batch's attention recomputed in the backward: its scores kept would be 2.53 GiB
+        # a run over 1,024 tokens, more than the rest of the run.
         return over_runs(lambda params, block: through(self.weights(params), block), params,
-                         drops, blocks)
+                         drops, blocks, recompute=True)
 
     def clip_(self, max_norm: float) -> torch.Tensor:
         """torch.nn.utils.clip_grad_norm_ per run: each run's gradients are scaled by its own

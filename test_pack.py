@@ -233,6 +233,35 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
             F.dropout(x, 0.3, training=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lm_batchs_attention_keeps_its_inputs_and_recomputes_the_rest(dtype):
+    """pack.Recomputed (a pack's LM forward): under vmap over 3 runs, with each run's keep-mask
+    and a padding mask, the output and the gradients of q, k and v are math_attention's through
+    autograd bit for bit, fp32 and bf16 in; for the backward it keeps its inputs (q, k, v, the
+    masks), where autograd keeps the fp32 scores, their dropped copy and fp32 q, k, v too."""
+    from torch.func import vmap
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 16, 8).to(dtype).requires_grad_() for _ in range(3))
+    keep = torch.rand(3, 2, 4, 16, 16) > 0.1
+    attend = torch.ones(16, 16).bool().tril() & (torch.arange(16) > 2)        # left padding
+    kept_bytes = {}
+    grads = {}
+    for name, fn in (("autograd", pack.math_attention), ("recomputed", pack.Recomputed.apply)):
+        saved = {}
+        def hold(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(hold, lambda t: t):
+            out = vmap(lambda q, k, v, keep: fn(q, k, v, attend, False, keep, 0.1, None))(
+                q, k, v, keep)
+        kept_bytes[name] = sum(saved.values())
+        grads[name] = (out, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    assert out.dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(grads["autograd"], grads["recomputed"]))
+    inputs = sum(x.untyped_storage().nbytes() for x in (q, k, v, keep, attend))
+    assert kept_bytes["recomputed"] == inputs < kept_bytes["autograd"]
+
+
 def test_a_bf16_pack_keeps_the_body_in_bf16(tiny_hdf5, hf_tiny, tmp_path):
     """Under bf16 a pack's attention and MLP layers give bf16, as a run's alone do: vmap's
     F.linear adds the bias after autocast's matmul, and an fp32 bias would make them fp32 (twice
@@ -494,9 +523,10 @@ def tiny_bench(tiny_hdf5, **cfg):
     return config, batcher
 
 
-def test_bench_times_packs_of_lamo_with_its_lm_batch(tiny_hdf5):
+def test_bench_times_packs_of_lamo_with_its_lm_batch(tiny_hdf5, monkeypatch):
     """bench.py's packs: LaMo, DT and LaMo with the LM batch ("lamo+lm", Kitchen's lambda) at
-    each size, every run of the last computing its own LM loss on the tiny GPT-2."""
+    each size, every run of the last computing its own LM loss on the tiny GPT-2, its attention
+    (and only the LM batch's) through pack.Recomputed."""
     import bench
     from dataclasses import replace
     dt, batcher = tiny_bench(tiny_hdf5)
@@ -504,9 +534,18 @@ def test_bench_times_packs_of_lamo_with_its_lm_batch(tiny_hdf5):
                                    n_embd=16, batch_size=4, context_len=5, lm_seq_len=8))
     out = bench.bench_packs(cfg, dt, torch.device("cpu"), batcher, [1, 2], 1, 0)
     assert {f"pack_{m}_{R}" for m in ("lamo", "dt", "lamo+lm") for R in (1, 2)} <= set(out)
+    calls, recomputed = [], pack.Recomputed
+
+    class Counted(recomputed):
+        @staticmethod
+        def forward(*args):
+            calls.append(args[0].shape[-2])                          # T: the LM batch's 8
+            return recomputed.forward(*args)
+    monkeypatch.setattr(pack, "Recomputed", Counted)
     _, step = bench.pack_step(replace(cfg, lm_coef=0.1), torch.device("cpu"), batcher, 2)
     stats = step()                                  # (runs, 4): action, LM loss, norm, NaN flag
     assert stats.shape == (2, 4) and (stats[:, 1] > 5).all()          # ~ln(50257) = 10.8
+    assert calls and set(calls) == {8}              # one layer, its record and its forward
     assert (bench.pack_step(cfg, torch.device("cpu"), batcher, 2)[1]()[:, 1] == 0).all()
 
 
