@@ -751,6 +751,34 @@ def test_nan_stops_and_ctrl_c_saves(tiny_hdf5, monkeypatch, tmp_path):
     assert json.loads((tmp_path / "int" / "summary.json").read_text())["step"] == 40
 
 
+def test_resume_cuts_what_came_after_its_checkpoint(tiny_hdf5, tmp_path, monkeypatch):
+    """--resume: metrics.jsonl loses the rows written after the checkpoint (a run killed between
+    checkpoints) and the run's history is the checkpoint's evaluations; a dataset whose --frac
+    subset changed is refused; --eval-only takes its allowed overrides (--targets). A NaN between
+    a logging step and an evaluation stops the run before it checkpoints."""
+    out = tmp_path / "r"
+    base = ["--model", "dt", "--n-layer", "1", "--data", str(tiny_hdf5), "--steps", "4",
+            "--eval-every", "2", "--eval-episodes", "1", "--targets", "100",
+            "--eval-max-steps", "20"]
+    lamo.main([*base, "--log-every", "1", "--out", str(out)])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "action_loss": 1.0}) + "\n")
+    run = lamo.start_run(*lamo.load_saved_config({"resume": str(out)}), resume=True)
+    assert [h["step"] for h in run.history] == [2, 4]
+    assert [m["step"] for m in read_metrics(out)][-1] == 4
+    assert list(lamo.main(["--eval-only", str(out / "ckpt.pt"), "--targets", "50,20"])) == [
+        "50", "20"]
+    subset = json.loads((out / "subset.json").read_text())
+    (out / "subset.json").write_text(json.dumps({**subset, "indices": subset["indices"][:-1]}))
+    with pytest.raises(SystemExit, match="its --frac subset differs"):
+        lamo.main(["--resume", str(out), "--steps", "6"])
+    real = lamo.action_loss
+    monkeypatch.setattr(lamo, "action_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(SystemExit, match="It saved no checkpoint before that"):
+        lamo.main([*base, "--log-every", "50", "--out", str(tmp_path / "nan")])
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
+
+
 def collect_with_gains(path, episodes, max_steps, seed):
     """A D4RL-layout hdf5 of Hopper-v4 episodes, each driven by k x (the PD controller of data.py's
     collector) + 10% uniform noise, k drawn per episode in [-1, 1]: k near 1 stands (return ~300 in

@@ -65,7 +65,13 @@ def test_a_pack_of_three_equals_each_run_alone(tiny_hdf5, tmp_path):
         assert rel(losses(folder), losses(tmp_path / f"alone{seed}")) < 1e-5
         ckpt = torch.load(folder / "ckpt.pt", weights_only=False)
         assert ckpt["config"]["seed"] == seed and ckpt["step"] == 50
-        assert ckpt["optimizer"]["state"], "the run's own AdamW state is in its checkpoint"
+        assert json.loads((folder / "summary.json").read_text())["seed"] == seed
+        # the run's own AdamW state in its checkpoint: the moments its run alone has
+        alone = torch.load(tmp_path / f"alone{seed}" / "ckpt.pt", weights_only=False)
+        for i, state in alone["optimizer"]["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(ckpt["optimizer"]["state"][i][moment], state[moment],
+                                           rtol=1e-3, atol=1e-7)
     assert losses(tmp_path / "pk" / "s0") != losses(tmp_path / "pk" / "s1")
     # A run of a pack is a run: --eval-only reproduces its stored evaluation, up to the rounding
     # of the pack's batched forward (its actions: the test below).
@@ -547,6 +553,23 @@ def test_bench_times_packs_of_lamo_with_its_lm_batch(tiny_hdf5, monkeypatch):
     assert stats.shape == (2, 4) and (stats[:, 1] > 5).all()          # ~ln(50257) = 10.8
     assert calls and set(calls) == {8}              # one layer, its record and its forward
     assert (bench.pack_step(cfg, torch.device("cpu"), batcher, 2)[1]()[:, 1] == 0).all()
+
+
+def test_bench_counts_what_a_packs_run_keeps_for_its_backward(tiny_hdf5, monkeypatch):
+    """bench.py --saved on the tiny GPT-2: each run of a pack keeps some GiB for its action
+    forward and for its LM batch, and more for the LM batch with its attention's scores kept
+    (pack.Recomputed swapped for plain math_attention) than recomputed."""
+    import bench
+    _, batcher = tiny_bench(tiny_hdf5)
+    cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", n_layer=1, n_head=2,
+                                   n_embd=16, batch_size=4, context_len=5, lm_seq_len=64))
+    recomputed = bench.bench_saved(cfg, torch.device("cpu"), batcher)
+    assert recomputed["saved_pack_action_gib_per_run"] > 0
+    monkeypatch.setattr(pack, "Recomputed",
+                        type("Kept", (), {"apply": staticmethod(pack.math_attention)}))
+    kept = bench.bench_saved(cfg, torch.device("cpu"), batcher)
+    assert kept["saved_pack_action_gib_per_run"] == recomputed["saved_pack_action_gib_per_run"]
+    assert 0 < recomputed["saved_pack_lm_gib_per_run"] < kept["saved_pack_lm_gib_per_run"]
 
 
 def test_bench_reports_an_attention_kernel_that_fails_in_a_pack(tiny_hdf5):
