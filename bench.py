@@ -304,10 +304,11 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
     of LaMo with the (2, 1024) LM batch (Kitchen's lambda = 0.1; "lamo+lm") up to 4 runs; R = 1 is
     one run alone through the pack's path, and the single-run rows above are one run per
     process."""
-    lm_sizes = [R for R in sizes if R <= 4]      # 1 and 4: a run's memory and speed, in seconds
-    # what bounds the biggest LaMo packs' steps (on a GPU; a CPU's is its compute)
-    out = ({f"busy_pack_lamo_{max(sizes)}": {}, f"busy_pack_lamo+lm_{max(lm_sizes)}": {}}
-           if lm_sizes and device.type == "cuda" else {})
+    lm_sizes = [R for R in sizes if R <= 4]      # two points of its memory line, in seconds
+    out = {}
+    if device.type == "cuda":       # what bounds the biggest LaMo packs' steps (a CPU's: compute)
+        out.update({f"busy_pack_{name}_{max(Rs)}": {} for name, Rs in (("lamo", sizes),
+                                                                     ("lamo+lm", lm_sizes)) if Rs})
     with_lm = replace(lamo_cfg, lm_coef=0.1)
     for name, cfg, runs in (("lamo", lamo_cfg, sizes), ("dt", dt_cfg, sizes),
                             ("lamo+lm", with_lm, lm_sizes)):
