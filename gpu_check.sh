@@ -65,11 +65,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 # QUICK=1: tests, bench and compare in one call under 10 minutes (585 s of limits), for a session
 # whose device time is 15 minutes with the machine's start: bench leaves out what no pack changes
 # (evaluation, sampling) and the fused kernels that failed under vmap; compare, the processes
-# (4 at once: 2.5x one run on an H100). On an H100 the three took 99, 160 and 223 s, with
-# 4 processes, a profile that failed, and before the CUDA-graph pack's test and row: these
-# limits are a guess, not yet run.
+# (4 at once: 2.5x one run on an H100), and B=1024 (measured once: 8.15 steps/s). On an H100
+# the three took 99, 160 and 223 s, with 4 processes and B=1024, a profile that failed, and
+# before the CUDA-graph pack's test and row, the LM packs and the busy profiles: these limits are
+# a guess, not yet run.
 if [[ ${QUICK:-0} == 1 ]]; then
-    LIMITS=(135 190 260) BENCH=(--sections train packs --batch-sizes 1024) PROCS=()
+    LIMITS=(125 200 260) BENCH=(--sections train packs) PROCS=()
 else
     LIMITS=(150 230 420) BENCH=(--batch-sizes 256 1024 --pack-attention cudnn flash efficient)
     PROCS=(1 4 8)

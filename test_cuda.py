@@ -81,17 +81,10 @@ def test_batchers_on_cuda_equal_cpu(tiny_hdf5, tmp_path):
         assert y.device.type == "cuda" and torch.equal(x, y.cpu())
 
 
-def test_training_step_and_sampling_never_wait_for_the_gpu(tiny_hdf5):
-    """The hot path queues its work and returns: no host sync in sampling (pinned, non-blocking
-    copies) or in a training step (losses, grad norm and the NaN flag stay on the device).
-    torch.cuda's sync debug mode raises at the first synchronising call."""
-    trajs = data.load_trajectories(tiny_hdf5, 11, 3)
-    cfg = small_cfg("bf16")
-    model = lamo.build_model(cfg, HOPPER, "bf16").to(CUDA)
-    params, opt = lamo.make_optimizer(model, cfg, CUDA)
-    batcher = data.TrajectoryBatcher(trajs, 5, 1000, 1000.0, seed=0, device=CUDA)
-    step = lambda: lamo.train_step(model, model, opt, params, batcher.sample(8), None, cfg, False)
-    step()                                                           # lazy initialisation
+def never_waits(step):
+    """step() once (lazy initialisation), then three times under torch.cuda's sync debug mode,
+    which raises at the first synchronising call."""
+    step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -101,11 +94,22 @@ def test_training_step_and_sampling_never_wait_for_the_gpu(tiny_hdf5):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def test_training_step_and_sampling_never_wait_for_the_gpu(tiny_hdf5):
+    """The hot path queues its work and returns: no host sync in sampling (pinned, non-blocking
+    copies) or in a training step (losses, grad norm and the NaN flag stay on the device)."""
+    trajs = data.load_trajectories(tiny_hdf5, 11, 3)
+    cfg = small_cfg("bf16")
+    model = lamo.build_model(cfg, HOPPER, "bf16").to(CUDA)
+    params, opt = lamo.make_optimizer(model, cfg, CUDA)
+    batcher = data.TrajectoryBatcher(trajs, 5, 1000, 1000.0, seed=0, device=CUDA)
+    step = lambda: lamo.train_step(model, model, opt, params, batcher.sample(8), None, cfg, False)
+    never_waits(step)
+
+
 def test_a_packs_training_step_never_waits_for_the_gpu(tiny_hdf5, tmp_path):
     """A pack's hot path queues its work too: its runs' batches, their own dropout masks (each
     run's generator), the vmapped forward and backward, each run's clip and the one AdamW step,
-    with no host sync (torch.cuda's sync debug mode raises at the first). bf16 and dropout on,
-    what a LaMo pack trains with."""
+    with no host sync. bf16 and dropout on, what a LaMo pack trains with."""
     args = run_args(tiny_hdf5, tmp_path / "x", "--dropout", "0.1", "--lora-dropout", "0.1")
     cfg = lamo.resolve(lamo.parse_args(args)[0])
     members = [lamo.start_run(lamo.replace(cfg, seed=s), tmp_path / f"s{s}", False)
@@ -114,14 +118,7 @@ def test_a_packs_training_step_never_waits_for_the_gpu(tiny_hdf5, tmp_path):
     alive = torch.ones(3, dtype=torch.bool, device=CUDA)
     step = lambda: pack.train_step(p, [run.batcher.sample(cfg.batch_size) for run in members],
                                    None, alive, cfg, lamo, False)
-    step()                              # lazy initialisation; where the forward drops, recorded
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    never_waits(step)                   # its first step records where the forward drops
 
 
 def run_args(tiny_hdf5, out, *extra):
