@@ -123,15 +123,22 @@ def device_busy(step, device, n=3, top=8) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
     # On CUDA the kernels alone: the host's operators would be tens of thousands of events a
-    # pack's step for the profiler to parse, and say nothing of the device's time.
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(n):
-            step()
-        sync(device)
-    events = [e for e in prof.events() if e.device_type == (DeviceType.CUDA if cuda
-                                                            else DeviceType.CPU)]
-    if not events:
+    # pack's step for the profiler to parse, and say nothing of the device's time. Some torch
+    # builds record no kernels without CPU activity too: then once more with it.
+    for activities in ([[ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]]
+                       if cuda else [[ProfilerActivity.CPU]]):
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                step()
+            sync(device)
+        # record_function's ranges (the optimizer's step) span their gaps too: not busy time
+        events = [e for e in prof.events() if e.device_type == kind
+                  and not getattr(e, "is_user_annotation", False)]
+        if events:
+            break
+    else:
         raise RuntimeError(f"the profiler saw no {device.type} activity in {n} steps")
     busy, end = 0.0, -math.inf                       # the union of the events' intervals, in us
     for start, stop in sorted((e.time_range.start, e.time_range.end) for e in events):
@@ -695,7 +702,7 @@ def main(argv=None):
     trajs = synthetic_hopper()
     batcher = TrajectoryBatcher(trajs, 20, 1000, 1000.0, seed=0, device=device)
     res = {"device": name if gpu else f"cpu ({torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "train_steps_timed": steps,
+           "torch": torch.__version__, "train_steps_timed": steps, "compile": a.compile,
            "precision": lamo.resolve_precision(lamo_cfg.precision, device),
            "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt", "eval_max_steps": max_steps}
     n_seq = a.eval_sequential or (16 if gpu else a.eval_episodes)

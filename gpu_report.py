@@ -26,8 +26,8 @@ def figures(report: Path) -> dict:
     return b
 
 
-BUSY = {"train_steps_per_s": "LaMo, eager", "pack_lamo": "LaMo, eager",
-        "pack_lamo+lm": "LaMo + (2, 1024) LM batch, eager",
+BUSY = {"train_steps_per_s": "LaMo", "pack_lamo": "LaMo",
+        "pack_lamo+lm": "LaMo + (2, 1024) LM batch",
         "compiled_lamo": "LaMo, --compile", "cudagraphs_lamo": "LaMo, CUDA graphs"}
 
 
@@ -44,11 +44,13 @@ def busy_rows(b: dict, top: int = 3) -> list[tuple[str, str, str, str, str]]:
         alone = row == "train_steps_per_s"
         runs = 1 if alone else int(row.split("_")[2])
         pack = row.startswith("pack_") or runs > 1
-        name = (f"{BUSY[row if alone else row.rsplit('_', 1)[0]]}: "
-                + (f"a pack of {runs}" if pack else "one run alone"))
+        kind = BUSY[row if alone else row.rsplit('_', 1)[0]]
+        if not row.startswith(("compiled_", "cudagraphs_")):   # bench.py's own rows
+            kind += ", --compile" if b.get("compile") else ", eager"
+        name = f"{kind}: " + (f"a pack of {runs}" if pack else "one run alone")
         rate = b.get(row)
         if "error" in busy or not isinstance(rate, (int, float)):
-            rows.append((name, "n/a", busy.get("error", "n/a")[:60], "", ""))
+            rows.append((name, "n/a", busy.get("error", "n/a")[:60].replace("|", "/"), "", ""))
             continue
         wall = 1e3 * runs / rate
         kernels = "; ".join(f"{short(n)} {ms:.2f}" for n, ms in busy["top"][:top])

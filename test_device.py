@@ -241,14 +241,15 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
         "precision": "bf16", "train_steps_per_s": 10.0, "train_peak_gpu_gb": 1.5,
         "train_steps_per_s_dt": 20.0, "pack_lamo_4": 25.0, "pack_lamo_4_peak_gpu_gb": 6.0,
         "pack_dt_4": 80.0, "pack_eval_16_episodes": 1280, "pack_eval_16_s": 9.0,
-        "train_steps_per_s_with_lm": 5.0, "pack_lamo+lm_4": 12.0,
+        "train_steps_per_s_with_lm": 5.0, "pack_lamo+lm_4": 12.0, "compile": False,
+        "busy_pack_lamo_4": {"ms": 40.0, "top": []},
         "pack_eval_16_env_steps_per_s": 1000.0}))
     (report / "compare.json").write_text(json.dumps({
         "compiled_lamo_1": 15.0, "cudagraphs_lamo_16_error": "boom: no graph", "device": "x",
         "compiled_lamo_16": 200.0, "busy_compiled_lamo_16": {"ms": 48.0, "top": [
             ["void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>",
              10.0], ["sm90_gemm", 9.0]]},
-        "busy_cudagraphs_lamo_16": {"error": "RuntimeError: CUPTI"}}))
+        "busy_cudagraphs_lamo_16": {"error": "RuntimeError: CUPTI | x"}}))
     (work / "status").write_text("tests 0 90\nbench 124 175\n")
     (work / "tests.log").write_text("fp32: action loss 0.1\nnoise\n11 passed in 84s\n")
     rows = [{"step": s, "steps_per_s": 5.0 if s == 100 else 9.0} for s in range(100, 401, 100)]
@@ -283,7 +284,8 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
     assert table["LaMo, --compile: a pack of 16"] == [
         "80.00", "48.00 (60%)", "3.00", "vectorized_elementwise_kernel<4, CUDAFunctor_add> 10.00; "
         "sm90_gemm 9.00 |"]
-    assert table["LaMo, CUDA graphs: a pack of 16"][:2] == ["n/a", "RuntimeError: CUPTI"]
+    assert table["LaMo, CUDA graphs: a pack of 16"][:2] == ["n/a", "RuntimeError: CUPTI / x"]
+    assert table["LaMo, eager: a pack of 4"][:3] == ["160.00", "40.00 (25%)", "10.00"]
 
 
 def test_the_gpu_check_stops_in_one_line_without_cuda(tmp_path):

@@ -47,7 +47,8 @@ fi
 HOST=$(hostname -s)
 mkdir -p "$WORK/spool" "$WORK/state"
 export SLURM_CONF="$WORK/slurm.conf"
-MEMORY=$(free -m | awk '/^Mem:/ {print int($2 * 0.8)}')     # MB for Slurm: 80% of this machine's
+MEMORY=$(free -m | awk '/^Mem:/ {print int($2 * 0.8)}') \
+    || fail "free -m failed"                     # MB for Slurm: 80% of this machine's memory
 cat > "$SLURM_CONF" <<EOF
 ClusterName=lamo-check
 SlurmctldHost=$HOST
@@ -119,7 +120,7 @@ echo "requeued ${job}_0 after its first checkpoint"
 for _ in $(seq 900); do
     [ -z "$(squeue -h -j "$job,$agg" 2>/dev/null)" ] && break; sleep 1
 done
-queued=$(squeue -h -j "$job,$agg" 2>/dev/null) || true     # ended jobs: "Invalid job id"
+queued=$(squeue -h -j "$job,$agg") || true     # jobs ended long ago: "Invalid job id"
 [ -z "$queued" ] || fail "jobs still queued after 15 minutes: $queued"
 
 # ---------------------------------------------------------------- checks
