@@ -173,14 +173,13 @@ def bench_saved(cfg, device, batcher) -> dict:
     GPU's precision. Counted, not timed, so the same on any device: the pack's attention is
     written out (pack.RunDropout), not a device's SDPA kernel."""
     cfg = replace(cfg, lm_coef=0.1, precision="bf16")
-    block = torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
+    block = lm_block(cfg, device)
 
     def packed(R) -> tuple:
         p = pack_step(cfg, device, batcher, R)[0]
         p.template.train()
         held = [*p.stacked.values(), *p.shared.values(), *p.template.parameters()]
-        x = pack.Batch(*(torch.stack(t) for t in zip(*[batcher.sample(cfg.batch_size)[:5]
-                                                        for _ in range(R)])))   # (R, B, K, ...)
+        x = pack.stacked([batcher.sample(cfg.batch_size) for _ in range(R)])   # (R, B, K, ...)
         p.seed_dropout()
         return (saved_gib(lambda: p.forward(x.states, x.actions, x.rtg, x.timesteps, x.mask),
                           held),
@@ -191,6 +190,20 @@ def bench_saved(cfg, device, batcher) -> dict:
     two = packed(2)
     return {"saved_pack_action_gib_per_run": two[0] - one[0],
             "saved_pack_lm_gib_per_run": two[1] - one[1]}
+
+
+def lm_block(cfg, device) -> torch.Tensor:
+    """A random LM batch of cfg's shape, (lm_batch, lm_seq_len + 1) token ids."""
+    return torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
+
+
+def run_steps_per_s(step, runs: int, steps, device, warmup, busy: dict | None) -> float:
+    """runs x step()'s rate over `steps` timed calls; with a dict `busy`, device_busy's figures
+    (or its error) into it, after the timing."""
+    rate = runs / timed(step, steps, device, warmup=warmup)
+    if busy is not None:
+        busy.update(busy_or_error(step, device))
+    return rate
 
 
 def busy_or_error(step, device) -> dict:
@@ -227,14 +240,10 @@ def train_steps_per_s(cfg, device, batcher, steps, warmup, busy: dict | None = N
     torch.manual_seed(0)
     model, params, opt = new_model(cfg, device)
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    lm_block = (torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
-                if cfg.lm_coef else None)
+    block = lm_block(cfg, device) if cfg.lm_coef else None
     step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
-                                   lm_block, cfg, False)
-    rate = 1 / timed(step, steps, device, warmup=warmup)
-    if busy is not None:
-        busy.update(busy_or_error(step, device))
-    return rate
+                                   block, cfg, False)
+    return run_steps_per_s(step, 1, steps, device, warmup, busy)
 
 
 def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
@@ -258,10 +267,7 @@ def pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup, busy: dict | No
     """Run-steps/s of a pack of R runs (R x its steps/s), each on its own batch; with a dict
     `busy`, device_busy's figures for one step of the pack into it."""
     _, step = pack_step(cfg, device, batcher, R)
-    rate = R / timed(step, steps, device, warmup=warmup)
-    if busy is not None:
-        busy.update(busy_or_error(step, device))
-    return rate
+    return run_steps_per_s(step, R, steps, device, warmup, busy)
 
 
 ATTENTION = {"math": "MATH", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
@@ -299,8 +305,7 @@ def pack_step(cfg, device, batcher, R):
                                 batcher, None, None, {}))
     p = pack.Pack(members)
     alive = torch.ones(R, dtype=torch.bool, device=device)
-    lm_blocks = ([torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)]
-                 * R if cfg.lm_coef else None)                  # lambda > 0: each run's LM batch
+    lm_blocks = [lm_block(cfg, device)] * R if cfg.lm_coef else None   # lambda > 0: each run's
     step = lambda: pack.train_step(p, [batcher.sample(cfg.batch_size) for _ in range(R)],
                                    lm_blocks, alive, cfg, lamo, False)
     return p, step

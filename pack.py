@@ -380,9 +380,14 @@ class Pack:
         return [n for n, p in run.model.named_parameters() if p.requires_grad]
 
 
+def stacked(batches: list[Batch]) -> Batch:
+    """R runs' batches as one, each field (R, B, K, ...)."""
+    return Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))
+
+
 def losses(pack: Pack, batches: list[Batch], lm_blocks, lamo, discrete: bool, params=None):
     """Each run's action loss and LM loss. -> two (R,) tensors."""
-    b = Batch(*(torch.stack(x) for x in list(zip(*batches))[:5]))            # (R, B, K, ...)
+    b = stacked(batches)                                                     # (R, B, K, ...)
     pred = pack.forward(b.states, b.actions, b.rtg, b.timesteps, b.mask, params)
     per_run_loss = vmap(functools.partial(lamo.action_loss, discrete=discrete))
     loss_action = per_run_loss(pred, b.actions, b.mask)                          # (R,)
