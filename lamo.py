@@ -942,7 +942,8 @@ def pack_members(folders: list[Path], extend: bool) -> list[Path]:
 
 def pack_runs(cfg: Config, given: dict) -> list[tuple[Config, Path]]:
     """The runs a new command asks for: each per-run flag (pack.PER_RUN) takes one value for every
-    run or one value per run, so `--seed 0 1 2` is three runs and `--frac 0.1 1 --seed 0 0` two.
+    run or one value per run, so `--seed 0 1 2` is three runs and `--frac 0.1 1 --seed 0 0` two
+    (`--lr 1e-4 3e-4 --out o`: o/lr0.0001 and o/lr0.0003).
     With one --out and several runs, --out holds a folder per run, named by what differs."""
     lists = {k: given[k] for k in pack.PER_RUN if isinstance(given.get(k), list)}
     R = max(map(len, lists.values()), default=1)
@@ -954,18 +955,21 @@ def pack_runs(cfg: Config, given: dict) -> list[tuple[Config, Path]]:
                             f"for every run, or one per run")
     cfgs = [replace(cfg, **{k: v[r] for k, v in lists.items()}) for r in range(R)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    differ = [k for k in ("frac", "frac_seed", "seed") if k in lists]
-    short = {"frac": "f", "frac_seed": "fs", "seed": "s"}
-    def name(c):
-        return "_".join(f"{short[k]}{getattr(c, k):g}" for k in differ or ["seed"])
+    short = {"frac": "f", "frac_seed": "fs", "lr": "lr", "weight_decay": "wd", "seed": "s"}
+    differ = [k for k in short if k in lists]
+    def name(c, keys):
+        return "_".join(f"{short[k]}{getattr(c, k):g}" for k in keys)
+    def default(c):                    # runs/ENV-fFRAC-MODEL-sSEED[-what else differs]-STAMP
+        tail = "".join(f"-{name(c, [k])}" for k in differ if k not in ("frac", "seed"))
+        return Path(f"runs/{c.env}-f{c.frac:g}-{c.model}-s{c.seed}{tail}-{stamp}")
     folders = [Path(c.out) if "out" in lists else
-               Path(cfg.out) / name(c) if cfg.out and R > 1 else
-               Path(cfg.out or f"runs/{c.env}-f{c.frac:g}-{c.model}-s{c.seed}-{stamp}")
+               Path(cfg.out) / name(c, differ or ["seed"]) if cfg.out and R > 1 else
+               Path(cfg.out) if cfg.out else default(c)
                for c in cfgs]
     twice = [f for f in folders if folders.count(f) > 1]
     if twice:
         raise LamoError(f"two runs would share the run folder {twice[0]}: give each its own "
-                        f"--out, or other --seed/--frac/--frac-seed")
+                        f"--out, or other --seed/--frac/--frac-seed/--lr/--weight-decay")
     for folder in folders:
         if folder.exists() and any(folder.iterdir()):
             raise LamoError(f"run folder {folder} exists and is not empty; continue it with "

@@ -2,8 +2,8 @@
 
     python lamo.py --env hopper-medium-v2 --frac 0.1 --seed 0 1 2 --out hop   # hop/s0, s1, s2
 
-The runs of one table cell differ only in their seeds (a pack also takes other --frac and
---frac-seed), and for LaMo only in what trains (LoRA, the c_attn bias, embeddings and heads: a few
+The runs of one table cell differ only in their seeds (a pack also takes other --frac,
+--frac-seed, --lr and --weight-decay), and for LaMo only in what trains (LoRA, the c_attn bias, embeddings and heads: a few
 million parameters each); the frozen GPT-2 body is the same. A pack keeps every run a run -- built
 by lamo.start_run exactly as it would be alone, with its own data subset and batcher, batch RNG,
 gradient clip (its own norm), NaN check, run folder and checkpoint -- and shares only the step:
@@ -11,8 +11,8 @@ each parameter of the R models is stacked along a leading run axis (a frozen ten
 run is kept once), every run's module then holds views of those stacks, and torch.func.vmap runs
 lamo's own single-run forward over the run axis through functional_call. So the frozen matmuls
 see all R x B windows at once, and the model section of lamo.py stays the only model. One AdamW
-over the stacked tensors is R AdamWs: it is elementwise, and the runs share lr, betas, eps, weight
-decay and step count.
+over the stacked tensors is R AdamWs, as it is elementwise; RunAdamW gives each run its own lr
+and weight decay (and so its own lr schedule: Atari's counts each run's tokens).
 
 Each run's dropout masks are its own (RunDropout): drawn from a generator of the run's, reseeded
 from its seed and step, never from the process's one generator. So a run's masks do not depend
@@ -38,13 +38,13 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-from data import Batch, LamoError, progress
+from data import Batch, LamoError, progress, to_device
 from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, last_good,
                   save_checkpoint)
 
 # What may differ between the runs of a pack; everything else is one config. On lamo.py's command
 # line each takes several values (one per run), and --resume several run folders.
-PER_RUN = {"seed", "frac", "frac_seed", "out", "resume", "wandb_group"}
+PER_RUN = {"seed", "frac", "frac_seed", "lr", "weight_decay", "out", "resume", "wandb_group"}
 
 # None: a pack's attention is RunDropout's, written out. bench.py --pack-attention sets SDPA's
 # kernels here instead, to time them under vmap (without dropout).
@@ -206,6 +206,69 @@ def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
+class RunAdamW(torch.optim.Optimizer):
+    """AdamW over tensors stacked along a run axis, (R, ...), each run with its own lr and weight
+    decay: a group's "lr" and "weight_decay" hold R numbers (pack.train sets the lrs each step
+    from each run's schedule). It is torch's AdamW (torch/optim/adam.py, _single_tensor_adam with
+    decoupled weight decay) op for op, as foreach ops over the group's tensors. Where torch
+    multiplies by a number that here differs by run (1 - lr wd, and -lr / (1 - beta1^t) folded
+    out of addcdiv), it multiplies by an (R, 1, ...) tensor of those numbers, each computed in
+    float64 and rounded to fp32 as torch rounds its number: so on the CPU each run steps bit for
+    bit as torch's AdamW steps it alone (tested). Its state is torch's (step, exp_avg,
+    exp_avg_sq), so a run's rows of it are the run's own AdamW state; a tensor without a gradient
+    is skipped, as torch skips it. A run alone on a GPU steps with torch's fused AdamW, which
+    rounds otherwise (and runs as one kernel, where this is about 2 per tensor and 10 per group:
+    well under a millisecond of launches beside a pack's step)."""
+
+    def __init__(self, params, lr: list[float], weight_decay: list[float],
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        if len(lr) != len(weight_decay):
+            raise ValueError(f"RunAdamW: {len(lr)} lrs and {len(weight_decay)} weight decays")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                     "exp_avg_sq": torch.zeros_like(p)}
+            states = [self.state[p] for p in params]
+            torch._foreach_add_([s["step"] for s in states], 1)
+            t = states[0]["step"].item()                 # a CPU tensor: no wait on the GPU
+            if any(s["step"].item() != t for s in states):
+                raise RuntimeError("RunAdamW steps a group's tensors together; they are at "
+                                   "different steps")
+            (beta1, beta2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+            if len(lr) != len(params[0]) or len(wd) != len(params[0]):
+                raise ValueError(f"RunAdamW: {len(lr)} lrs and {len(wd)} weight decays for "
+                                 f"{len(params[0])} runs")
+            # torch's numbers, per run: 1 - lr wd and -step_size, in float64, then fp32
+            per_run = np.array([[1 - a * b for a, b in zip(lr, wd)],
+                                [-(a / (1 - beta1 ** t)) for a in lr]], dtype=np.float32)
+            decay, neg_step_size = to_device(per_run, params[0].device)              # (R,) each
+            by_run = lambda x: [x.view(-1, *[1] * (p.dim() - 1)) for p in params]
+            grads = [p.grad for p in params]
+            exp_avg = [s["exp_avg"] for s in states]
+            exp_avg_sq = [s["exp_avg_sq"] for s in states]
+            if any(wd):
+                torch._foreach_mul_(params, by_run(decay))        # param.mul_(1 - lr wd)
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sq)
+            torch._foreach_div_(denom, (1 - beta2 ** t) ** 0.5)
+            torch._foreach_add_(denom, group["eps"])
+            # param.addcdiv_(exp_avg, denom, value=-step_size), which computes
+            # param + (value * exp_avg) / denom
+            update = torch._foreach_mul(exp_avg, by_run(neg_step_size))
+            torch._foreach_div_(update, denom)
+            torch._foreach_add_(params, update)
+
+
 class Pack:
     """The stacked view of R runs: shared frozen tensors, stacked per-run tensors, one optimizer."""
 
@@ -243,9 +306,12 @@ class Pack:
         # also fuses the written-out attention's elementwise work (over_runs).
         self.train_forward = (torch.compile(self.vmapped, mode=cfg.compile_mode) if cfg.compile
                               else self.vmapped)
-        self.optimizer = torch.optim.AdamW([self.stacked[n] for n in self.trainable], lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-                                           fused=runs[0].device.type == "cuda")
+        # Each run's lr and weight decay its own (RunAdamW); betas and eps those of lamo's AdamW.
+        groups = [run.optimizer.param_groups[0] for run in runs]
+        self.optimizer = RunAdamW([self.stacked[n] for n in self.trainable],
+                                  lr=[g["lr"] for g in groups],
+                                  weight_decay=[g["weight_decay"] for g in groups],
+                                  betas=groups[0]["betas"], eps=groups[0]["eps"])
         self.load_optimizer_states()
 
     def forward(self, states, actions, rtg, timesteps, mask=None, params=None):  # (R, B, K, ...)
@@ -362,7 +428,8 @@ class Pack:
             if any(s is None for s in states):
                 continue                                 # a new pack: no state yet
             self.optimizer.state[self.stacked[name]] = {
-                k: v.clone() if k == "step" else torch.stack([s[k] for s in states])
+                # the step on the CPU, where RunAdamW keeps it (a fused AdamW's is on the GPU)
+                k: torch.tensor(float(v)) if k == "step" else torch.stack([s[k] for s in states])
                 for k, v in states[0].items()}
 
     def save_optimizer_states(self):
@@ -514,9 +581,6 @@ def check_pack(runs: list[Run]):
         raise LamoError("the runs of a pack resume at different steps ("
                         + ", ".join(f"{run.folder}: {run.step}" for run in runs)
                         + "); resume them one by one")
-    if runs[0].cfg.warmup_tokens:
-        raise LamoError("packs with a token-counted lr schedule (Atari) are not supported yet: "
-                        "their runs' learning rates differ; give one --seed")
 
 
 def train(runs: list[Run], lamo) -> list[dict]:
@@ -554,9 +618,10 @@ def train(runs: list[Run], lamo) -> list[dict]:
             closing.callback(log.close)
         envs = closing.enter_context(lamo.eval_envs(cfg, runs[0].task, R))
         while step < cfg.steps:
-            lr = lamo.learning_rate(cfg, step, 0.0)
+            # each run's lr from its own schedule: its --lr, and on Atari its own token count
+            lrs = [lamo.learning_rate(run.cfg, step, run.schedule_tokens) for run in runs]
             for group in pack.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lrs
             batches = [run.batcher.sample(cfg.batch_size) for run in runs]
             lm_blocks = [run.lm.sample() for run in runs] if runs[0].lm else None
             try:
@@ -569,13 +634,15 @@ def train(runs: list[Run], lamo) -> list[dict]:
             if too_big:
                 raise out_of_memory(pack, batches, lm_blocks, cfg, lamo, discrete)
             step += 1
-            for run in runs:
+            for run, batch in zip(runs, batches):
                 run.step = step
+                if cfg.warmup_tokens:
+                    lamo.count_tokens(run, batch.action_tokens)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 check_finite()
                 for r, log in enumerate(logs):
                     if r not in stopped:
-                        log.losses(sums[r], lr)
+                        log.losses(sums[r], lrs[r])
                 sums.zero_()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 check_finite()

@@ -140,14 +140,11 @@ def make_jobs(todo: list[Run], sweep_dir: Path, pack: int,
               lamo_flags: list[str]) -> list[tuple[Run, ...]]:
     """--pack R: the runs to do, grouped into packs of at most R runs that lamo.py can train in
     lockstep in one process (pack.py): the same task, model and flags, so they differ only in
-    --frac and --seed, and in the same state (new, or checkpointed at the same step). Runs with a
-    token-counted lr schedule (Atari) go alone, as lamo.py refuses to pack them. Packs keep the
-    runs' seed-major order. R = 1: one run per job."""
+    --frac and --seed, and in the same state (new, or checkpointed at the same step). Packs keep
+    the runs' seed-major order. R = 1: one run per job."""
     groups: dict[tuple, list[Run]] = {}
     for run in todo:
-        task = TASKS.get(run.cell.task)
-        alone = (pack == 1 or task is None
-                 or getattr(task, run.cell.model).warmup_tokens > 0)
+        alone = pack == 1 or run.cell.task not in TASKS
         run_dir = sweep_dir / run.name
         state = ckpt_step(run_dir) if not alone and run_state(run_dir) == "resume" else "new"
         key = (run.name,) if alone else (run.cell.task, run.cell.model, run.cell.flags, state)

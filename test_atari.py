@@ -334,6 +334,30 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     assert ev["score_mean"] == pytest.approx(100 * (ev["return_mean"] - 1.7) / (31.8 - 1.7))
 
 
+def test_an_atari_pack_steps_each_run_on_its_own_token_count(collected, hf_tiny, tmp_path):
+    """`--seed 0 1` on Atari: one pack (pack.RunAdamW: an lr per run), each run's lr from the
+    tokens of its own batches, as alone; its losses those of the run alone. The runs' token
+    counts differ, so one lr for the pack would be wrong for one of them."""
+    import lamo
+    data_dir = copy_gz(collected, tmp_path / "data")
+    common = ["--env", "breakout-medium", "--data", str(data_dir), "--frac", "0.5", "--pretrained",
+              str(hf_tiny[1]), "--eval-every", "4", "--eval-episodes", "1", "--batch-size", "4",
+              "--context-len", "6", "--eval-max-steps", "20", "--log-every", "1", "--steps", "4",
+              "--dropout", "0", "--targets", "90"]
+    lamo.main([*common, "--seed", "0", "1", "--out", str(tmp_path / "pk")])
+    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {}
+    for seed in (0, 1):
+        lamo.main([*common, "--seed", str(seed), "--out", str(tmp_path / f"alone{seed}")])
+        packed, alone = rows(tmp_path / "pk" / f"s{seed}"), rows(tmp_path / f"alone{seed}")
+        lrs[seed] = [r["lr"] for r in packed if "lr" in r]
+        assert lrs[seed] == [r["lr"] for r in alone if "lr" in r]
+        for p, a in zip(packed, alone):
+            if "action_loss" in p:
+                assert p["action_loss"] == pytest.approx(a["action_loss"], rel=1e-5)
+    assert lrs[0] != lrs[1]
+
+
 # ----------------------------------------------------------------- Freeway and Asterix (issue 18)
 @pytest.fixture(scope="module")
 def new_games(tmp_path_factory):

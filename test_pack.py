@@ -434,6 +434,58 @@ def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
     assert [len(losses(tmp_path / f)) for f in "ab"] == [6, 6]
 
 
+def test_runs_of_other_learning_rates_and_weight_decays_share_a_pack(tiny_hdf5, tmp_path):
+    """--lr and --weight-decay per run (RunAdamW): each run's losses and lr those of the run
+    alone; --out holds a folder per run named by what differs."""
+    args = [*dt_args(tiny_hdf5, 20), "--dropout", "0", "--warmup", "10"]
+    lamo.main([*args, "--lr", "1e-3", "3e-4", "--weight-decay", "0", "0.1",
+               "--out", str(tmp_path / "pk")])
+    assert sorted(p.name for p in (tmp_path / "pk").iterdir()) == ["lr0.0003_wd0.1", "lr0.001_wd0"]
+    for lr, wd in (("1e-3", "0"), ("3e-4", "0.1")):
+        folder = tmp_path / "pk" / f"lr{float(lr):g}_wd{float(wd):g}"
+        lamo.main([*args, "--lr", lr, "--weight-decay", wd, "--out", str(tmp_path / lr)])
+        alone, packed = metrics(tmp_path / lr), metrics(folder)
+        lrs = [r["lr"] for r in packed if "lr" in r]
+        assert lrs == [r["lr"] for r in alone if "lr" in r] and len(lrs) == 20
+        assert lrs[-1] == float(lr) > lrs[0]                    # past the 10 steps of warm-up
+        assert rel(losses(folder), losses(tmp_path / lr)) < 1e-5
+        saved = json.loads((folder / "config.json").read_text())
+        assert (saved["lr"], saved["weight_decay"]) == (float(lr), float(wd))
+    assert losses(tmp_path / "pk" / "lr0.001_wd0") != losses(tmp_path / "pk" / "lr0.0003_wd0.1")
+
+
+def test_run_adamw_steps_each_run_as_torchs_adamw_alone():
+    """RunAdamW over (R, ...) stacks with an lr and a weight decay per run, against R of torch's
+    AdamWs, one per run (the CPU's single-tensor AdamW): bit for bit over 30 steps of gradients
+    of 1e-2 to 1e2, a tensor without a gradient skipped (no state, no decay), as torch skips it."""
+    torch.manual_seed(0)
+    lrs, wds, shapes = [1e-3, 3e-4, 1e-4], [0.01, 0.0, 0.1], [(5, 7), (7,), (2, 3, 4), (1, 4)]
+    start = [torch.randn(3, *s) for s in shapes]
+    stacks = [torch.nn.Parameter(x.clone()) for x in start]
+    packed = pack.RunAdamW(stacks, lr=lrs, weight_decay=wds, eps=1e-6)
+    alone = [[torch.nn.Parameter(x[r].clone()) for x in start] for r in range(3)]
+    torchs = [torch.optim.AdamW(ps, lr=lr, weight_decay=wd, eps=1e-6)
+              for ps, lr, wd in zip(alone, lrs, wds)]
+    for step in range(30):
+        grads = [torch.randn(3, *s) * 10.0 ** (step % 5 - 2) for s in shapes]
+        for i, p in enumerate(stacks):
+            p.grad = grads[i].clone() if i != 3 else None
+        packed.step()
+        for r, (params, opt) in enumerate(zip(alone, torchs)):
+            for i, p in enumerate(params):
+                p.grad = grads[i][r].clone() if i != 3 else None
+            opt.step()
+        for r in range(3):
+            for i in range(4):
+                assert torch.equal(stacks[i][r], alone[r][i]), (step, r, i)
+    assert torch.equal(stacks[3], start[3]) and stacks[3] not in packed.state
+    for i in range(3):
+        for r in range(3):
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(packed.state[stacks[i]][k][r], torchs[r].state[alone[r][i]][k])
+        assert packed.state[stacks[i]]["step"].item() == 30
+
+
 # raised inside torch's compiler
 @pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path):
@@ -456,9 +508,9 @@ def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path
 def test_what_a_pack_refuses(tiny_hdf5, tmp_path):
     cfg0 = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0])
     run0 = lamo.start_run(cfg0, tmp_path / "a", False)
-    cfg1 = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--lr", "1e-3"])[0])
+    cfg1 = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--grad-clip", "0.5"])[0])
     run1 = lamo.start_run(cfg1, tmp_path / "b", False)
-    with pytest.raises(runs.LamoError, match="must share --lr"):
+    with pytest.raises(runs.LamoError, match="must share --grad-clip"):
         pack.check_pack([run0, run1])
 
 
