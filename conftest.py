@@ -31,6 +31,33 @@ class RecordActions:
         return Recorder(self.task.env(self.task, max_steps))
 
 
+def adamw_side_by_side(device, lrs, wds, shapes, steps: int, **torch_kw):
+    """pack.RunAdamW over stacks (R, *shape) with an lr and a weight decay per run, and one torch
+    AdamW per run (torch_kw: fused=True, as a run alone on a GPU), stepped on the same gradients
+    of 1e-2 to 1e2, the last shape's tensor without a gradient.
+    -> (start, stacks, RunAdamW, each run's tensors, each run's AdamW)."""
+    import pack
+    R = len(lrs)
+    torch.manual_seed(0)
+    start = [torch.randn(R, *s, device=device) for s in shapes]
+    stacks = [torch.nn.Parameter(x.clone()) for x in start]
+    packed = pack.RunAdamW(stacks, lr=lrs, weight_decay=wds, eps=1e-6)
+    alone = [[torch.nn.Parameter(x[r].clone()) for x in start] for r in range(R)]
+    torchs = [torch.optim.AdamW(ps, lr=lr, weight_decay=wd, eps=1e-6, **torch_kw)
+              for ps, lr, wd in zip(alone, lrs, wds)]
+    last = len(shapes) - 1
+    for step in range(steps):
+        grads = [torch.randn(R, *s, device=device) * 10.0 ** (step % 5 - 2) for s in shapes]
+        for i, p in enumerate(stacks):
+            p.grad = grads[i].clone() if i != last else None
+        packed.step()
+        for r, (params, opt) in enumerate(zip(alone, torchs)):
+            for i, p in enumerate(params):
+                p.grad = grads[i][r].clone() if i != last else None
+            opt.step()
+    return start, stacks, packed, alone, torchs
+
+
 def reference_episode(model, task, target, seed, mean, std, K, T, scale):
     """One evaluation episode, a step at a time, the way training windows look: the last min(t+1, K)
     real steps only (no padding, so no mask), states (obs - mean) / std, returns-to-go target minus

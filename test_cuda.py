@@ -14,6 +14,7 @@ import lamo
 import pack
 import sweep
 import tasks
+from conftest import adamw_side_by_side
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -215,23 +216,8 @@ def test_run_adamw_on_cuda_steps_as_torchs_fused_adamw():
     against torch's fused AdamW, one per run, as a run alone steps: an lr and a weight decay per
     run, 20 steps, within fp32 rounding (the fused kernel orders its arithmetic otherwise); a
     tensor without a gradient untouched; and no host sync in its step."""
-    torch.manual_seed(0)
-    lrs, wds, shapes = [1e-3, 3e-4], [0.01, 0.1], [(64, 32), (32,), (1, 8)]
-    start = [torch.randn(2, *s, device=CUDA) for s in shapes]
-    stacks = [torch.nn.Parameter(x.clone()) for x in start]
-    packed = pack.RunAdamW(stacks, lr=lrs, weight_decay=wds)
-    alone = [[torch.nn.Parameter(x[r].clone()) for x in start] for r in range(2)]
-    fused = [torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)
-             for ps, lr, wd in zip(alone, lrs, wds)]
-    for step in range(20):
-        grads = [torch.randn(2, *s, device=CUDA) for s in shapes]
-        for i, p in enumerate(stacks):
-            p.grad = grads[i].clone() if i != 2 else None
-        packed.step()
-        for r, (params, opt) in enumerate(zip(alone, fused)):
-            for i, p in enumerate(params):
-                p.grad = grads[i][r].clone() if i != 2 else None
-            opt.step()
+    start, stacks, packed, alone, _ = adamw_side_by_side(
+        CUDA, [1e-3, 3e-4], [0.01, 0.1], [(64, 32), (32,), (1, 8)], 20, fused=True)
     for r in range(2):
         for i in range(2):
             torch.testing.assert_close(stacks[i][r], alone[r][i], rtol=1e-5, atol=1e-6)

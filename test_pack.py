@@ -11,6 +11,7 @@ import lamo
 import pack
 import runs
 import workers
+from conftest import adamw_side_by_side
 
 NO_DROPOUT = ["--dropout", "0", "--lora-dropout", "0"]
 
@@ -458,32 +459,16 @@ def test_run_adamw_steps_each_run_as_torchs_adamw_alone():
     """RunAdamW over (R, ...) stacks with an lr and a weight decay per run, against R of torch's
     AdamWs, one per run (the CPU's single-tensor AdamW): bit for bit over 30 steps of gradients
     of 1e-2 to 1e2, a tensor without a gradient skipped (no state, no decay), as torch skips it."""
-    torch.manual_seed(0)
-    lrs, wds, shapes = [1e-3, 3e-4, 1e-4], [0.01, 0.0, 0.1], [(5, 7), (7,), (2, 3, 4), (1, 4)]
-    start = [torch.randn(3, *s) for s in shapes]
-    stacks = [torch.nn.Parameter(x.clone()) for x in start]
-    packed = pack.RunAdamW(stacks, lr=lrs, weight_decay=wds, eps=1e-6)
-    alone = [[torch.nn.Parameter(x[r].clone()) for x in start] for r in range(3)]
-    torchs = [torch.optim.AdamW(ps, lr=lr, weight_decay=wd, eps=1e-6)
-              for ps, lr, wd in zip(alone, lrs, wds)]
-    for step in range(30):
-        grads = [torch.randn(3, *s) * 10.0 ** (step % 5 - 2) for s in shapes]
-        for i, p in enumerate(stacks):
-            p.grad = grads[i].clone() if i != 3 else None
-        packed.step()
-        for r, (params, opt) in enumerate(zip(alone, torchs)):
-            for i, p in enumerate(params):
-                p.grad = grads[i][r].clone() if i != 3 else None
-            opt.step()
-        for r in range(3):
-            for i in range(4):
-                assert torch.equal(stacks[i][r], alone[r][i]), (step, r, i)
-    assert torch.equal(stacks[3], start[3]) and stacks[3] not in packed.state
-    for i in range(3):
-        for r in range(3):
+    shapes = [(5, 7), (7,), (2, 3, 4), (1, 4)]
+    start, stacks, packed, alone, torchs = adamw_side_by_side(
+        "cpu", [1e-3, 3e-4, 1e-4], [0.01, 0.0, 0.1], shapes, 30)
+    for r in range(3):
+        for i in range(3):
+            assert torch.equal(stacks[i][r], alone[r][i]), (r, i)
             for k in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(packed.state[stacks[i]][k][r], torchs[r].state[alone[r][i]][k])
-        assert packed.state[stacks[i]]["step"].item() == 30
+            assert packed.state[stacks[i]]["step"].item() == 30
+    assert torch.equal(stacks[3], start[3]) and stacks[3] not in packed.state
 
 
 # raised inside torch's compiler
