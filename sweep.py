@@ -54,6 +54,7 @@ from tqdm import tqdm
 from data import progress
 from grids import (GRIDS, PAPER_GRID, SEEDS, VARIANTS, Run, SweepError, grid_cells,
                    grid_entries, make_runs)
+from pack import PER_RUN
 from results import write_tables
 from tasks import TASKS
 
@@ -356,6 +357,11 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
     if taken:
         raise SweepError(f"{taken[0]} after --: the sweep sets it per run; use sweep.py's own "
                          f"--env/--frac/--seed/--model/--name/--wandb")
+    per_run = {"--" + k.replace("_", "-") for k in PER_RUN}
+    for flag, value, more in zip(lamo_flags, lamo_flags[1:], lamo_flags[2:]):
+        if flag in per_run and not more.startswith("--"):   # several values: a pack of its own
+            raise SweepError(f"{flag} {value} {more} after --: one value, for every run; the "
+                             f"grid says which runs there are")
     return visible_gpus([g.strip() for g in gpus])
 
 

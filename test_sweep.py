@@ -306,6 +306,8 @@ def test_table_rule_against_numbers_by_hand(tmp_path, monkeypatch, capsys):
     (["--env", "hopper-medium-v2"], "give --grid"),
     (["--grid", "table3", "--frac", "0.3"], "no cell of --grid table3"),
     (["--env", "hopper-medium-v2", "--frac", "1", "--", "--seed", "5"], "--seed after --"),
+    (["--grid", "table3", "--", "--lr", "1e-4", "3e-4", "--steps", "9"],
+     "--lr 1e-4 3e-4 after --: one value"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
