@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -369,6 +370,33 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
         assert json.loads((tmp_path / "pk" / f"s{seed}" / "summary.json").read_text())["step"] == 50
 
 
+def test_an_interrupted_pack_keeps_a_stopped_runs_last_good_checkpoint(tiny_hdf5, tmp_path,
+                                                                        monkeypatch):
+    """Run 1 goes NaN at step 4 and stops; Ctrl-C at step 6 saves run 0 only, so run 1's
+    checkpoint stays its last good one (step 2, finite), which --resume would load."""
+    real_start = lamo.start_run
+
+    def poisoned(cfg, folder, resume):
+        run = real_start(cfg, folder, resume)
+        sample, n = run.batcher.sample, []
+
+        def sample_(B):
+            n.append(1)
+            if cfg.seed == 0 and len(n) == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+            b = sample(B)
+            return b._replace(states=b.states * float("nan")) if cfg.seed == 1 and len(n) > 3 else b
+        run.batcher.sample = sample_
+        return run
+    monkeypatch.setattr(lamo, "start_run", poisoned)
+    with pytest.raises(SystemExit):
+        lamo.main([*dt_args(tiny_hdf5, 20), "--eval-every", "2", "--seed", "0", "1",
+                   "--out", str(tmp_path / "pk")])
+    s0, s1 = (torch.load(tmp_path / "pk" / s / "ckpt.pt", weights_only=False) for s in ("s0", "s1"))
+    assert s0["step"] == 6 and s1["step"] == 2
+    assert all(torch.isfinite(v).all() for v in s1["trainable"].values())
+
+
 def test_a_pack_whose_runs_all_go_nan_stops(tiny_hdf5, tmp_path, monkeypatch, capsys):
     """Every run non-finite at its first step: each says it has no checkpoint yet, and the pack
     stops with one line (not an evaluation of no runs)."""
@@ -473,6 +501,73 @@ def test_run_adamw_steps_each_run_as_torchs_adamw_alone():
     assert torch.equal(stacks[3], start[3]) and stacks[3] not in packed.state
 
 
+def test_a_packs_evaluation_of_some_of_its_runs_takes_their_weights(tiny_hdf5, tmp_path):
+    """evaluate(pack, [0, 2]), as after run 1 has stopped: runs 0 and 2 each evaluate as alone
+    (to the rounding of the batched forward), not runs 0 and 1."""
+    cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0])
+    members = [lamo.start_run(replace(cfg, seed=s), tmp_path / f"s{s}", False) for s in range(3)]
+    alone = [lamo.evaluate(run.model, cfg, run.task, run.batcher.state_mean,
+                           run.batcher.state_std, run.device) for run in members]
+    assert alone[1] != alone[2]
+    together = pack.evaluate(pack.Pack(members), [0, 2], cfg, lamo, workers.Envs(members[0].task))
+    for got, want in zip(together, (alone[0], alone[2])):
+        assert got.keys() == want.keys()
+        for target in want:
+            assert got[target] == pytest.approx(want[target], rel=1e-6)
+
+
+def test_a_pack_with_the_lm_loss_equals_each_run_alone(tiny_hdf5, hf_tiny, tiny_txt, tmp_path):
+    """lambda L_LM per run, on each run's own LM batches: action loss, LM loss and gradient norm
+    (which moves where warm-up's tiny lr keeps the losses still) those of each run alone."""
+    args = [*lamo_args(tiny_hdf5, hf_tiny, 6), *NO_DROPOUT, "--lm-coef", "0.1",
+            "--lm-corpus", str(tiny_txt), "--lm-seq-len", "16"]
+    lamo.main([*args, "--seed", "0", "1", "--out", str(tmp_path / "pk")])
+    for seed in (0, 1):
+        lamo.main([*args, "--seed", str(seed), "--out", str(tmp_path / f"alone{seed}")])
+        packed, alone = metrics(tmp_path / "pk" / f"s{seed}"), metrics(tmp_path / f"alone{seed}")
+        for key in ("action_loss", "lm_loss", "grad_norm"):
+            want, got = ([r[key] for r in rows if key in r] for rows in (alone, packed))
+            assert len(want) == len(got) == 6 and rel(got, want) < 1e-5, key
+
+
+def test_frozen_tensors_that_differ_between_runs_stay_each_runs(tiny_hdf5, tmp_path):
+    """--pretrained none: each seed has its own random frozen body, which a pack must stack, not
+    share. Each run's output through the pack equals its model's before packing (packing
+    rebinds the runs' modules to the pack's tensors)."""
+    cfg = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--model", "lamo",
+                                        "--pretrained", "none", "--n-layer", "1",
+                                        "--n-head", "2", "--n-embd", "16", *NO_DROPOUT])[0])
+    members = [lamo.start_run(replace(cfg, seed=s), tmp_path / f"s{s}", False) for s in range(2)]
+    b = members[0].batcher.sample(4)
+    batch = (b.states, b.actions, b.rtg, b.timesteps, b.mask)
+    with torch.no_grad():
+        want = [run.model.eval()(*batch) for run in members]
+    assert not torch.equal(want[0], want[1])
+    p = pack.Pack(members)
+    p.template.eval()
+    with torch.no_grad():
+        got = p.forward(*(x.expand(2, *x.shape) for x in batch))
+    for r in range(2):
+        torch.testing.assert_close(got[r], want[r], rtol=1e-5, atol=1e-6)
+
+
+def test_a_runs_masks_change_with_the_step(tiny_hdf5, tmp_path):
+    """A run's dropout seed is its seed and its step, hashed (pinned here: resume relies on
+    it): at another step, other masks."""
+    assert pack.seed_of(3, 7) == int(np.random.SeedSequence([3, 7]).generate_state(1)[0])
+    cfg = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--dropout", "0.2"])[0])
+    run = lamo.start_run(cfg, tmp_path / "r", resume=False)
+    p = pack.Pack([run])
+    b = run.batcher.sample(16)
+    batch = tuple(x[None] for x in (b.states, b.actions, b.rtg, b.timesteps, b.mask))
+    masks = []
+    for step in (7, 8):
+        run.step = step
+        p.seed_dropout()
+        masks.append(torch.cat([m.flatten() for m in p.batch_masks(p.stacked, batch)]))
+    assert not torch.equal(masks[0], masks[1])
+
+
 # raised inside torch's compiler
 @pytest.mark.filterwarnings("ignore:.*script_method.*:DeprecationWarning")
 def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path):
@@ -493,12 +588,18 @@ def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path
 
 
 def test_what_a_pack_refuses(tiny_hdf5, tmp_path):
-    cfg0 = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0])
-    run0 = lamo.start_run(cfg0, tmp_path / "a", False)
-    cfg1 = lamo.resolve(lamo.parse_args([*dt_args(tiny_hdf5, 2), "--grad-clip", "0.5"])[0])
-    run1 = lamo.start_run(cfg1, tmp_path / "b", False)
-    with pytest.raises(runs.LamoError, match="must share --grad-clip"):
-        pack.check_pack([run0, run1])
+    """Every run is checked, not the first two: a third run's other --grad-clip, or its other
+    step (resumed), is refused."""
+    cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0])
+    three = [lamo.start_run(replace(cfg, seed=s), tmp_path / f"s{s}", False) for s in range(3)]
+    odd = lamo.start_run(replace(cfg, grad_clip=0.5), tmp_path / "odd", False)
+    with pytest.raises(runs.LamoError, match="must share --grad-clip: 0.25 vs 0.5"):
+        pack.check_pack([*three[:2], odd])
+    for steps in ((0, 0, 5), (0, 3, 5)):
+        for run, step in zip(three, steps):
+            run.step = step
+        with pytest.raises(runs.LamoError, match="resume at different steps"):
+            pack.check_pack(three)
 
 
 def test_eval_workers_return_what_one_process_returns(tiny_hdf5, tmp_path):
@@ -550,6 +651,14 @@ def test_a_pack_out_of_memory_is_one_line(tiny_hdf5, tmp_path, monkeypatch):
         lamo.main([*args, "--out", str(tmp_path / "a")])
     with pytest.raises(torch.OutOfMemoryError):
         lamo.main([*args, "--out", str(tmp_path / "b")])           # its third step
+    # A resumed pack's first step is a first step too (it has no estimate of its own yet).
+    monkeypatch.undo()
+    lamo.main([*dt_args(tiny_hdf5, 2), "--seed", "0", "1", "--out", str(tmp_path / "c")])
+    monkeypatch.setattr(pack, "train_step", step)
+    monkeypatch.setattr(pack, "out_of_memory", lambda p, *a: runs.LamoError(f"{p.R} runs: 1 fits"))
+    steps.clear()
+    with pytest.raises(SystemExit, match="^error: 2 runs: 1 fits$"):
+        lamo.main(["--resume", str(tmp_path / "c"), "--steps", "4"])
 
 
 def test_resume_takes_no_per_run_values(tmp_path):
