@@ -2,17 +2,17 @@
 
     python lamo.py --env hopper-medium-v2 --frac 0.1 --seed 0 1 2 --out hop   # hop/s0, s1, s2
 
-The runs of one table cell differ only in their seeds (a pack also takes other --frac,
---frac-seed, --lr and --weight-decay), and for LaMo only in what trains (LoRA, the c_attn bias, embeddings and heads: a few
-million parameters each); the frozen GPT-2 body is the same. A pack keeps every run a run -- built
-by lamo.start_run exactly as it would be alone, with its own data subset and batcher, batch RNG,
-gradient clip (its own norm), NaN check, run folder and checkpoint -- and shares only the step:
-each parameter of the R models is stacked along a leading run axis (a frozen tensor equal in every
-run is kept once), every run's module then holds views of those stacks, and torch.func.vmap runs
-lamo's own single-run forward over the run axis through functional_call. So the frozen matmuls
-see all R x B windows at once, and the model section of lamo.py stays the only model. One AdamW
-over the stacked tensors is R AdamWs, as it is elementwise; RunAdamW gives each run its own lr
-and weight decay (and so its own lr schedule: Atari's counts each run's tokens).
+The runs of one table cell differ only in their seeds (a pack also takes other --frac, --frac-seed,
+--lr and --weight-decay), and for LaMo only in what trains (LoRA, the c_attn bias, embeddings and
+heads: a few million parameters each); the frozen GPT-2 body is the same. A pack keeps every run a
+run -- built by lamo.start_run exactly as it would be alone, with its own data subset and batcher,
+batch RNG, gradient clip (its own norm), NaN check, run folder and checkpoint -- and shares only the
+step: each parameter of the R models is stacked along a leading run axis (a frozen tensor equal in
+every run is kept once), every run's module then holds views of those stacks, and torch.func.vmap
+runs lamo's own single-run forward over the run axis through functional_call. So the frozen matmuls
+see all R x B windows at once, and the model section of lamo.py stays the only model. One AdamW over
+the stacked tensors is R AdamWs, as it is elementwise; RunAdamW gives each run its own lr and weight
+decay (and so its own lr schedule: Atari's counts each run's tokens).
 
 Each run's dropout masks are its own (RunDropout): drawn from a generator of the run's, reseeded
 from its seed and step, never from the process's one generator. So a run's masks do not depend

@@ -345,7 +345,8 @@ def test_an_atari_pack_steps_each_run_on_its_own_token_count(collected, hf_tiny,
               "--context-len", "6", "--eval-max-steps", "20", "--log-every", "1", "--steps", "4",
               "--dropout", "0", "--targets", "90"]
     lamo.main([*common, "--seed", "0", "1", "--out", str(tmp_path / "pk")])
-    rows = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = lambda run: [json.loads(line)
+                        for line in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = {}
     for seed in (0, 1):
         lamo.main([*common, "--seed", str(seed), "--out", str(tmp_path / f"alone{seed}")])
