@@ -955,9 +955,9 @@ def pack_runs(cfg: Config, given: dict) -> list[tuple[Config, Path]]:
                             f"for every run, or one per run")
     cfgs = [replace(cfg, **{k: v[r] for k, v in lists.items()}) for r in range(R)]
     for c in cfgs:
-        if not (c.lr > 0 and c.weight_decay >= 0):
-            raise LamoError(f"--lr {c.lr:g} --weight-decay {c.weight_decay:g}: an lr must be > 0 "
-                            f"and a weight decay >= 0")
+        if not (c.lr >= 0 and c.weight_decay >= 0):
+            raise LamoError(f"--lr {c.lr:g} --weight-decay {c.weight_decay:g}: an lr and a "
+                            f"weight decay must be >= 0")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     short = {"frac": "f", "frac_seed": "fs", "lr": "lr", "weight_decay": "wd", "seed": "s"}
     differ = [k for k in short if k in lists]

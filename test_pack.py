@@ -481,7 +481,7 @@ def test_runs_of_other_learning_rates_and_weight_decays_share_a_pack(tiny_hdf5, 
         saved = json.loads((folder / "config.json").read_text())
         assert (saved["lr"], saved["weight_decay"]) == (float(lr), float(wd))
     assert losses(tmp_path / "pk" / "lr0.001_wd0") != losses(tmp_path / "pk" / "lr0.0003_wd0.1")
-    with pytest.raises(SystemExit, match="--lr -0.001 --weight-decay 0.0001: an lr must be > 0"):
+    with pytest.raises(SystemExit, match="--lr -0.001 --weight-decay 0.0001: an lr and a weight decay must be >= 0"):
         lamo.main([*args, "--lr", "1e-3", "-0.001", "--out", str(tmp_path / "bad")])
 
 
