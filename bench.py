@@ -14,10 +14,7 @@ Prints a table and writes it as JSON.
 from __future__ import annotations
 
 import argparse
-import collections
-import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -34,6 +31,7 @@ import torch
 import gpu_report
 import lamo
 import pack
+from measure import free, measured, run_steps_per_s, saved_gib, sync, timed, traffic_gib
 from data import TrajectoryBatcher, progress
 from gpt2_loader import VOCAB_SIZE
 from tasks import get_task
@@ -75,96 +73,11 @@ def kzl_get_batch(trajs, B, K, max_ep_len, scale, mean, std, rng):
     return [torch.tensor(np.stack(x), dtype=torch.float32) for x in (s, a, r, ts, m)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_gb(device) -> float | None:
-    """Peak GPU memory since the last call (then reset), in GiB; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
-def timed(fn, n, device, warmup=1):
-    """Seconds per fn() over n calls after warmup. A training step's statistics (a tensor) must
-    be finite at the end: the speed of a step gone NaN says nothing."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out = fn()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / n
-    if isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
-        raise RuntimeError(f"the timed step's losses are not finite ({out.tolist()})")
-    return seconds
-
-
 def new_model(cfg, device):
     """A freshly built model for cfg at its default precision, with its AdamW. -> (model, params,
     optimizer)"""
     model = lamo.build_model(cfg, HOPPER, lamo.resolve_precision(cfg.precision, device)).to(device)
     return (model, *lamo.make_optimizer(model, cfg, device))
-
-
-def device_busy(step, device, n=3, top=8) -> dict:
-    """Where a step's time goes, from torch.profiler over n more steps: "ms", the milliseconds a
-    step keeps the device busy (CUDA: running kernels, the union of their intervals; CPU: inside
-    operators), and "top", the `top` kernels (CPU: operators, by self time) as [name, ms a step].
-    Beside a step's wall time (1 / its rate) it says what bounds the step: busy near wall, the
-    device's work (only less work, or faster kernels, speeds it up); busy far below wall, the
-    host's launching (what CUDA graphs, --compile and packs fill). Kernel durations do not
-    depend on the profiler's overhead on the host, so the busy time is the real one."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    # On CUDA the kernels alone: the host's operators would be tens of thousands of events a
-    # pack's step for the profiler to parse, and say nothing of the device's time. Some torch
-    # builds record no kernels without CPU activity too: then once more with it.
-    for activities in ([[ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]]
-                       if cuda else [[ProfilerActivity.CPU]]):
-        with profile(activities=activities) as prof:
-            for _ in range(n):
-                step()
-            sync(device)
-        # record_function's ranges (the optimizer's step) span their gaps too: not busy time
-        events = [e for e in prof.events() if e.device_type == kind
-                  and not getattr(e, "is_user_annotation", False)]
-        if events:
-            break
-    else:
-        raise RuntimeError(f"the profiler saw no {device.type} activity in {n} steps")
-    busy, end = 0.0, -math.inf                       # the union of the events' intervals, in us
-    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in events):
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-    own = collections.Counter()
-    for e in events:
-        own[e.name] += e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
-    return {"ms": busy / 1e3 / n,
-            "top": [[name, us / 1e3 / n] for name, us in own.most_common(top)]}
-
-
-def saved_gib(fn, params=()) -> float:
-    """GiB that autograd keeps for the backward of fn()'s graph, tensor by tensor
-    (saved_tensors_hooks): each storage once, the storages of `params` (held anyway) not."""
-    held = {p.untyped_storage().data_ptr() for p in params}
-    kept = {}
-
-    def keep(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in held:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        fn()
-    return sum(kept.values()) / 2**30
 
 
 def bench_saved(cfg, device, batcher) -> dict:
@@ -192,46 +105,33 @@ def bench_saved(cfg, device, batcher) -> dict:
             "saved_pack_lm_gib_per_run": two[1] - one[1]}
 
 
+def bench_traffic(cfg, device, batcher, sizes=(2, 4)) -> dict:
+    """GiB that a compiled LaMo training step's kernels read and write (measure.traffic_gib), at
+    bf16, a GPU's precision: one run alone (B=64, K=20) and packs of `sizes` runs, whose slope is
+    what each run of a pack adds (a pack of 1 is left out: vmap over one run fuses otherwise).
+    A big pack's step on a GPU is bound by this traffic: over the card's bandwidth it is the
+    floor of the step's time, and so a ceiling on run-steps/s (README, "Packs")."""
+    cfg = replace(cfg, compile=True, precision="bf16")
+
+    def alone():
+        torch.manual_seed(0)
+        model, params, opt = new_model(cfg, device)
+        lamo.train_step(torch.compile(model, mode=cfg.compile_mode), model, opt, params,
+                        batcher.sample(cfg.batch_size), None, cfg, False)
+    out = {"traffic_lamo_1_gib": traffic_gib(alone)}
+    for R in sizes:
+        free(device)
+        out[f"traffic_pack_lamo_{R}_gib"] = traffic_gib(pack_step(cfg, device, batcher, R)[1])
+    first, last = min(sizes), max(sizes)
+    out["traffic_pack_lamo_gib_per_run"] = ((out[f"traffic_pack_lamo_{last}_gib"]
+                                             - out[f"traffic_pack_lamo_{first}_gib"])
+                                            / (last - first))
+    return out
+
+
 def lm_block(cfg, device) -> torch.Tensor:
     """A random LM batch of cfg's shape, (lm_batch, lm_seq_len + 1) token ids."""
     return torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
-
-
-def run_steps_per_s(step, runs: int, steps, device, warmup, busy: dict | None) -> float:
-    """runs x step()'s rate over `steps` timed calls; with a dict `busy`, device_busy's figures
-    (or its error) into it, after the timing."""
-    rate = runs / timed(step, steps, device, warmup=warmup)
-    if busy is not None:
-        busy.update(busy_or_error(step, device))
-    return rate
-
-
-def busy_or_error(step, device) -> dict:
-    """device_busy, or {"error": its first line}: the profiler failing (say, on CUDA graphs) must
-    not cost the rate measured before it."""
-    try:
-        return device_busy(step, device)
-    except Exception as e:                       # noqa: BLE001 -- any failure is the row's
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-
-
-def measured(fn, device) -> tuple:
-    """fn()'s result and the peak GPU memory it took (None off CUDA); its memory freed after."""
-    free(device)
-    peak_gb(device)
-    result = fn()
-    peak = peak_gb(device)
-    free(device)
-    return result, peak
-
-
-def free(device):
-    """Free what earlier measurements left: a pack lives in reference cycles (its compiled or
-    bound forward holds it), which only the cyclic garbage collector frees, and on an H100 the
-    packs of one bench.py left unfreed filled its 80 GB."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def train_steps_per_s(cfg, device, batcher, steps, warmup, busy: dict | None = None) -> float:
@@ -693,6 +593,9 @@ def main(argv=None):
     p.add_argument("--saved", action="store_true",
                    help="also the GiB each run of a LaMo pack keeps for its backward, for the "
                         "action and the LM batch (counted, the same on any device)")
+    p.add_argument("--traffic", action="store_true",
+                   help="also the GiB that a compiled LaMo step's kernels move, alone and in "
+                        "packs of 2 and 4 (inductor's count; about 4 minutes on 2 CPU cores)")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args(argv)
     device = lamo.pick_device(a.device)
@@ -804,6 +707,13 @@ def main(argv=None):
         rows += [("GiB kept for the backward, each run of a LaMo pack: action / LM batch",
                   f"{res['saved_pack_action_gib_per_run']:.2f} / "
                   f"{res['saved_pack_lm_gib_per_run']:.2f}")]
+    if a.traffic:                           # the bytes a compiled step moves, counted
+        res.update(bench_traffic(lamo_cfg, device, batcher))
+        save()
+        rows += [("GiB a compiled LaMo step moves: alone / packs of 2 and 4",
+                  f"{res['traffic_lamo_1_gib']:.1f} / {res['traffic_pack_lamo_2_gib']:.1f} / "
+                  f"{res['traffic_pack_lamo_4_gib']:.1f}"),
+                 ("  each run of a pack adds", f"{res['traffic_pack_lamo_gib_per_run']:.2f}")]
     if a.compiled:                          # --compile: LaMo alone and a pack
         bench_compiled(lamo_cfg, device, batcher, a.compiled, steps, res, save)
         rows += [(f"LaMo, --compile: run-steps/s, pack of {a.compiled}",

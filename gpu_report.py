@@ -32,7 +32,7 @@ BUSY = {"train_steps_per_s": "LaMo", "pack_lamo": "LaMo",
 
 
 def busy_rows(b: dict, top: int = 3) -> list[tuple[str, str, str, str, str]]:
-    """What bounds each profiled step (bench.device_busy): (configuration, wall ms a step = runs
+    """What bounds each profiled step (measure.device_busy): (configuration, wall ms a step = runs
     / run-steps/s, device-busy ms a step and its share of the wall, busy ms per run-step, the
     top kernels). Busy near 100%: the device's work bounds the step, and only less of it per run
     gains; far below: the host's launching does."""

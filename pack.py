@@ -55,8 +55,8 @@ def over_runs(fn, params, drops: list, *args, recompute: bool = False):
     """fn(params, *args) for each run, vmapped over the run axis (dim 0 of each), under RunDropout
     with the run's rows of the keep-masks `drops` (none without dropout); with `recompute`, its
     attention keeps only its inputs for the backward (Recomputed). Its attention is
-    written out in plain ops (RunDropout.attention: softmax(q k^T) v in fp32, what SDPA's math
-    kernel computes), not one of SDPA's kernels, none of which serves a pack on CUDA (torch
+    written out in plain ops (math_attention: softmax(q k^T) in fp32, what SDPA's math kernel
+    computes, times v), not one of SDPA's kernels, none of which serves a pack on CUDA (torch
     2.11): under vmap the memory-efficient kernel fails in its backward ("LSE is not correctly
     aligned"), cuDNN's and flash give "No available kernel" (bench.py --pack-attention, on an
     H200), and the math kernel's bf16 backward fails ("expected input and grad types to match",
@@ -80,7 +80,7 @@ class RunDropout(TorchFunctionMode):
     inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
     in the order the forward drops). SDPA takes no mask for its dropout, so attention is written
     out here, with dropout or without (over_runs says why): softmax(q k^T / sqrt(d), causal or
-    padding mask), dropped, times v, in fp32, what SDPA's math kernel computes. Each mask must
+    padding mask) in fp32, dropped, times v (math_attention). Each mask must
     have its dropout's shape, and the forward must use them all: else an error, not a silent
     broadcast. masks=None records each dropout's (shape, p) instead and drops nothing: how
     Pack.drop_masks learns the forward's. recompute: the attention through Recomputed, which
@@ -146,10 +146,15 @@ class RunDropout(TorchFunctionMode):
 
 def math_attention(q, k, v, attn_mask, is_causal: bool, keep, p: float, scale
                    ) -> torch.Tensor:
-    """softmax(q k^T scale, masked) v with dropout's keep-mask `keep` (None: no dropout), as SDPA's
-    math kernel computes it: in fp32 whatever the inputs (it upcasts bf16), q and k each scaled by
-    sqrt(scale); a fully masked (padding) row gets a finite min, not -inf. (B, nh, T, hd) x 3 ->
-    (B, nh, T, hd) in q's dtype."""
+    """softmax(q k^T scale, masked) v with dropout's keep-mask `keep` (None: no dropout). The
+    scores, softmax and dropout in fp32 whatever the inputs, as SDPA's math kernel computes them
+    (q and k each scaled by sqrt(scale); a fully masked (padding) row gets a finite min, not
+    -inf); then the probabilities in v's dtype for P v, as flash attention (a run alone's kernel
+    on a GPU) rounds them to bf16 for its second matmul. In fp32 that is the math kernel bit for
+    bit. In bf16 its error is within 1.5 x the math kernel's (test_pack.py), and it moves 7%
+    fewer bytes than P v in fp32 (bench.py --traffic: 13.26 against 14.29 GiB a run of a
+    compiled pack), on a GPU where a pack's step waits on memory. (B, nh, T, hd) x 3 ->
+    (B, nh, T, hd) in v's dtype."""
     s = math.sqrt(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     att = (q.float() * s) @ (k.float().transpose(-2, -1) * s)                 # (B, nh, T, T)
     if is_causal:
@@ -159,14 +164,14 @@ def math_attention(q, k, v, attn_mask, is_causal: bool, keep, p: float, scale
     att = att.softmax(-1)
     if keep is not None:
         att = kept(att, keep, p)
-    return (att @ v.float()).to(q.dtype)
+    return att.to(v.dtype) @ v
 
 
 class Recomputed(torch.autograd.Function):
     """math_attention() that keeps only its inputs for the backward and computes its (T, T) scores
-    again there. Autograd would keep the softmax's fp32 output, its dropped fp32 copy and fp32
-    q, k and v: for the LM batch's 1,024 tokens, 216 MiB a layer and run beside 24 MiB of
-    keep-mask, where SDPA's fused kernel in a run alone keeps none of it. Same forward; its
+    again there. Autograd would keep the softmax's fp32 output, its dropped copy and fp32 copies
+    of q and k: for the LM batch's 1,024 tokens under bf16, 150 MiB a layer and run beside 24 MiB
+    of keep-mask, where SDPA's fused kernel in a run alone keeps none of it. Same forward; its
     backward is math_attention's own (torch.func.vjp of the same ops), so the gradients are
     autograd's bit for bit (tested); the price is one more forward of the attention. A Function,
     not torch.utils.checkpoint, which fails under vmap: generate_vmap_rule runs this under it."""
@@ -405,7 +410,7 @@ class Pack:
         record = lambda: through(self.first_run(params), blocks[0])
         drops = self.drop_masks(params, ("lm", blocks.shape[1:]), record)
         # The LM batch's attention recomputed in the backward: its 1,024 tokens' scores kept
-        # would add 2.35 GiB a run to the 1.15 it keeps (bf16, bench.py --saved).
+        # would add 1.75 GiB a run to the 1.15 it keeps (bf16, bench.py --saved).
         return over_runs(lambda params, block: through(self.weights(params), block), params,
                          drops, blocks, recompute=True)
 

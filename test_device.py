@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import atari
 import data
 import lamo
+import measure
 import runs
 import sweep
 import tasks
@@ -190,7 +190,7 @@ def test_atari_actions_checked_at_load_and_tokens_counted_on_the_host(tmp_path):
     assert (run.action_tokens, run.schedule_tokens) == (13, 17.0)
 
 
-def test_bench_names_the_device_it_measures(monkeypatch):
+def test_measure_names_the_device_it_measures(monkeypatch):
     """Defect 10: bench.py synchronised, read and reset peak memory on the current GPU, not on
     --device's."""
     seen = []
@@ -201,14 +201,14 @@ def test_bench_names_the_device_it_measures(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
                         lambda device=None: seen.append(("reset", device)))
     gpu1 = torch.device("cuda", 1)
-    bench.sync(gpu1)
-    assert bench.peak_gb(gpu1) == 1.0
+    measure.sync(gpu1)
+    assert measure.peak_gb(gpu1) == 1.0
     assert seen == [("sync", gpu1), ("max", gpu1), ("reset", gpu1)]
-    assert bench.peak_gb(torch.device("cpu")) is None
+    assert measure.peak_gb(torch.device("cpu")) is None
 
 
-def test_bench_measures_how_long_a_step_keeps_the_device_busy():
-    """bench.device_busy on the CPU: the time inside operators, each instant counted once though
+def test_measure_says_how_long_a_step_keeps_the_device_busy():
+    """measure.device_busy on the CPU: the time inside operators, each instant counted once though
     a matmul holds an mm (the union of the profiler's intervals, not their sum): on one thread
     that is the sum of the operators' self times, and no more than the wall time around it; its
     top operator by self time is the mm."""
@@ -217,16 +217,29 @@ def test_bench_measures_how_long_a_step_keeps_the_device_busy():
     x = torch.randn(600, 600)
     step = lambda: (x @ x).relu()                   # aten::matmul > aten::mm, then aten::relu
     t0 = time.perf_counter()
-    busy = bench.device_busy(step, torch.device("cpu"), n=3)
+    busy = measure.device_busy(step, torch.device("cpu"), n=3)
     wall_ms = (time.perf_counter() - t0) * 1e3 / 3
     assert 0 < busy["ms"] <= wall_ms
     assert len(busy["top"]) < 8                                   # every operator is in the top
     assert busy["ms"] == pytest.approx(sum(ms for _, ms in busy["top"]), rel=1e-6)
     assert busy["top"][0][0] == "aten::mm" and busy["top"][0][1] <= busy["ms"]
-    failed = bench.busy_or_error(lambda: 1 / 0, torch.device("cpu"))
+    failed = measure.busy_or_error(lambda: 1 / 0, torch.device("cpu"))
     assert failed == {"error": "ZeroDivisionError: division by zero"}
-    assert bench.busy_or_error(lambda: None, torch.device("cpu")) == {      # not a busy 0 ms
+    assert measure.busy_or_error(lambda: None, torch.device("cpu")) == {      # not a busy 0 ms
         "error": "RuntimeError: the profiler saw no cpu activity in 3 steps"}
+
+
+def test_measure_counts_the_bytes_a_compiled_step_moves():
+    """measure.traffic_gib: a compiled elementwise step over n fp32 numbers is one fused kernel
+    that reads them once and writes its result once, 2 n x 4 bytes; a second call counts it
+    again (the compile caches bypassed); a step that compiles nothing is an error, not 0."""
+    x = torch.randn(1 << 20)
+    step = torch.compile(lambda x: (x * 2 + 1).relu())
+    gib = measure.traffic_gib(lambda: step(x))
+    assert gib == 2 * x.numel() * 4 / 2**30
+    assert measure.traffic_gib(lambda: step(x)) == gib
+    with pytest.raises(RuntimeError, match="compiled nothing"):
+        measure.traffic_gib(lambda: x * 2)
 
 
 def test_the_gpu_checks_report_computes_its_rows(tmp_path):
