@@ -142,8 +142,9 @@ def traffic_gib(step) -> float:
     "inductor_metrics" log is on) as it compiles them. A step whose kernels do fewer FLOP a byte
     than the card's ratio (an H100 SXM: 989 TFLOP/s of dense bf16 over 3.35 TB/s, 295) waits on
     memory, and traffic / bandwidth is a floor for its time. Counted at compilation, so step()
-    must compile (dynamo's and inductor's caches are bypassed here); what runs eagerly (an
-    optimizer, say) is not in it; and how much gets fused depends on the device's code
+    must compile (dynamo's and inductor's caches are bypassed here, and dynamo is reset: every
+    function compiled before in this process compiles again); what runs eagerly (an optimizer,
+    say) is not in it; and how much gets fused depends on the device's code
     generation (a CPU's C++, a GPU's Triton), so another device's count is close, not equal."""
     from torch._inductor import config, metrics
     log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")

@@ -150,11 +150,13 @@ def math_attention(q, k, v, attn_mask, is_causal: bool, keep, p: float, scale
     scores, softmax and dropout in fp32 whatever the inputs, as SDPA's math kernel computes them
     (q and k each scaled by sqrt(scale); a fully masked (padding) row gets a finite min, not
     -inf); then the probabilities in v's dtype for P v, as flash attention (a run alone's kernel
-    on a GPU) rounds them to bf16 for its second matmul. In fp32 that is the math kernel bit for
-    bit. In bf16 its error is within 1.5 x the math kernel's (test_pack.py), and it moves 7%
-    fewer bytes than P v in fp32 (bench.py --traffic: 13.26 against 14.29 GiB a run of a
-    compiled pack), on a GPU where a pack's step waits on memory. (B, nh, T, hd) x 3 ->
-    (B, nh, T, hd) in v's dtype."""
+    on a GPU) rounds them to bf16 for its second matmul. (Its backward, autograd's, also gets
+    dP = dO v^T out of a bf16 matmul, where flash keeps dP in fp32.) In fp32 that is the math
+    kernel bit for bit. In bf16 its output's and gradients' errors are within 1.5 x the math
+    kernel's (test_pack.py), and a compiled pack moves 7% fewer bytes than with P v in fp32
+    (bench.py --traffic: 13.26 against 14.29 GiB a run), which is what a big pack's step on a
+    GPU is bound by, by that count (README, "Packs"). (B, nh, T, hd) x 3 -> (B, nh, T, hd) in
+    v's dtype."""
     s = math.sqrt(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     att = (q.float() * s) @ (k.float().transpose(-2, -1) * s)                 # (B, nh, T, T)
     if is_causal:

@@ -201,6 +201,8 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
     with pack.RunDropout(keep):
         causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=1e-12)
     torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with sdpa_kernel([SDPBackend.MATH]):                  # fp32: the math kernel, bit for bit
+        assert torch.equal(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     valid = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]).bool()            # left padding
     attend = torch.ones(6, 6).bool().tril() & valid[:, None, None, :]     # (B, 1, T, T)
     with pack.RunDropout(keep):
@@ -212,28 +214,43 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
     # bf16 (the body's c_attn gives bf16 under autocast): scores and softmax in fp32, as SDPA's
     # math kernel computes them, not in bf16 matmuls that would round the scores; then P in
     # bf16 for P v, as flash attention rounds it. Bit for bit that recipe; not the math kernel,
-    # which keeps P v in fp32; and its error (against float64 over the same bf16 inputs) within
-    # 1.5 x the math kernel's, which rounds only its output (1.39 x seen).
+    # which keeps P v in fp32; and its error, and its gradients' (against float64 over the same
+    # bf16 inputs), within 1.5 x the math kernel's, which rounds only its output (1.39 x and
+    # 1.42 x seen).
     qh, kh, vh = (x.bfloat16() for x in torch.randn(3, 8, 4, 60, 64).unbind(0))
     keep60 = [torch.ones(8, 4, 60, 60, dtype=torch.bool)]
-    with torch.autocast("cpu", dtype=torch.bfloat16), pack.RunDropout(keep60):
-        half = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=1e-12)
     causal60 = torch.ones(60, 60).bool().tril()
+
+    def ours(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pack.RunDropout(keep60):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=1e-12)
+
+    def math_kernel(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def exact(q, k, v):
+        return ((q @ k.transpose(-2, -1)) / 8).masked_fill(~causal60, float("-inf")).softmax(
+            -1) @ v
+
+    half = ours(qh, kh, vh)
     s = 64 ** -0.25
     probs = ((qh.float() * s) @ (kh.float().transpose(-2, -1) * s)).masked_fill(
         ~causal60, torch.finfo(torch.float32).min).softmax(-1)
     assert half.dtype == torch.bfloat16 and torch.equal(half, probs.bfloat16() @ vh)
-    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
-        math_kernel = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-    assert torch.equal(math_kernel, (probs @ vh.float()).bfloat16())
-    exact = ((qh.double() @ kh.double().transpose(-2, -1)) / 8).masked_fill(
-        ~causal60, float("-inf")).softmax(-1) @ vh.double()
-    error = lambda x: float((x.double() - exact).norm() / exact.norm())
-    assert not torch.equal(half, math_kernel)
-    assert error(half) < 1.5 * error(math_kernel)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pack.RunDropout(keep60):  # fp32 in: cast
-        assert torch.equal(F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(),
-                                                          is_causal=True, dropout_p=1e-12), half)
+    assert torch.equal(math_kernel(qh, kh, vh), (probs @ vh.float()).bfloat16())
+    assert not torch.equal(half, math_kernel(qh, kh, vh))
+    grad_out = torch.randn(8, 4, 60, 64).bfloat16()
+
+    def error(attention, dtype=torch.bfloat16):         # output's and gradients' relative errors
+        x = [t.to(dtype).requires_grad_() for t in (qh, kh, vh)]
+        out = attention(*x)
+        return [out.detach(), *torch.autograd.grad(out, x, grad_out.to(dtype))]
+    want = error(exact, torch.float64)
+    rel_error = lambda got: [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, want)]
+    for ours_error, kernel_error in zip(rel_error(error(ours)), rel_error(error(math_kernel))):
+        assert ours_error < 1.5 * kernel_error
+    assert torch.equal(ours(qh.float(), kh.float(), vh.float()), half)     # fp32 in: cast
     with pack.RunDropout(keep), pytest.raises(NotImplementedError, match="bool mask"):
         F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(6, 6), dropout_p=0.1)
     # with dropout: the mask it is given, by the textbook; and F.dropout's, times 1 / (1 - p)
