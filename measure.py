@@ -144,8 +144,8 @@ def traffic_gib(step) -> float:
     memory, and traffic / bandwidth is a floor for its time. Counted at compilation, so step()
     must compile (dynamo's and inductor's caches are bypassed here, and dynamo is reset: every
     function compiled before in this process compiles again); what runs eagerly (an optimizer,
-    say) is not in it; and how much gets fused depends on the device's code
-    generation (a CPU's C++, a GPU's Triton), so another device's count is close, not equal."""
+    say) is not in it; and how much gets fused depends on the device's code generation (a CPU's
+    C++, a GPU's Triton), so another device's count is close, not equal."""
     from torch._inductor import config, metrics
     log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
     level = log.level

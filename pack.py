@@ -80,11 +80,11 @@ class RunDropout(TorchFunctionMode):
     inside F.scaled_dot_product_attention, and applies the next keep-mask of `masks` (one run's,
     in the order the forward drops). SDPA takes no mask for its dropout, so attention is written
     out here, with dropout or without (over_runs says why): softmax(q k^T / sqrt(d), causal or
-    padding mask) in fp32, dropped, times v (math_attention). Each mask must
-    have its dropout's shape, and the forward must use them all: else an error, not a silent
-    broadcast. masks=None records each dropout's (shape, p) instead and drops nothing: how
-    Pack.drop_masks learns the forward's. recompute: the attention through Recomputed, which
-    keeps its inputs, not its (T, T) scores, for the backward (the LM batch's 1,024 tokens)."""
+    padding mask) in fp32, dropped, times v (math_attention). Each mask must have its dropout's
+    shape, and the forward must use them all: else an error, not a silent broadcast.
+    masks=None records each dropout's (shape, p) instead and drops nothing: how Pack.drop_masks
+    learns the forward's. recompute: the attention through Recomputed, which keeps its inputs,
+    not its (T, T) scores, for the backward (the LM batch's 1,024 tokens)."""
 
     def __init__(self, masks: list | None, recompute: bool = False):
         super().__init__()

@@ -242,13 +242,13 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
     assert not torch.equal(half, math_kernel(qh, kh, vh))
     grad_out = torch.randn(8, 4, 60, 64).bfloat16()
 
-    def error(attention, dtype=torch.bfloat16):         # output's and gradients' relative errors
+    def outputs(attention, dtype=torch.bfloat16):       # its output and q's, k's, v's gradients
         x = [t.to(dtype).requires_grad_() for t in (qh, kh, vh)]
         out = attention(*x)
         return [out.detach(), *torch.autograd.grad(out, x, grad_out.to(dtype))]
-    want = error(exact, torch.float64)
+    want = outputs(exact, torch.float64)
     rel_error = lambda got: [float((a.double() - b).norm() / b.norm()) for a, b in zip(got, want)]
-    for ours_error, kernel_error in zip(rel_error(error(ours)), rel_error(error(math_kernel))):
+    for ours_error, kernel_error in zip(rel_error(outputs(ours)), rel_error(outputs(math_kernel))):
         assert ours_error < 1.5 * kernel_error
     assert torch.equal(ours(qh.float(), kh.float(), vh.float()), half)     # fp32 in: cast
     with pack.RunDropout(keep), pytest.raises(NotImplementedError, match="bool mask"):
@@ -513,7 +513,8 @@ def test_runs_of_other_learning_rates_and_weight_decays_share_a_pack(tiny_hdf5, 
         saved = json.loads((folder / "config.json").read_text())
         assert (saved["lr"], saved["weight_decay"]) == (float(lr), float(wd))
     assert losses(tmp_path / "pk" / "lr0.001_wd0") != losses(tmp_path / "pk" / "lr0.0003_wd0.1")
-    with pytest.raises(SystemExit, match="--lr -0.001 --weight-decay 0.0001: an lr and a weight decay must be >= 0"):
+    with pytest.raises(SystemExit, match="--lr -0.001 --weight-decay 0.0001: an lr and a "
+                                         "weight decay must be >= 0"):
         lamo.main([*args, "--lr", "1e-3", "-0.001", "--out", str(tmp_path / "bad")])
 
 
