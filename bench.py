@@ -112,13 +112,7 @@ def bench_traffic(cfg, device, batcher, sizes=(2, 4)) -> dict:
     A big pack's step on a GPU is bound by this traffic: over the card's bandwidth it is the
     floor of the step's time, and so a ceiling on run-steps/s (README, "Packs")."""
     cfg = replace(cfg, compile=True, precision="bf16")
-
-    def alone():
-        torch.manual_seed(0)
-        model, params, opt = new_model(cfg, device)
-        lamo.train_step(torch.compile(model, mode=cfg.compile_mode), model, opt, params,
-                        batcher.sample(cfg.batch_size), None, cfg, False)
-    out = {"traffic_lamo_1_gib": traffic_gib(alone)}
+    out = {"traffic_lamo_1_gib": traffic_gib(run_step(cfg, device, batcher))}
     for R in sizes:
         free(device)
         out[f"traffic_pack_lamo_{R}_gib"] = traffic_gib(pack_step(cfg, device, batcher, R)[1])
@@ -134,16 +128,22 @@ def lm_block(cfg, device) -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (cfg.lm_batch, cfg.lm_seq_len + 1), device=device)
 
 
-def train_steps_per_s(cfg, device, batcher, steps, warmup, busy: dict | None = None) -> float:
-    """Steps/s of lamo.train_step on one freshly built model, freed on return (so the next variant
-    is measured without this one's memory); with a dict `busy`, device_busy's figures into it."""
+def run_step(cfg, device, batcher):
+    """A function that trains one freshly built run (seed 0) one step with lamo.train_step, its
+    forward compiled with cfg.compile, with the LM batch when cfg.lm_coef: pack_step's twin for a
+    run alone."""
     torch.manual_seed(0)
     model, params, opt = new_model(cfg, device)
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     block = lm_block(cfg, device) if cfg.lm_coef else None
-    step = lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
+    return lambda: lamo.train_step(fwd, model, opt, params, batcher.sample(cfg.batch_size),
                                    block, cfg, False)
-    return run_steps_per_s(step, 1, steps, device, warmup, busy)
+
+
+def train_steps_per_s(cfg, device, batcher, steps, warmup, busy: dict | None = None) -> float:
+    """Steps/s of lamo.train_step on one freshly built model, freed on return (so the next variant
+    is measured without this one's memory); with a dict `busy`, device_busy's figures into it."""
+    return run_steps_per_s(run_step(cfg, device, batcher), 1, steps, device, warmup, busy)
 
 
 def bench_train(cfg, dt_cfg, device, batcher, steps) -> dict:
