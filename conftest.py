@@ -1,6 +1,7 @@
 """Fixtures shared by the test files: all offline and CPU-sized. Downloads are exercised against a
 loopback HTTP server started here, on small files the tests make in the real formats."""
 import http.server
+import json
 import threading
 
 import numpy as np
@@ -10,6 +11,23 @@ import torch
 import data
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)   # a tiny GPT-2
+
+
+# ----------------------------------------------------------------------------- a run's metrics
+def read_metrics(folder) -> list[dict]:
+    """A run folder's metrics.jsonl, a dict a row."""
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def action_losses(folder) -> list[float]:
+    """A run's logged action losses, in order."""
+    return [m["action_loss"] for m in read_metrics(folder) if "action_loss" in m]
+
+
+def timeless_metrics(folder) -> list[dict]:
+    """A run folder's metrics rows without their wall-clock figures, which no two runs share."""
+    return [{k: v for k, v in r.items() if k not in ("steps_per_s", "eval_s")}
+            for r in read_metrics(folder)]
 
 
 # ----------------------------------------------------------------------------- evaluation reference

@@ -13,7 +13,7 @@ import torch
 
 import atari
 import data
-from conftest import RecordActions, reference_episode
+from conftest import RecordActions, read_metrics, reference_episode, timeless_metrics
 from data import LamoError
 
 
@@ -313,10 +313,7 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     # 2 steps, then --resume to 4: the token-counted schedule continues exactly.
     lamo.main([*common, "--steps", "2", "--out", str(half)])
     lamo.main(["--resume", str(half), "--steps", "4"])
-    metrics = lambda run: [{k: v for k, v in json.loads(line).items()
-                            if k not in ("steps_per_s", "eval_s")}
-                           for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics(half) == metrics(out)
+    assert timeless_metrics(half) == timeless_metrics(out)
     cfg = json.loads((out / "config.json").read_text())
     assert ((cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_bias"]) ==
             (32, 32.0, 0.0, False))
@@ -327,7 +324,7 @@ def test_atari_end_to_end(collected, hf_tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (set(summary["targets"]) == {"90", "120"} and
             summary["metric"].startswith("human-normalised"))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[0] == 0 and 0 < lrs[1] < lrs[2] < lrs[3] < 1e-3   # token warm-up, from 0 at step 1
     ev = rows[-1]["eval"]["90"]
@@ -345,12 +342,11 @@ def test_an_atari_pack_steps_each_run_on_its_own_token_count(collected, hf_tiny,
               "--context-len", "6", "--eval-max-steps", "20", "--log-every", "1", "--steps", "4",
               "--dropout", "0", "--targets", "90"]
     lamo.main([*common, "--seed", "0", "1", "--out", str(tmp_path / "pk")])
-    rows = lambda run: [json.loads(line)
-                        for line in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = {}
     for seed in (0, 1):
         lamo.main([*common, "--seed", str(seed), "--out", str(tmp_path / f"alone{seed}")])
-        packed, alone = rows(tmp_path / "pk" / f"s{seed}"), rows(tmp_path / f"alone{seed}")
+        packed = read_metrics(tmp_path / "pk" / f"s{seed}")
+        alone = read_metrics(tmp_path / f"alone{seed}")
         lrs[seed] = [r["lr"] for r in packed if "lr" in r]
         assert lrs[seed] == [r["lr"] for r in alone if "lr" in r]
         for p, a in zip(packed, alone):
@@ -417,8 +413,7 @@ def test_freeway_end_to_end(new_games, hf_tiny, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (set(summary["targets"]) == {"30"} and
             summary["evaluation_env"] == "FreewayNoFrameskip-v4")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ev = rows[-1]["eval"]["30"]
+    ev = read_metrics(out)[-1]["eval"]["30"]
     assert ev["score_mean"] == pytest.approx(100 * ev["return_mean"] / 29.6)
 
 

@@ -14,7 +14,7 @@ import lamo
 import pack
 import sweep
 import tasks
-from conftest import adamw_side_by_side
+from conftest import action_losses, adamw_side_by_side, read_metrics
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -142,7 +142,7 @@ def test_resume_and_eval_only_on_cuda(tiny_hdf5, tiny_txt, tmp_path):
     lamo.main(["--resume", str(out), "--steps", "8"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 8
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows if "eval" in r] == [4, 8]
     assert all(np.isfinite(r["action_loss"]) and r["lm_loss"] > 0
                for r in rows if "action_loss" in r)
@@ -179,8 +179,7 @@ def test_compile_on_cuda_matches_eager(tiny_hdf5, tmp_path):
                         ("graphs", ("--compile", "--compile-mode", "reduce-overhead"))):
         out = tmp_path / name
         lamo.main(run_args(tiny_hdf5, out, "--steps", "6", "--precision", "fp32", *extra))
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses.append([r["action_loss"] for r in rows if "action_loss" in r])
+        losses.append(action_losses(out))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
     np.testing.assert_allclose(losses[2], losses[0], rtol=1e-3)
 
@@ -203,12 +202,8 @@ def test_a_pack_on_cuda_matches_its_runs_alone(tiny_hdf5, tmp_path):
     lamo.main(run_args(tiny_hdf5, tmp_path / "pk", *common, "--seed", "0", "1"))
     for seed in (0, 1):
         lamo.main(run_args(tiny_hdf5, tmp_path / f"alone{seed}", *common, "--seed", str(seed)))
-        packed, alone = (
-            [json.loads(line)["action_loss"]
-             for line in (folder / "metrics.jsonl").read_text().splitlines()
-             if "action_loss" in line]
-            for folder in (tmp_path / "pk" / f"s{seed}", tmp_path / f"alone{seed}"))
-        np.testing.assert_allclose(list(packed), list(alone), rtol=1e-4)
+        np.testing.assert_allclose(action_losses(tmp_path / "pk" / f"s{seed}"),
+                                   action_losses(tmp_path / f"alone{seed}"), rtol=1e-4)
 
 
 def test_run_adamw_on_cuda_steps_as_torchs_fused_adamw():
@@ -257,15 +252,13 @@ def test_a_pack_with_dropout_on_cuda(tiny_hdf5, tmp_path):
                                                     "--seed", str(seed)))[0])
         members.append(lamo.start_run(cfg, tmp_path / f"r{i}", False))
     pack.train(members, lamo)
-    loss = lambda folder: [json.loads(line)["action_loss"]
-                           for line in (folder / "metrics.jsonl").read_text().splitlines()
-                           if "action_loss" in line]
-    np.testing.assert_allclose(loss(tmp_path / "r2"), loss(tmp_path / "r0"), rtol=1e-5)
-    assert loss(tmp_path / "r1") != loss(tmp_path / "r0")
+    np.testing.assert_allclose(action_losses(tmp_path / "r2"), action_losses(tmp_path / "r0"),
+                               rtol=1e-5)
+    assert action_losses(tmp_path / "r1") != action_losses(tmp_path / "r0")
     for name, extra in (("eager", ()), ("compiled", ("--compile",)),
                         ("graphs", ("--compile", "--compile-mode", "reduce-overhead"))):
         lamo.main(run_args(tiny_hdf5, tmp_path / name, *common, "--seed", "0", "1", *extra))
     for seed in ("s0", "s1"):
         for name in ("compiled", "graphs"):
-            np.testing.assert_allclose(loss(tmp_path / name / seed),
-                                       loss(tmp_path / "eager" / seed), rtol=2e-2)
+            np.testing.assert_allclose(action_losses(tmp_path / name / seed),
+                                       action_losses(tmp_path / "eager" / seed), rtol=2e-2)

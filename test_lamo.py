@@ -23,7 +23,7 @@ import data
 import gpt2_loader
 import lamo
 import tasks
-from conftest import TINY, RecordActions, reference_episode
+from conftest import TINY, RecordActions, read_metrics, reference_episode, timeless_metrics
 from data import LamoError
 
 REPO = Path(__file__).parent
@@ -470,14 +470,6 @@ def test_collect_writes_d4rl_layout(tmp_path):
 HOPPER = tasks.get_task("hopper-medium-v2")
 
 
-def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("steps_per_s", "eval_s")} for r in rows]
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt):
     _, folder = hf_tiny
     common = ["--data", str(tiny_hdf5), "--env", "hopper-medium-v2", "--pretrained", str(folder),
@@ -504,7 +496,7 @@ def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt)
     # --resume continues at step 40 with exactly what one 80-step run produces.
     lamo.main(["--resume", str(a), "--steps", "80"])
     lamo.main([*common, "--steps", "80", "--out", str(b)])
-    assert strip_timing(read_metrics(a)) == strip_timing(read_metrics(b))
+    assert timeless_metrics(a) == timeless_metrics(b)
     # --eval-only reproduces the checkpoint's last evaluation.
     ckpt = torch.load(b / "ckpt.pt", weights_only=False)
     assert (ckpt["step"] == 80 and

@@ -12,19 +12,9 @@ import lamo
 import pack
 import runs
 import workers
-from conftest import adamw_side_by_side
+from conftest import action_losses, adamw_side_by_side, timeless_metrics
 
 NO_DROPOUT = ["--dropout", "0", "--lora-dropout", "0"]
-
-
-def losses(folder):
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["action_loss"] for line in lines if "action_loss" in line]
-
-
-def metrics(folder):
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("steps_per_s", "eval_s")} for r in rows]
 
 
 def dt_args(tiny_hdf5, steps=50):
@@ -49,7 +39,7 @@ def test_a_pack_of_one_equals_the_run_alone(tiny_hdf5, hf_tiny, tmp_path):
     lamo.main([*args, "--out", str(tmp_path / "alone")])
     cfg = lamo.resolve(lamo.parse_args([*args, "--out", str(tmp_path / "p")])[0])
     pack.train([lamo.start_run(cfg, tmp_path / "p", resume=False)], lamo)
-    alone, packed = losses(tmp_path / "alone"), losses(tmp_path / "p")
+    alone, packed = action_losses(tmp_path / "alone"), action_losses(tmp_path / "p")
     assert len(alone) == len(packed) == 50
     assert rel(packed, alone) < 1e-6
 
@@ -64,7 +54,7 @@ def test_a_pack_of_three_equals_each_run_alone(tiny_hdf5, tmp_path):
         assert {"config.json", "subset.json", "metrics.jsonl", "ckpt.pt", "summary.json",
                 "curve.png"} <= {p.name for p in folder.iterdir()}
         lamo.main([*args, "--seed", str(seed), "--out", str(tmp_path / f"alone{seed}")])
-        assert rel(losses(folder), losses(tmp_path / f"alone{seed}")) < 1e-5
+        assert rel(action_losses(folder), action_losses(tmp_path / f"alone{seed}")) < 1e-5
         ckpt = torch.load(folder / "ckpt.pt", weights_only=False)
         assert ckpt["config"]["seed"] == seed and ckpt["step"] == 50
         assert json.loads((folder / "summary.json").read_text())["seed"] == seed
@@ -74,7 +64,7 @@ def test_a_pack_of_three_equals_each_run_alone(tiny_hdf5, tmp_path):
             for moment in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(ckpt["optimizer"]["state"][i][moment], state[moment],
                                            rtol=1e-3, atol=1e-7)
-    assert losses(tmp_path / "pk" / "s0") != losses(tmp_path / "pk" / "s1")
+    assert action_losses(tmp_path / "pk" / "s0") != action_losses(tmp_path / "pk" / "s1")
     # A run of a pack is a run: --eval-only reproduces its stored evaluation, up to the rounding
     # of the pack's batched forward (its actions: the test below).
     ev = lamo.main(["--eval-only", str(tmp_path / "pk" / "s1" / "ckpt.pt")])
@@ -150,14 +140,14 @@ def test_runs_of_one_seed_end_bit_identical_with_dropout(preset, tiny_hdf5, hf_t
              for i in range(4)]
     for i in (2, 3):
         assert all(torch.equal(final[0][k], final[i][k]) for k in final[0])
-        assert metrics(tmp_path / "r0") == metrics(tmp_path / f"r{i}")
+        assert timeless_metrics(tmp_path / "r0") == timeless_metrics(tmp_path / f"r{i}")
     assert any(not torch.equal(final[0][k], final[1][k]) for k in final[0])
     # Nor do its pack-mates matter: seed 0 second to seed 2 trains as it did beside seed 1 (on
     # this CPU bit for bit; rounding may differ where the kernels differ with R).
     members = [lamo.start_run(lamo.resolve(lamo.parse_args([*args, "--seed", str(seed)])[0]),
                               tmp_path / f"other{seed}", resume=False) for seed in (2, 0)]
     pack.train(members, lamo)
-    assert rel(losses(tmp_path / "other0"), losses(tmp_path / "r0")) < 1e-6
+    assert rel(action_losses(tmp_path / "other0"), action_losses(tmp_path / "r0")) < 1e-6
 
 
 def test_each_runs_masks_come_from_its_own_generator(tiny_hdf5, tmp_path):
@@ -311,7 +301,7 @@ def test_a_bf16_pack_keeps_the_body_in_bf16(tiny_hdf5, hf_tiny, tmp_path):
     cfg = lamo.resolve(lamo.parse_args(args)[0])
     pack.train([lamo.start_run(cfg, tmp_path / "p", resume=False)], lamo)
     lamo.main([*args, "--out", str(tmp_path / "alone")])
-    assert rel(losses(tmp_path / "p"), losses(tmp_path / "alone")) < 1e-4      # 4.3e-6 seen
+    assert rel(action_losses(tmp_path / "p"), action_losses(tmp_path / "alone")) < 1e-4  # 4.3e-6
     run = lamo.start_run(cfg, tmp_path / "q", resume=False)
     dtypes = {}
     for name in ("gpt.h.0.attn.c_attn", "gpt.h.0.attn", "gpt.h.0.mlp.c_fc", "gpt.h.1.mlp"):
@@ -466,7 +456,8 @@ def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, m
         assert ckpt["step"] == 7
     lamo.main(["--resume", str(tmp_path / "cut")])
     for seed in (0, 1):
-        assert metrics(tmp_path / "cut" / f"s{seed}") == metrics(tmp_path / "whole" / f"s{seed}")
+        assert (timeless_metrics(tmp_path / "cut" / f"s{seed}")
+                == timeless_metrics(tmp_path / "whole" / f"s{seed}"))
     with pytest.raises(SystemExit, match="every run there has finished"):
         lamo.main(["--resume", str(tmp_path / "cut")])
 
@@ -480,7 +471,7 @@ def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
                str(tmp_path / "b")])
     subsets = [json.loads((tmp_path / f / "subset.json").read_text()) for f in "ab"]
     assert [s["n_trajectories"] for s in subsets] == [5, 10]
-    assert losses(tmp_path / "a") != losses(tmp_path / "b")
+    assert action_losses(tmp_path / "a") != action_losses(tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert (saved["frac"], saved["seed"], saved["out"]) == (1.0, 3, str(tmp_path / "b"))
     lamo.main([*args, "--frac", "0.5", "1", "--out", str(tmp_path / "pk")])
@@ -492,7 +483,7 @@ def test_runs_of_other_data_ratios_share_a_pack(tiny_hdf5, tmp_path):
         lamo.main([*args, "--seed", "1", "1", "--out", str(tmp_path / "d")])
     # --resume takes the run folders of a pack, here with more steps: both go on, as one pack.
     lamo.main(["--resume", str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "6"])
-    assert [len(losses(tmp_path / f)) for f in "ab"] == [6, 6]
+    assert [len(action_losses(tmp_path / f)) for f in "ab"] == [6, 6]
 
 
 def test_runs_of_other_learning_rates_and_weight_decays_share_a_pack(tiny_hdf5, tmp_path):
@@ -505,14 +496,15 @@ def test_runs_of_other_learning_rates_and_weight_decays_share_a_pack(tiny_hdf5, 
     for lr, wd in (("1e-3", "0"), ("3e-4", "0.1")):
         folder = tmp_path / "pk" / f"lr{float(lr):g}_wd{float(wd):g}"
         lamo.main([*args, "--lr", lr, "--weight-decay", wd, "--out", str(tmp_path / lr)])
-        alone, packed = metrics(tmp_path / lr), metrics(folder)
+        alone, packed = timeless_metrics(tmp_path / lr), timeless_metrics(folder)
         lrs = [r["lr"] for r in packed if "lr" in r]
         assert lrs == [r["lr"] for r in alone if "lr" in r] and len(lrs) == 20
         assert lrs[-1] == float(lr) > lrs[0]                    # past the 10 steps of warm-up
-        assert rel(losses(folder), losses(tmp_path / lr)) < 1e-5
+        assert rel(action_losses(folder), action_losses(tmp_path / lr)) < 1e-5
         saved = json.loads((folder / "config.json").read_text())
         assert (saved["lr"], saved["weight_decay"]) == (float(lr), float(wd))
-    assert losses(tmp_path / "pk" / "lr0.001_wd0") != losses(tmp_path / "pk" / "lr0.0003_wd0.1")
+    assert (action_losses(tmp_path / "pk" / "lr0.001_wd0")
+            != action_losses(tmp_path / "pk" / "lr0.0003_wd0.1"))
     with pytest.raises(SystemExit, match="--lr -0.001 --weight-decay 0.0001: an lr and a "
                                          "weight decay must be >= 0"):
         lamo.main([*args, "--lr", "1e-3", "-0.001", "--out", str(tmp_path / "bad")])
@@ -557,7 +549,8 @@ def test_a_pack_with_the_lm_loss_equals_each_run_alone(tiny_hdf5, hf_tiny, tiny_
     lamo.main([*args, "--seed", "0", "1", "--out", str(tmp_path / "pk")])
     for seed in (0, 1):
         lamo.main([*args, "--seed", str(seed), "--out", str(tmp_path / f"alone{seed}")])
-        packed, alone = metrics(tmp_path / "pk" / f"s{seed}"), metrics(tmp_path / f"alone{seed}")
+        packed = timeless_metrics(tmp_path / "pk" / f"s{seed}")
+        alone = timeless_metrics(tmp_path / f"alone{seed}")
         for key in ("action_loss", "lm_loss", "grad_norm"):
             want, got = ([r[key] for r in rows if key in r] for rows in (alone, packed))
             assert len(want) == len(got) == 6 and rel(got, want) < 1e-5, key
@@ -616,7 +609,7 @@ def test_a_compiled_pack_compiles_and_matches_the_eager_pack(tiny_hdf5, tmp_path
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     lamo.main([*args, "--out", str(tmp_path / "e")])
     for seed in ("s0", "s1"):
-        compiled, eager = losses(tmp_path / "c" / seed), losses(tmp_path / "e" / seed)
+        compiled, eager = action_losses(tmp_path / "c" / seed), action_losses(tmp_path / "e" / seed)
         assert len(compiled) == 4 and rel(compiled, eager) < 1e-5
 
 

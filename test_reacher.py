@@ -14,6 +14,7 @@ import torch
 import lamo
 import reacher2d
 import tasks
+from conftest import read_metrics
 from data import LamoError
 
 REACHER = tasks.get_task("reacher2d-medium")
@@ -224,8 +225,7 @@ def test_lamo_end_to_end_on_generated_data(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "reacher2d-medium" and set(summary["targets"]) == {"76", "40"}
     assert summary["paper"] == {"mean": 22.8, "std": 6.0, "table": "Table 1"}        # DT, 100%
-    ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-          if "eval" in json.loads(line)][-1]["eval"]
+    ev = [m for m in read_metrics(out) if "eval" in m][-1]["eval"]
     assert all(e["length_mean"] == 100 and e["score_mean"] == e["return_mean"] for e in ev.values())
 
 
