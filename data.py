@@ -120,7 +120,7 @@ def progress(*args, **kwargs) -> tqdm:
 
 
 @contextlib.contextmanager
-def locked(dest: Path):
+def locked(dest: Path, doing: str = "downloading"):
     """An exclusive lock on `dest.lock` (flock; on a shared filesystem too, where it has flock), so
     two processes (two shards of a sweep) never write one `.part` at once: the second waits and then
     finds the file complete."""
@@ -129,7 +129,7 @@ def locked(dest: Path):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another process downloading {dest.name} ...", file=sys.stderr)
+            print(f"waiting for another process {doing} {dest.name} ...", file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -525,21 +525,29 @@ def lm_tokens(corpus: str = "") -> np.ndarray:
         out = cache_dir() / "tokens" / "wikitext-103-train.u16"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        if corpus:
-            text = Path(corpus).read_text(encoding="utf-8")
-        else:
-            zpath = download(WIKITEXT_URL, cache_dir() / "wikitext-103-raw-v1.zip",
-                             local_hint="pass any UTF-8 text file with --lm-corpus PATH")
-            with zipfile.ZipFile(zpath) as z:
-                text = z.read(WIKITEXT_MEMBER).decode("utf-8")
-        tok = gpt2_tokenizer()
-        tmp = out.with_name(out.name + ".part")
-        with open(tmp, "wb") as f:
-            for ids in progress(encode_chunked(tok, text), desc=f"tokenising {out.stem}",
-                                unit="MB"):
-                f.write(ids.astype(np.uint16).tobytes())
-        tmp.rename(out)
+        # Locked, as a download is: two runs starting at once (two shards of a sweep) would write
+        # one .part together, and the second would map a file the first is rewriting.
+        with locked(out, "tokenising"):
+            if not out.exists():                     # not made while this one waited
+                tokenise(corpus, out)
     return np.memmap(out, dtype=np.uint16, mode="r")
+
+
+def tokenise(corpus: str, out: Path):
+    """The corpus (a text file, or WikiText-103 downloaded) as uint16 GPT-2 tokens in `out`."""
+    if corpus:
+        text = Path(corpus).read_text(encoding="utf-8")
+    else:
+        zpath = download(WIKITEXT_URL, cache_dir() / "wikitext-103-raw-v1.zip",
+                         local_hint="pass any UTF-8 text file with --lm-corpus PATH")
+        with zipfile.ZipFile(zpath) as z:
+            text = z.read(WIKITEXT_MEMBER).decode("utf-8")
+    tok = gpt2_tokenizer()
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "wb") as f:
+        for ids in progress(encode_chunked(tok, text), desc=f"tokenising {out.stem}", unit="MB"):
+            f.write(ids.astype(np.uint16).tobytes())
+    os.replace(tmp, out)
 
 
 def encode_chunked(tok, text: str, chunk_chars: int = 1 << 20):
@@ -560,14 +568,15 @@ class LMBatcher:
     """Random (B, T+1) blocks of corpus tokens: inputs are [:, :-1], targets [:, 1:]."""
 
     def __init__(self, tokens: np.ndarray, B: int, T: int, seed: int, device="cpu"):
-        if len(tokens) < T + 2:
+        if len(tokens) < T + 1:
             raise LamoError(f"language corpus has {len(tokens)} tokens, "
                             f"fewer than one block of {T + 1}")
         self.tokens, self.B, self.T, self.device = tokens, B, T, torch.device(device)
         self.rng = np.random.default_rng(seed)
 
     def sample(self) -> torch.Tensor:
-        starts = self.rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
+        # every start of a whole block, the last (len - T - 1) too: integers' high is exclusive
+        starts = self.rng.integers(0, len(self.tokens) - self.T, size=self.B)
         block = np.stack([self.tokens[s:s + self.T + 1]
                           for s in starts]).astype(np.int64)  # (B, T+1)
         return to_device(block, self.device)

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import sys
 import textwrap
 import time
@@ -38,7 +39,7 @@ from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
 from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval,
                   restore, save_checkpoint)
-from tasks import Recipe, Task, get_task
+from tasks import PAPER, PAPER_SETTINGS, Recipe, Task, get_task
 from workers import Envs, default_workers
 
 
@@ -648,8 +649,9 @@ def train_step(fwd, model, optimizer, params, batch, lm_block, cfg: Config,
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
+    # A finite loss with an inf gradient makes the clip 0 * inf: NaN weights, flagged here too.
     return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm,
-                        (~torch.isfinite(loss)).float()])
+                        (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()])
 
 
 def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
@@ -678,14 +680,19 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
               {str(f): dataset_sha256(f) for f in files})
     # The run folder appears only now, so a run that fails while loading leaves nothing behind.
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     if resume:
         restore(run)
+        if cfg.steps < run.step or (cfg.steps == run.step and not run.history):
+            raise LamoError(f"--resume {folder}: the run is at step {run.step}"
+                            f"{'' if run.history else ' without an evaluation yet'}; give "
+                            f"--steps {'above' if not run.history else 'at least'} {run.step}")
     else:
         (folder / "subset.json").write_text(json.dumps({"frac": cfg.frac,
                                                         "frac_seed": cfg.frac_seed,
                                                         "n_trajectories": int(len(subset)),
                                                         "indices": subset.tolist()}))
+    # After restore: a resume that fails leaves the config it had.
+    (folder / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     n_train = sum(p.numel() for p in params)
     body = model.gpt.config
     print(f"data     {cfg.data or task.source}: subset frac={cfg.frac} (seed {cfg.frac_seed}): "
@@ -707,8 +714,8 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
     # bit-identical.
     fwd = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     log = MetricsLog(run)
-    # action loss, LM loss, grad norm, non-finite: on device
-    sums = torch.zeros(4, device=run.device)
+    # action loss, LM loss, grad norm, non-finite, summed since the last log row: on device
+    sums = run.loss_sums.to(run.device)
     # A bar on a terminal; in a log file a plain line every --log-every steps or LOG_SECONDS.
     bar = progress(total=cfg.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                    miniters=cfg.log_every)
@@ -736,31 +743,37 @@ def train(cfg: Config, folder: Path, resume: bool = False) -> dict:
                 run.history.append({"step": run.step, "eval": evaluation,
                                     "eval_s": round(time.perf_counter() - t0, 3)})
                 log.evaluation(run.history[-1])
-                save_checkpoint(run)
+                save_checkpoint(run, sums)
             bar.update(1)
             bar.set_postfix_str(log.status, refresh=False)
             if stop:
                 bar.close()
                 log.check_finite(sums)
-                save_checkpoint(run)
+                save_checkpoint(run, sums)
                 print(f"interrupted at step {run.step}; checkpoint saved. "
                       f"Continue with: python lamo.py --resume {folder}")
                 raise SystemExit(130)
     bar.close()
-    return finish(run)
+    return finish(run, paper_reference(cfg))
 
 
 def eval_only(cfg: Config, ckpt_path: Path) -> dict:
     device = pick_device(cfg.device)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     task = get_task(cfg.env)
+    # Seeded as start_run seeds it: with --pretrained none, the frozen random tensors (a LoRA
+    # body, a frozen one) are not in the checkpoint, and this rebuilds the ones the run trained on.
+    torch.manual_seed(cfg.seed)
     model = build_model(cfg, task, resolve_precision(cfg.precision, device)).to(device)
     load_trainable(model, ckpt)
     with eval_envs(cfg, task) as envs:
         ev = evaluate(model, cfg, task, ckpt["state_mean"], ckpt["state_std"], device, envs)
     print_eval(ev, f"evaluation of {ckpt_path} (step {ckpt['step']}, {cfg.eval_episodes} "
                    f"episodes per target):")
-    if ckpt["last_eval"] is not None:
+    if ckpt["last_eval"] is not None and ckpt.get("last_eval_step") not in (None, ckpt["step"]):
+        print(f"(the checkpoint's last evaluation ran at step {ckpt['last_eval_step']}, before "
+              f"these weights: nothing to compare with)")
+    elif ckpt["last_eval"] is not None:
         same = ev == ckpt["last_eval"]
         print("identical to the evaluation stored in the checkpoint" if same else
               "differs from the evaluation stored in the checkpoint (other episodes, targets or "
@@ -779,8 +792,10 @@ EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "de
 def parse_args(argv=None) -> tuple[Config, dict]:
     """The CLI is generated from Config: --field-name per field. Returns the config and the flags
     given."""
+    # allow_abbrev off: --se 5 is an error, not --seed 5 (sweep.py checks the flags it passes on
+    # by their full names).
     parser = argparse.ArgumentParser(prog="lamo.py", description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
     hints = get_type_hints(Config)
     for f in fields(Config):
         t = hints[f.name]
@@ -816,6 +831,9 @@ def resolve(cfg: Config, given=()) -> Config:
     shape = dict(zip(("n_layer", "n_head", "n_embd"), SIZES["gpt2"]))
     for k in shape:
         if cfg.pretrained != "none" and getattr(cfg, k) is not None:
+            if k not in given:                            # the preset's shape (DT's 3 layers)
+                raise LamoError(f"--model {cfg.model} is a model of its own shape, trained from "
+                                f"scratch: it takes no --pretrained {cfg.pretrained}")
             raise LamoError(f"--{k.replace('_', '-')} only applies with --pretrained none; "
                             f"a pretrained model fixes its shape")
         if cfg.pretrained == "none" and getattr(cfg, k) is None:
@@ -826,6 +844,16 @@ def resolve(cfg: Config, given=()) -> Config:
     if cfg.model == "dt" and cfg.lm_coef:
         raise LamoError("--model dt has no language head (vocab 1, as in kzl DT); "
                         "use --model lamo for --lm-coef")
+    if cfg.finetune == "frozen" and cfg.lm_coef:
+        # Nothing on the language path trains with a frozen body (wte, wpe, blocks, ln_f): the LM
+        # batch would cost a forward and backward a step and change no weight.
+        if "lm_coef" in given:
+            raise LamoError(f"--lm-coef {cfg.lm_coef:g} has no effect with --finetune frozen "
+                            f"(no weight on the language path trains); drop it, or fine-tune")
+        cfg.lm_coef = 0.0                                 # the task's default lambda (Kitchen's)
+    if cfg.warmup_tokens and not task.discrete:
+        raise LamoError(f"--warmup-tokens counts action tokens, which only a discrete-action task "
+                        f"(Atari) counts; {task.name} would train at lr 0. Use --warmup STEPS")
     if cfg.finetune == "lora" and cfg.lora_rank < 1:
         raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
     lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias")
@@ -841,26 +869,77 @@ def resolve(cfg: Config, given=()) -> Config:
     if "compile_mode" in given and not cfg.compile:
         raise LamoError(f"--compile-mode {cfg.compile_mode} has no effect without --compile; "
                         f"add --compile")
-    cfg.eval_max_steps = cfg.eval_max_steps or task.episode_len
-    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every",
-              "lm_batch", "lm_seq_len", "warmup", "eval_max_steps"):
+    if "wandb_group" in given and not cfg.wandb:
+        raise LamoError("--wandb-group has no effect without --wandb PROJECT; add it")
+    if cfg.eval_max_steps is None:
+        cfg.eval_max_steps = task.episode_len
+    for k in ("lm_batch", "lm_seq_len", "warmup"):
         if getattr(cfg, k) < 1:
             raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
     if cfg.lm_coef < 0:
         raise LamoError(f"--lm-coef must be >= 0, got {cfg.lm_coef}")
+    if not cfg.grad_clip > 0:          # clip_grad_norm_ would flip (< 0) or zero (0) every gradient
+        raise LamoError(f"--grad-clip must be > 0, got {cfg.grad_clip:g}")
+    if not 0 < cfg.frac <= 1:          # here, before any run of a pack makes its folder
+        raise LamoError(f"--frac must be in (0, 1], got {cfg.frac:g}")
     cfg.targets = cfg.targets or ",".join(f"{t:g}" for t in task.targets)
-    parse_targets(cfg.targets)
+    check_counts(cfg)
     return cfg
+
+
+def check_counts(cfg: Config):
+    """The counts a run needs >= 1 (and --eval-workers >= 0): for a new run, and on --resume or
+    --eval-only, which may change some of them (a bad value must not reach config.json)."""
+    for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every",
+              "eval_max_steps"):
+        if getattr(cfg, k) < 1:
+            raise LamoError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
+    if cfg.eval_workers < 0:
+        raise LamoError(f"--eval-workers must be >= 0 (0: one per 10 episodes), got "
+                        f"{cfg.eval_workers}")
+    parse_targets(cfg.targets)
+
+
+# Config fields that say how long, where, and how a run is evaluated or logged, not what it trains:
+# a run that differs from the paper's cell in these still trains the paper's method.
+NOT_THE_METHOD = {"seed", "frac_seed", "data", "lm_corpus", "steps", "eval_every", "eval_episodes",
+                  "targets", "eval_seed", "eval_max_steps", "eval_workers", "log_every", "device",
+                  "precision", "compile", "compile_mode", "out", "resume", "eval_only", "wandb",
+                  "wandb_group"}
+
+
+def paper_reference(cfg: Config) -> tuple[tuple | None, str]:
+    """The paper's (mean, std, table) for this run's (task, ratio, model), if the run trains what
+    the paper's cell trained (the task's defaults, with PAPER_SETTINGS); else None and a note
+    naming the first setting that differs (a --finetune full run is not Table 3's LaMo)."""
+    task = get_task(cfg.env)
+    paper = PAPER.get((task.name, cfg.frac, cfg.model))
+    if paper is None:
+        return None, ""
+    settings = dict(PAPER_SETTINGS.get((task.name, cfg.frac), ())) if cfg.model == "lamo" else {}
+    ref = resolve(Config(env=cfg.env, frac=cfg.frac, model=cfg.model, **settings))
+    differ = [f.name for f in fields(Config)
+              if f.name not in NOT_THE_METHOD and getattr(cfg, f.name) != getattr(ref, f.name)]
+    if not differ:
+        return paper, ""
+    k = differ[0]
+    return None, (f"the paper's {paper[2]} ({paper[0]}) trained --{k.replace('_', '-')} "
+                  f"{getattr(ref, k)}, this run {getattr(cfg, k)}: not compared")
 
 
 def parse_targets(targets: str) -> list[float]:
     """--targets "3600,1800" -> [3600.0, 1800.0]; checked here for a new run and again for
     --eval-only."""
     try:
-        return [float(t) for t in targets.split(",")]
+        out = [float(t) for t in targets.split(",")]
     except ValueError:
         raise LamoError(f"--targets {targets!r}: expected comma-separated returns, "
                         f"e.g. 3600,1800") from None
+    twice = [t for t in out if out.count(t) > 1]
+    if twice:                       # the evaluation reports a target once: one group would vanish
+        raise LamoError(f"--targets {targets!r}: {twice[0]:g} is there twice; for more episodes "
+                        f"per target, use --eval-episodes")
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -922,7 +1001,11 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
     known = {f.name for f in fields(Config)}
     saved = {k: v for k, v in saved.items() if k in known}
     changed = {k: v for k, v in given.items() if k in allowed}
-    return Config(**{**saved, **changed, "resume": "", "eval_only": ""}), src
+    cfg = Config(**{**saved, **changed, "resume": "", "eval_only": ""})
+    check_counts(cfg)
+    if "wandb_group" in changed and not cfg.wandb:
+        raise LamoError("--wandb-group has no effect without --wandb PROJECT; add it")
+    return cfg, src
 
 
 def pack_members(folders: list[Path], extend: bool) -> list[Path]:
@@ -954,10 +1037,12 @@ def pack_runs(cfg: Config, given: dict) -> list[tuple[Config, Path]]:
                             f"--{longest.replace('_', '-')} {R}: give a per-run flag one value "
                             f"for every run, or one per run")
     cfgs = [replace(cfg, **{k: v[r] for k, v in lists.items()}) for r in range(R)]
-    for c in cfgs:
+    for c in cfgs:             # every run's values checked before any run makes its folder
         if not (c.lr >= 0 and c.weight_decay >= 0):
             raise LamoError(f"--lr {c.lr:g} --weight-decay {c.weight_decay:g}: an lr and a "
                             f"weight decay must be >= 0")
+        if not 0 < c.frac <= 1:
+            raise LamoError(f"--frac must be in (0, 1], got {c.frac:g}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     short = {"frac": "f", "frac_seed": "fs", "lr": "lr", "weight_decay": "wd", "seed": "s"}
     differ = [k for k in short if k in lists]
@@ -979,6 +1064,21 @@ def pack_runs(cfg: Config, given: dict) -> list[tuple[Config, Path]]:
             raise LamoError(f"run folder {folder} exists and is not empty; continue it with "
                             f"--resume {folder} or choose another --out")
     return [(replace(c, out=str(f)), f) for c, f in zip(cfgs, folders)]
+
+
+def start_runs(runs: list[tuple[Config, Path]], resume: bool) -> list[Run]:
+    """start_run for each run of a pack; if one fails, the new run folders made before it go
+    again, so that the corrected command finds none in its way."""
+    started = []
+    try:
+        for c, folder in runs:
+            started.append(start_run(c, folder, resume))
+    except BaseException:
+        if not resume:
+            for run in started:
+                shutil.rmtree(run.folder)
+        raise
+    return started
 
 
 def main(argv=None):
@@ -1005,7 +1105,7 @@ def main(argv=None):
         if len(runs) == 1:
             return train(*runs[0], resume)
         print(f"pack     {len(runs)} runs in lockstep: " + ", ".join(str(f) for _, f in runs))
-        return pack.train([start_run(c, f, resume) for c, f in runs], sys.modules[__name__])
+        return pack.train(start_runs(runs, resume), sys.modules[__name__])
     except LamoError as e:
         sys.exit(f"error: {e}")
 

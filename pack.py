@@ -485,8 +485,9 @@ def train_step(pack: Pack, batches: list[Batch], lm_blocks, alive, cfg, lamo, di
     torch.where(alive, loss, 0.0).sum().backward()
     grad_norm = pack.clip_(cfg.grad_clip)
     pack.optimizer.step()
+    # a finite loss with an inf gradient makes the clip 0 * inf: NaN weights, flagged too
     return torch.stack([loss_action.detach(), loss_lm.detach(), grad_norm,
-                        (~torch.isfinite(loss)).float()], 1)
+                        (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()], 1)
 
 
 # ----------------------------------------------------------------------------- does it fit?
@@ -599,7 +600,8 @@ def train(runs: list[Run], lamo) -> list[dict]:
     logs = [MetricsLog(run) for run in runs]
     alive = torch.ones(R, dtype=torch.bool, device=device)
     stopped = set()                                   # runs that went non-finite
-    sums = torch.zeros(R, 4, device=device)
+    # each run's losses summed since its last log row (resumed from its checkpoint)
+    sums = torch.stack([run.loss_sums for run in runs]).to(device)
     step = first_step = runs[0].step
     bar = progress(total=cfg.steps, initial=step, desc=f"train pack of {R}", unit="step",
                    dynamic_ncols=True, miniters=cfg.log_every)
@@ -608,7 +610,8 @@ def train(runs: list[Run], lamo) -> list[dict]:
     def check_finite():                              # a run that went NaN stops; the rest go on
         for r in range(R):
             if r not in stopped and sums[r, 3].item() > 0:
-                print(f"run {runs[r].folder}: loss became NaN/inf before step {step}; stopped. "
+                print(f"run {runs[r].folder}: loss or gradient became NaN/inf before step "
+                      f"{step}; stopped. "
                       f"{last_good(runs[r])}; the other runs of the pack go on")
                 stopped.add(r)
                 alive[r] = False
@@ -618,7 +621,7 @@ def train(runs: list[Run], lamo) -> list[dict]:
     def save(members):                # the pack's AdamW state is sliced once for them all
         pack.save_optimizer_states()
         for r in members:
-            save_checkpoint(runs[r])
+            save_checkpoint(runs[r], sums[r])
 
     with ctrl_c_saves_checkpoint() as stop, contextlib.ExitStack() as closing:
         for log in logs:
@@ -668,9 +671,12 @@ def train(runs: list[Run], lamo) -> list[dict]:
                 check_finite()
                 save(sorted(set(range(R)) - stopped))
                 # The run folders themselves: with sweep.py's --out per run, their parent holds
-                # other runs too.
+                # other runs too. A run stopped by NaN/inf is at an older step: not with them.
                 print(f"interrupted at step {step}; checkpoints saved. Continue with: "
-                      f"python lamo.py --resume " + " ".join(str(run.folder) for run in runs))
+                      f"python lamo.py --resume " + " ".join(str(run.folder) for r, run
+                                                             in enumerate(runs)
+                                                             if r not in stopped))
                 raise SystemExit(130)
     bar.close()
-    return [finish(run) for r, run in enumerate(runs) if r not in stopped]
+    return [finish(run, lamo.paper_reference(run.cfg)) for r, run in enumerate(runs)
+            if r not in stopped]

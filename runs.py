@@ -39,6 +39,10 @@ class Run:
     history: list = field(default_factory=list)   # every evaluation: {"step", "eval"}
     action_tokens: int = 0                         # the token-counted schedule's state (Atari)
     schedule_tokens: float = 0.0
+    # action loss, LM loss, grad norm, non-finite flag, summed over the steps since the last log
+    # row: checkpointed, so the first row after --resume is the uninterrupted run's
+    loss_sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4))
+    loss_steps: int = 0                            # how many steps loss_sums holds
 
 
 class MetricsLog:
@@ -47,7 +51,8 @@ class MetricsLog:
     def __init__(self, run: Run):
         self.run = run
         self.file = open(run.folder / "metrics.jsonl", "a")
-        self.t_last = time.time()
+        self.since = run.step - run.loss_steps     # the step of the last loss row (or the start)
+        self.t_last, self.t_step = time.time(), run.step          # for steps/s: this process's
         self.loss_status = self.score_status = ""
         self.wandb = None
         if run.cfg.wandb:
@@ -72,18 +77,21 @@ class MetricsLog:
 
     def check_finite(self, sums):
         if sums[3].item() > 0:
-            raise LamoError(f"loss became NaN/inf before step {self.run.step}; stopped. "
+            raise LamoError(f"loss or gradient became NaN/inf before step {self.run.step}; "
+                            f"stopped. "
                             f"{last_good(self.run)}: try a lower --lr, or check the data")
 
     def losses(self, sums, lr: float):
+        """A row of the means of the steps summed in `sums` since the last row."""
         self.check_finite(sums)
-        step, every = self.run.step, self.run.cfg.log_every
-        n = every if step % every == 0 else step % every
+        step = self.run.step
+        n, self.since = step - self.since, step
         loss_action, loss_lm, grad_norm, _ = (sums / n).tolist()
         now = time.time()
         self.write({"step": step, "action_loss": loss_action, "lm_loss": loss_lm, "lr": lr,
-                    "grad_norm": grad_norm, "steps_per_s": n / (now - self.t_last)})
-        self.t_last = now
+                    "grad_norm": grad_norm,
+                    "steps_per_s": (step - self.t_step) / (now - self.t_last)})
+        self.t_last, self.t_step = now, step
         self.loss_status = f"loss {loss_action:.4f} lm {loss_lm:.3f} lr {lr:.1e}"
 
     def evaluation(self, row: dict):
@@ -115,12 +123,17 @@ def save_atomic(obj, path: Path):
     os.replace(tmp, path)              # a crash mid-write leaves the previous checkpoint intact
 
 
-def save_checkpoint(run: Run):
+def save_checkpoint(run: Run, loss_sums: torch.Tensor):
+    """ckpt.pt: what --resume needs to go on bit for bit, loss_sums (the trainer's, since the last
+    log row) included, and what --eval-only needs."""
     batcher = run.batcher
     trainable = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     save_atomic({"step": run.step, "config": asdict(run.cfg),
                  "tokens": (run.action_tokens, run.schedule_tokens),
                  "last_eval": run.history[-1]["eval"] if run.history else None,
+                 "last_eval_step": run.history[-1]["step"] if run.history else None,
+                 "loss_sums": loss_sums.detach().cpu(),
+                 "data_sha256": sorted(run.data_files.values()),
                  "trainable": trainable,
                  "state_mean": batcher.state_mean, "state_std": batcher.state_std,
                  "optimizer": run.optimizer.state_dict(),
@@ -158,6 +171,13 @@ def restore(run: Run):
     if json.loads((run.folder / "subset.json").read_text())["indices"] != run.subset.tolist():
         raise LamoError(f"the dataset changed since {run.folder} started: "
                         f"its --frac subset differs")
+    same = lambda a, b: (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+    if (ckpt.get("data_sha256", sorted(run.data_files.values())) != sorted(run.data_files.values())
+            or not same(ckpt["state_mean"], run.batcher.state_mean)
+            or not same(ckpt["state_std"], run.batcher.state_std)):
+        raise LamoError(f"the dataset changed since {run.folder} started: its files' sha256 (or "
+                        f"its state mean and std) differ from the checkpoint's. Resume with the "
+                        f"data it trained on, or start a new run")
     load_trainable(run.model, ckpt)
     load_optimizer(run.optimizer, ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -171,12 +191,25 @@ def restore(run: Run):
     if run.lm:
         run.lm.rng.bit_generator.state = ckpt["rng"]["lm"]
     metrics = run.folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    lines = metrics.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:             # only a kill mid-write tears a line, the last
+                raise LamoError(f"{metrics}: line {i + 1} is not JSON; repair or remove it "
+                                f"and resume again") from None
+            print(f"{metrics}: its last line was cut short (killed mid-write); dropped")
     rows = [r for r in rows if r["step"] <= ckpt["step"]]      # drop what came after the checkpoint
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run.step = ckpt["step"]
     run.action_tokens, run.schedule_tokens = ckpt["tokens"]
     run.history = [r for r in rows if "eval" in r]
+    if "loss_sums" in ckpt:        # older checkpoints: the first row after resume counts from it
+        run.loss_sums = ckpt["loss_sums"]
+        run.loss_steps = run.step - max((r["step"] for r in rows if "action_loss" in r),
+                                        default=0)
     print(f"resuming {run.folder} at step {run.step}")
 
 
@@ -198,11 +231,12 @@ def summarize(history: list[dict], steps: int) -> dict:
     return {"targets": out, "headline": out[best]["last20"], "headline_target": best}
 
 
-def finish(run: Run) -> dict:
-    """summary.json (self-describing), the printed table, curve.png."""
+def finish(run: Run, reference: tuple[tuple | None, str]) -> dict:
+    """summary.json (self-describing), the printed table, curve.png. reference: the paper's
+    (mean, std, table) for this run, or None and why not (lamo.paper_reference)."""
     cfg, task = run.cfg, run.task
     summary = summarize(run.history, cfg.steps)
-    paper = PAPER.get((task.name, cfg.frac, cfg.model))
+    paper, why_not = reference
     (run.folder / "summary.json").write_text(json.dumps({
         "task": task.name, "env": cfg.env, "model": cfg.model, "frac": cfg.frac, "seed": cfg.seed,
         "step": run.step, "metric": f"{task.score_name} (x100; 'return' keys are raw returns)",
@@ -217,9 +251,10 @@ def finish(run: Run) -> dict:
               f"({s['n_last20']} evaluations in the last 20%)")
     spread = "" if paper is None or paper[1] is None else f" ± {paper[1]}"   # Table 9's DT: none
     in_paper = f"; the paper's {paper[2]}: {paper[0]}{spread}" if paper else ""
+    in_paper += f"; {why_not}" if why_not else ""
     print(f"headline (paper's metric: best target's last-20% mean): {summary['headline']:.1f} "
           f"at target {summary['headline_target']}{in_paper}\nrun folder: {run.folder}")
-    plot_curve(run, paper, run.folder / "curve.png")
+    plot_curve(run, paper is not None, run.folder / "curve.png")
     return summary
 
 
@@ -230,9 +265,10 @@ def print_eval(ev: dict, header: str):
               f"{e['score_mean']:>9.1f} ± {e['score_std']:<6.1f}")
 
 
-def plot_curve(run: Run, paper, path: Path):
+def plot_curve(run: Run, compared: bool, path: Path):
     """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this
-    cell as dashed lines, and the training losses beside it."""
+    cell as dashed lines (marked "other settings" unless the run trains the paper's: compared),
+    and the training losses beside it."""
     import matplotlib                     # imported here: only a finished run pays for it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,8 +283,9 @@ def plot_curve(run: Run, paper, path: Path):
     for model, name, style in (("lamo", "LaMo", "--"), ("dt", "DT", ":")):
         cell = PAPER.get((run.task.name, cfg.frac, model))
         if cell:
+            other = "" if compared else ", other settings"
             left.axhline(cell[0], color="k", ls=style, lw=1,
-                         label=f"paper {name} ({cell[2]}): {cell[0]}")
+                         label=f"paper {name} ({cell[2]}{other}): {cell[0]}")
     left.set(xlabel="gradient step", ylabel=run.task.score_name,
              title="evaluation (±std over episodes)")
     left.legend(fontsize=7)

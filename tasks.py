@@ -251,4 +251,4 @@ def get_task(name: str) -> Task:
 # ----------------------------------------------------------------------------- the paper's numbers
 # In paper.py (no project imports), re-exported here for runs.py, grids.py, results.py and the
 # tests.
-from paper import PAPER, PAPER_FIGURES, PAPER_TABLES  # noqa: E402, F401
+from paper import PAPER, PAPER_FIGURES, PAPER_SETTINGS, PAPER_TABLES  # noqa: E402, F401

@@ -385,7 +385,8 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
 
     monkeypatch.setattr(lamo, "start_run", poisoned)
     lamo.main([*dt_args(tiny_hdf5), "--seed", "0", "1", "2", "--out", str(tmp_path / "pk")])
-    assert "pk/s1: loss became NaN/inf before step 31; stopped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pk/s1: loss or gradient became NaN/inf before step 31; stopped" in out
     assert not (tmp_path / "pk" / "s1" / "summary.json").exists()
     assert torch.load(tmp_path / "pk" / "s1" / "ckpt.pt", weights_only=False)["step"] == 25
     for seed in (0, 2):
@@ -393,7 +394,7 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
 
 
 def test_an_interrupted_pack_keeps_a_stopped_runs_last_good_checkpoint(tiny_hdf5, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, capsys):
     """Run 1 goes NaN at step 4 and stops; Ctrl-C at step 6 saves run 0 only, so run 1's
     checkpoint stays its last good one (step 2, finite), which --resume would load."""
     real_start = lamo.start_run
@@ -416,6 +417,8 @@ def test_an_interrupted_pack_keeps_a_stopped_runs_last_good_checkpoint(tiny_hdf5
                    "--out", str(tmp_path / "pk")])
     s0, s1 = (torch.load(tmp_path / "pk" / s / "ckpt.pt", weights_only=False) for s in ("s0", "s1"))
     assert s0["step"] == 6 and s1["step"] == 2
+    # what to resume: the run that goes on, not the stopped one (at another step: refused)
+    assert f"--resume {tmp_path / 'pk' / 's0'}\n" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in s1["trainable"].values())
 
 
@@ -432,9 +435,9 @@ def test_a_pack_whose_runs_all_go_nan_stops(tiny_hdf5, tmp_path, monkeypatch, ca
 def test_an_interrupted_pack_resumes_bit_for_bit(tiny_hdf5, hf_tiny, tmp_path, monkeypatch,
                                                  capsys):
     """With dropout on: Ctrl-C at step 7 saves every run; `--resume DIR` continues the pack to
-    the metrics of an uninterrupted pack, bit for bit (CPU); a finished pack is not trained
-    again."""
-    args = [*lamo_args(tiny_hdf5, hf_tiny, steps=30), "--seed", "0", "1"]
+    the metrics of an uninterrupted pack, bit for bit (CPU), the row at step 10 (steps 6-10, two
+    of them before the Ctrl-C) included; a finished pack is not trained again."""
+    args = [*lamo_args(tiny_hdf5, hf_tiny, steps=30), "--seed", "0", "1", "--log-every", "5"]
     lamo.main([*args, "--out", str(tmp_path / "whole")])
     real, calls = lamo.action_loss, []
 

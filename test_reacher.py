@@ -167,7 +167,7 @@ def test_ppo_pieces_by_hand():
     assert torch.allclose(policy.dist(torch.as_tensor(x), 0.6).entropy(), mvn.entropy())
 
 
-def test_generator_writes_the_official_layout_and_is_seeded(tmp_path, cache):
+def test_generator_writes_the_official_layout_and_is_seeded(tmp_path, cache, capsys):
     reacher2d.main(["collect", *TINY])                     # no --out: where lamo.py looks
     path = reacher2d.default_data()
     assert path == cache / "reacher2d" / "reacher2d-medium-v2.pkl"
@@ -194,6 +194,12 @@ def test_generator_writes_the_official_layout_and_is_seeded(tmp_path, cache):
     with pytest.raises(SystemExit, match=r"^error: --update-every 150 must be a multiple of 100"):
         reacher2d.main(["collect", *TINY, "--update-every", "150",
                         "--out", str(tmp_path / "x.pkl")])
+    # a random policy trains no PPO: a PPO flag would do nothing (argparse's exit status 2)
+    with pytest.raises(SystemExit) as e:
+        reacher2d.main(["collect", "--policy", "random", "--train-steps", "400",
+                        "--out", str(tmp_path / "r.pkl")])
+    assert e.value.code == 2 and not (tmp_path / "r.pkl").exists()
+    assert "--train-steps has no effect with --policy random" in capsys.readouterr().err
 
 
 def test_generator_filters_and_stops_at_the_target(tmp_path):
@@ -224,7 +230,7 @@ def test_lamo_end_to_end_on_generated_data(tmp_path):
     assert (cfg["context_len"], cfg["eval_episodes"], cfg["steps"]) == (5, 2, 4)      # run.sh's K 5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "reacher2d-medium" and set(summary["targets"]) == {"76", "40"}
-    assert summary["paper"] == {"mean": 22.8, "std": 6.0, "table": "Table 1"}        # DT, 100%
+    assert summary["paper"] is None          # a 1-layer DT is not Table 1's (lamo.paper_reference)
     ev = [m for m in read_metrics(out) if "eval" in m][-1]["eval"]
     assert all(e["length_mean"] == 100 and e["score_mean"] == e["return_mean"] for e in ev.values())
 
