@@ -422,10 +422,19 @@ def test_an_interrupted_pack_keeps_a_stopped_runs_last_good_checkpoint(tiny_hdf5
     assert all(torch.isfinite(v).all() for v in s1["trainable"].values())
 
 
-def test_a_pack_whose_runs_all_go_nan_stops(tiny_hdf5, tmp_path, monkeypatch, capsys):
-    """Every run non-finite at its first step: each says it has no checkpoint yet, and the pack
-    stops with one line (not an evaluation of no runs)."""
-    monkeypatch.setattr(lamo, "action_loss", lambda pred, *a, **kw: pred.sum() * float("nan"))
+def nan_gradient(pred, *a, **kw):
+    """A finite loss, pred.sum(), whose gradient is NaN: sqrt's at 0 is inf, times abs's 0 (plain
+    ops, which vmap takes; a tensor hook it does not)."""
+    return pred.sum() + (pred - pred.detach()).abs().sqrt().sum()
+
+
+@pytest.mark.parametrize("loss", [lambda pred, *a, **kw: pred.sum() * float("nan"), nan_gradient],
+                         ids=["nan-loss", "nan-gradient"])
+def test_a_pack_whose_runs_all_go_nan_stops(loss, tiny_hdf5, tmp_path, monkeypatch, capsys):
+    """Every run non-finite at its first step, in its loss or in its gradient (which the clip
+    turns into NaN weights): each says it has no checkpoint yet, and the pack stops with one line
+    (not an evaluation of no runs)."""
+    monkeypatch.setattr(lamo, "action_loss", loss)
     with pytest.raises(SystemExit, match="every run of the pack went NaN/inf"):
         lamo.main([*dt_args(tiny_hdf5), "--seed", "0", "1", "--out", str(tmp_path / "pk")])
     out = capsys.readouterr().out
