@@ -7,6 +7,7 @@ results.py makes its table.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from difflib import get_close_matches
 
 from lamo import PRESETS
 from tasks import PAPER_FIGURES, PAPER_TABLES, TASKS
@@ -124,8 +125,9 @@ def grid_variants(source: str) -> list[str]:
 
 def grid_entries(grid: str | None, envs, fracs, variants) -> dict[str | None, list[Entry]]:
     """--grid: {grid: its (task, ratio, variant) entries}, the paper's cells narrowed by --env,
-    --frac and --model (variant names) if given; --grid paper: every grid that keeps an entry.
-    Without --grid: {None: every --env x --frac x --model (default: LaMo and DT)}."""
+    --frac and --model (variant names) if given, each value of which must select an entry
+    (check_selected); --grid paper: every grid that keeps an entry. Without --grid: {None: every
+    --env x --frac x --model (default: LaMo and DT)}."""
     for v in variants or ():
         if v not in VARIANTS:
             raise SweepError(f"--model {v!r}: choose among {', '.join(VARIANTS)}")
@@ -138,18 +140,48 @@ def grid_entries(grid: str | None, envs, fracs, variants) -> dict[str | None, li
         return {None: list(dict.fromkeys(entries))}     # --frac 0.1 0.1 is one cell, not two
     if grid != PAPER_GRID and grid not in GRIDS:
         raise SweepError(f"--grid {grid!r}: choose one of {', '.join([*GRIDS, PAPER_GRID])}")
-    tables = {}
+    tables, lines = {}, []
     for name in GRIDS if grid == PAPER_GRID else [grid]:
         book = PAPER_FIGURES if GRIDS[name] in PAPER_FIGURES else PAPER_TABLES
+        lines += [(task, frac, v) for (task, frac), scores in book[GRIDS[name]].items()
+                  for v in scores]
         entries = [Entry(v, make_cell(task, frac, v, in_grid=True))
                    for (task, frac), scores in book[GRIDS[name]].items()
                    if (not envs or task in envs) and (not fracs or frac in fracs)
                    for v in scores if not variants or v in variants]
         if entries:
             tables[name] = entries
-    if not tables:
-        raise SweepError(f"no cell of --grid {grid} has the --env/--frac/--model given")
+    check_selected(grid, tables, lines, envs, fracs, variants)
     return tables
+
+
+def check_selected(grid: str, tables: dict[str, list[Entry]], lines: list[tuple], envs, fracs,
+                   variants):
+    """Each --env, --frac and --model value given must select an entry of the grid: a typo
+    (hoper-medium-v2) or a value the grid lacks is an error naming it, never a grid quietly
+    narrowed to the other values. lines: the grid's (task, ratio, variant) lines."""
+    chosen = [(e.cell.task, e.cell.frac, e.variant) for es in tables.values() for e in es]
+    unknown = []
+    for i, (flag, values) in enumerate([("--env", envs), ("--frac", fracs),
+                                        ("--model", variants)]):
+        known = list(dict.fromkeys(line[i] for line in lines))
+        for value in dict.fromkeys(values or ()):
+            if any(line[i] == value for line in chosen):
+                continue
+            if value in known:
+                hint = "not with the other --env/--frac/--model values given"
+            elif flag == "--env":
+                close = get_close_matches(value, known, n=2)
+                hint = (f"did you mean {' or '.join(close)}?" if close
+                        else f"its tasks: {', '.join(known)}")
+            elif flag == "--frac":
+                hint = f"its ratios: {', '.join(f'{f:g}' for f in sorted(known))}"
+            else:
+                hint = f"its variants: {', '.join(known)}"
+            unknown.append(f"{flag} {value:g} ({hint})" if flag == "--frac"
+                           else f"{flag} {value} ({hint})")
+    if unknown:
+        raise SweepError(f"no cell of --grid {grid} has {'; nor '.join(unknown)}")
 
 
 def grid_cells(tables: dict[str | None, list[Entry]]) -> list[Cell]:

@@ -2,7 +2,8 @@
 (printed), .csv (full precision) and .png (a panel per cell, a bar per variant). The rule is the
 paper's: per return target, the mean over seeds of each seed's last-20% mean (summary.json's
 `last20`); a line is the best target's mean ± std over the seeds present (population std, ddof=0).
-A line with no finished seed is "—", never 0.
+A line with no finished seed is "—", never 0. Runs given lamo.py flags after -- (the sweep's
+sweep.json) were trained with other settings than the paper's: no paper value stands beside them.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grids import GRIDS, VARIANTS, Entry, Run
+from grids import GRIDS, VARIANTS, Entry, Run, make_cell
 from tasks import PAPER_FIGURES, PAPER_TABLES
 
 
@@ -42,22 +43,38 @@ def read_summary(run_dir: Path) -> dict | None:
         return None
 
 
-def paper_value(grid: str | None, task: str, frac: float, variant: str) -> tuple | None:
+def paper_value(grid: str | None, entry: Entry) -> tuple | None:
     """(mean, std or None, source, approximate) of the paper for one line of a table. A grid
     compares with its own table or figure only, so a figure's ≈ values never stand beside a
-    table's exact ones; a sweep without --grid takes the first of the paper's tables that has the
-    line (never a figure)."""
+    table's exact ones. A sweep without --grid takes the first of the paper's tables (never a
+    figure) with a line on this task and ratio whose run is this very run, the same model and
+    flags (grids.make_cell in the grid): --model lamo-gpt2-medium on Kitchen Complete 30% is
+    Table 1's LaMo, and --model lamo there (GPT-2 small) is no line of the paper."""
+    cell = entry.cell
     if grid is not None and GRIDS[grid] in PAPER_FIGURES:
-        mean = PAPER_FIGURES[GRIDS[grid]].get((task, frac), {}).get(variant)
+        mean = PAPER_FIGURES[GRIDS[grid]].get((cell.task, cell.frac), {}).get(entry.variant)
         return None if mean is None else (mean, None, GRIDS[grid], True)
-    for source in [GRIDS[grid]] if grid is not None else PAPER_TABLES:
-        score = PAPER_TABLES[source].get((task, frac), {}).get(variant)
-        if score is not None:
-            return (*score, source, False)
+    if grid is not None:
+        score = PAPER_TABLES[GRIDS[grid]].get((cell.task, cell.frac), {}).get(entry.variant)
+        return None if score is None else (*score, GRIDS[grid], False)
+    for source, lines in PAPER_TABLES.items():
+        for variant, score in lines.get((cell.task, cell.frac), {}).items():
+            if make_cell(cell.task, cell.frac, variant, in_grid=True) == cell:
+                return (*score, source, False)
     return None
 
 
+def sweep_flags(sweep_dir: Path) -> list[str]:
+    """The lamo.py flags after -- that every run of the sweep was given (sweep.json); none for a
+    folder without one (runs gathered by hand)."""
+    saved = sweep_dir / "sweep.json"
+    return json.loads(saved.read_text())["lamo_flags"] if saved.exists() else []
+
+
 def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -> list[dict]:
+    """A row per line. Runs given flags after -- (sweep.json) are not the paper's runs: their
+    flags column says so, and they get no paper value."""
+    lamo_flags = sweep_flags(sweep_dir)
     rows = []
     for entry in entries:
         cell = entry.cell
@@ -65,12 +82,13 @@ def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -
         present = [s for s in summaries if s is not None]
         ours = cell_result(present) or {"target": None, "mean": None, "std": None,
                                         "target_means": {}}
-        paper = paper_value(grid, cell.task, cell.frac, entry.variant) or (None, None, None, False)
+        paper = None if lamo_flags else paper_value(grid, entry)
         rows.append({"task": cell.task, "ratio": cell.frac, "variant": entry.variant,
-                     "model": cell.model, "flags": shlex.join(cell.flags), "run": cell.name,
-                     "seeds": len(present), "seeds_expected": len(seeds), **ours,
+                     "model": cell.model, "flags": shlex.join([*cell.flags, *lamo_flags]),
+                     "run": cell.name, "seeds": len(present), "seeds_expected": len(seeds),
+                     **ours, "other_settings": bool(lamo_flags),
                      **dict(zip(("paper_mean", "paper_std", "paper_table", "paper_approx"),
-                                paper))})
+                                paper or (None, None, None, False)))})
     return rows
 
 
@@ -122,6 +140,10 @@ def markdown(rows: list[dict], name: str, grid: str | None) -> str:
               "training; the best target is the one with the highest mean over seeds. paper: "
               "Shi et al., ICLR 2024, over 3 seeds. —: no finished seed (or no paper value). "
               "lamo.py flags: what the run adds to the task's defaults (tasks.py)."]
+    if any(r["other_settings"] for r in rows):
+        lines += ["", "paper: — for every line: its runs were given lamo.py flags after `--` "
+                  "(sweep.json; in the flags column), so they were trained with other settings "
+                  "than the paper's and are not compared with its numbers."]
     if any(r["paper_approx"] for r in rows):
         lines += ["", f"≈ read from the paper's figure ({GRIDS[grid]}): means read off its bars "
                   "(± 2-5 points), not printed numbers and never mixed with the tables' exact "

@@ -13,8 +13,10 @@ and gather the paper's table or figure from it.
 Grids (grids.py): the paper's tables (table1 Kitchen, table2 Atari, table3 MuJoCo; the appendix's
 table8, 9, 10, 11, 15, 16) and ablation figures (fig4, 5, 6, 10), read from paper.py, so they are
 the cells and columns the paper reports. A column is a variant (VARIANTS: LaMo, DT, or LaMo with
-one setting changed); --env/--frac/--model narrow a grid. Without --grid the grid is every --env x
---frac x --model (default: lamo dt) x --seed (default: 0 1 2).
+one setting changed); --env/--frac/--model narrow a grid (each value must select some of it).
+Without --grid the grid is every --env x --frac x --model (default: lamo dt) x --seed (default:
+0 1 2). The flags after -- go to every new run, in full (lamo.py's names), and none that a cell
+sets itself (a variant's --embed linear, Kitchen Complete 30%'s --pretrained gpt2-medium).
 
 Every run is an ordinary lamo.py run folder, sweeps/<name>/<task>_f<ratio>_<model>[+<flag>=<value>
 ...]_s<seed>, named by the flags it adds to the task's defaults, with its output in
@@ -23,20 +25,27 @@ grids ask for (Table 16's LaMo is Table 3's; Fig. 6's λ 0.1 on Kitchen is Table
 trained once. Run the same command again to continue: runs with a summary.json are skipped, runs
 with a ckpt.pt resume from it (with the flags they started with), runs killed before their first
 checkpoint start over. Failed runs are reported at the end with the last lines of their log; the
-others go on. Exit status: 0 all done, 1 some failed, 2 bad input, 130 stopped by Ctrl-C (the
-running runs checkpoint and stop; the next invocation resumes them).
+others go on. The sweep locks each run it starts (sweeps/<name>/locks/), so two sweeps on one
+folder never run one run twice: a run another sweep holds is left to it ("busy"; the counts at
+the start and --dry-run show it by its folder's state). Exit status: 0 all done; 1 some failed,
+were interrupted from outside the sweep (run again: they resume) or were left to another sweep
+(run again after it ends); 2 bad input; 130 stopped by Ctrl-C (the running runs checkpoint and
+stop; the next invocation resumes them; failures before it are reported).
 
 The table (results.py; printed, and written to results_<grid>.md, .csv and .png in sweeps/<name>/;
 results.* without --grid): for each line (task, ratio, variant) and each return target, the mean
 over seeds of each seed's last-20% mean (summary.json's `last20`); the line's value is the best
 target's mean ± std over the seeds present, with numpy's default population std (ddof=0). The
-paper's numbers stand beside ours (a figure's marked ≈, read off its plot); a line with no
-finished seed is "—", never 0.
+paper's numbers stand beside ours (a figure's marked ≈, read off its plot; without --grid, a
+table's line whose run has this run's model and flags), unless the runs were given flags after --
+(then "—": other settings than the paper's); a line with no finished seed is "—", never 0.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
+import fcntl
 import json
 import os
 import re
@@ -46,13 +55,16 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
 from tqdm import tqdm
 
+import lamo
 from data import progress
-from grids import (GRIDS, PAPER_GRID, SEEDS, VARIANTS, Run, SweepError, grid_cells,
+from grids import (GRIDS, PAPER_GRID, SEEDS, VARIANTS, Entry, Run, SweepError, grid_cells,
                    grid_entries, make_runs)
 from pack import PER_RUN
 from results import write_tables
@@ -104,7 +116,8 @@ def lamo_args(run: Run, run_dir: Path, lamo_flags: list[str], wandb: str | None,
         return ["--resume", str(run_dir), *device]
     args = ["--env", run.cell.task, "--frac", str(run.cell.frac), "--seed", str(run.seed),
             "--model", run.cell.model, "--out", str(run_dir)]
-    # The sweep's own lamo flags come after the cell's, so that they win (argparse keeps the last).
+    # The cell's flags and the sweep's never name the same flag (check_cell_flags refuses it), so
+    # neither overrides the other.
     args += [*run.cell.flags, *lamo_flags]
     if wandb:
         args += ["--wandb", wandb, "--wandb-group", run.cell.name]
@@ -192,8 +205,10 @@ def interrupt_if_orphaned():
     LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
-def launch(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start lamo.py with its stdout and stderr appended to log_path, after a header line."""
+def launch(args: list[str], log_path: Path, env: dict[str, str],
+           locks: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start lamo.py with its stdout and stderr appended to log_path, after a header line; it
+    inherits the file descriptors `locks` (its runs' locks: lock_run)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         settings = " ".join(f"{k}={v}" for k, v in env.items())
@@ -205,7 +220,47 @@ def launch(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
         return subprocess.Popen([sys.executable, str(LAMO), *args], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, start_new_session=True,
-                                preexec_fn=interrupt_if_orphaned if LIBC else None)
+                                preexec_fn=interrupt_if_orphaned if LIBC else None,
+                                pass_fds=locks)
+
+
+def lock_run(sweep_dir: Path, run: Run) -> int | None:
+    """Take the run's lock, sweeps/<name>/locks/<run>.lock: -> the file descriptor holding it, or
+    None if another sweep holds it. Two sweeps on one folder (two grids sharing sweeps/paper/)
+    would otherwise each see the other's loading run as one to restart, delete it and start a
+    second process in it. The sweep takes it before it inspects, deletes or starts a run, and
+    its lamo.py inherits it (launch): flock belongs to the open file, shared by both, so the lock
+    lasts while either lives, through a run's last checkpoint after the sweep was killed. flock
+    works on local disks and on NFSv4 (Linux emulates it there with POSIX locks); a filesystem
+    without it is a SweepError, not a sweep that runs unlocked."""
+    path = sweep_dir / "locks" / f"{run.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as e:
+        os.close(fd)
+        raise SweepError(f"cannot lock {path} ({e.strerror}): the sweep locks each run with "
+                         "flock, which this filesystem lacks; put sweeps/ where it has flock (a "
+                         "local disk, NFSv4)") from e
+    return fd
+
+
+def lock_job(sweep_dir: Path, job: tuple[Run, ...]) -> dict[Run, int] | None:
+    """Every run of the job locked ({run: its lock}), or none of them (None) if another sweep
+    holds one."""
+    locks = {}
+    for run in job:
+        fd = lock_run(sweep_dir, run)
+        if fd is None:
+            for held in locks.values():
+                os.close(held)
+            return None
+        locks[run] = fd
+    return locks
 
 
 def log_tail(log_path: Path, n: int = LOG_TAIL) -> list[str]:
@@ -217,12 +272,22 @@ def log_tail(log_path: Path, n: int = LOG_TAIL) -> list[str]:
 
 
 # ============================================================================ 3. many runs at once
+@dataclass
+class Ended:
+    """How run_all ended: the runs that failed (run, exit status, its log); those interrupted from
+    outside while the sweep ran on (someone's kill -INT: they resume next time, but are not done);
+    those left to another sweep that held their lock; and whether Ctrl-C stopped the sweep."""
+    failed: list[tuple[Run, int, Path]] = field(default_factory=list)
+    interrupted: list[Run] = field(default_factory=list)
+    busy: list[Run] = field(default_factory=list)
+    stopped: bool = False
+
+
 def run_all(todo: list[tuple[Run, ...]], sweep_dir: Path, lamo_flags: list[str],
-            wandb: str | None, jobs: int,
-            gpus: list[str]) -> tuple[list[tuple[Run, int, Path]], bool]:
-    """Run the jobs of `todo` (a run, or a pack of runs: make_jobs), `jobs` at a time.
-    -> ([(failed run, exit status, its log)], whether Ctrl-C stopped it)."""
-    queue, running, failed, stop = list(todo), {}, [], []
+            wandb: str | None, jobs: int, gpus: list[str]) -> Ended:
+    """Run the jobs of `todo` (a run, or a pack of runs: make_jobs), `jobs` at a time, each with
+    its runs' locks (lock_run); a job another sweep holds a run of is left to it."""
+    queue, running, end, stop = list(todo), {}, Ended(), []
     free_slots = list(range(jobs))
     # Redrawn every 5 s at most, so a day-long sweep's log stays small; the ETA from the average
     # time per run since the start (smoothing=0: runs end in bursts); no monitor thread, as
@@ -247,54 +312,91 @@ def run_all(todo: list[tuple[Run, ...]], sweep_dir: Path, lamo_flags: list[str],
         # included. One job at a time in that phase: two runs downloading one file into one
         # .part at once would collide.
         return any(not (sweep_dir / run.name).exists()
-                   for job, _, _ in running.values() for run in job)
+                   for job, _, _, _ in running.values() for run in job)
+
+    def take(job: tuple[Run, ...]) -> tuple[tuple[Run, ...], dict[Run, int]]:
+        """The job, locked, as it is now: another sweep may have finished or checkpointed some of
+        its runs since make_jobs looked, so the finished ones are done and the rest are grouped
+        again by their state, the first group here, the others back to the front of the queue.
+        -> ((), {}) if another sweep holds a run of it, or none is left to do."""
+        locks = lock_job(sweep_dir, job)
+        if locks is None:
+            for run in job:
+                tqdm.write(f"{'busy':<11} {run.name} (another sweep is running it)")
+            end.busy.extend(job)
+            return (), {}
+        for run in [run for run in job if run_state(sweep_dir / run.name) == "done"]:
+            tqdm.write(f"{'done':<11} {run.name} (by another sweep)")
+            bar.update(1)
+            os.close(locks.pop(run))
+        if not locks:
+            return (), {}
+        first, *rest = make_jobs(list(locks), sweep_dir, len(locks), lamo_flags)
+        for run in [run for part in rest for run in part]:
+            os.close(locks.pop(run))
+        queue[:0] = rest
+        return first, locks
 
     try:
         while running or (queue and not stop):
             while queue and free_slots and not stop and not loading():
-                job, slot = queue.pop(0), free_slots.pop(0)
+                job, locks = take(queue.pop(0))
+                if not job:
+                    continue
+                slot = free_slots.pop(0)
                 for run in job:
                     if run_state(sweep_dir / run.name) == "restart":
                         shutil.rmtree(sweep_dir / run.name)     # lamo.py refuses a non-empty --out
                 args = pack_args(job, sweep_dir, lamo_flags, wandb, cuda=bool(gpus))
                 proc = launch(args, sweep_dir / "logs" / f"{job_name(job)}.log",
-                              child_env(slot, jobs, gpus))
-                running[proc] = (job, slot, time.time())
+                              child_env(slot, jobs, gpus), tuple(locks.values()))
+                running[proc] = (job, slot, time.time(), locks)
                 if stop:                        # a signal that came while it was starting
                     proc.send_signal(signal.SIGINT)
             for proc in [p for p in running if p.poll() is not None]:
-                job, slot, t0 = running.pop(proc)
+                job, slot, t0, locks = running.pop(proc)
+                for fd in locks.values():       # lamo.py has ended: its runs are free again
+                    os.close(fd)
                 free_slots.append(slot)
                 for run in job:
                     outcome = outcome_of(run, proc.returncode, sweep_dir, stopped=bool(stop))
                     tqdm.write(f"{outcome:<11} {run.name} ({time.time() - t0:.0f} s)")
                     if outcome == "FAILED":
                         log = sweep_dir / "logs" / f"{job_name(job)}.log"
-                        failed.append((run, proc.returncode, log))
-                    if outcome != "interrupted":
+                        end.failed.append((run, proc.returncode, log))
+                    if outcome == "INTERRUPTED":
+                        end.interrupted.append(run)
+                    if outcome in ("done", "FAILED"):
                         bar.update(1)
-            bar.set_postfix_str(f"running {len(running)}, left {len(queue)}, failed {len(failed)}",
-                                refresh=False)
+            bar.set_postfix_str(f"running {len(running)}, left {len(queue)}, "
+                                f"failed {len(end.failed)}", refresh=False)
             bar.update(0)       # redraws if 5 s have passed, so the elapsed time moves
             time.sleep(0.2)
     finally:
         for proc in running:        # only after an exception in the loop: stop the runs cleanly
             proc.send_signal(signal.SIGINT)
-        for proc in running:
+        for proc, (_, _, _, locks) in running.items():
             proc.wait()
+            for fd in locks.values():
+                os.close(fd)
         for s, handler in previous.items():
             signal.signal(s, handler)
         bar.close()
-    return failed, bool(stop)
+    end.stopped = bool(stop)
+    return end
 
 
 def outcome_of(run: Run, returncode: int, sweep_dir: Path, stopped: bool) -> str:
-    """done | interrupted (it will resume or restart next time) | FAILED. A run of a pack that
+    """done | interrupted (the sweep stopped it; it resumes or restarts next time) | INTERRUPTED
+    (it exited as after a Ctrl-C while the sweep was not stopped: someone else interrupted it;
+    it resumes next time, but is reported: the sweep is not done) | FAILED. A run of a pack that
     finished while a pack-mate failed is done."""
     if (sweep_dir / run.name / "summary.json").exists() and (returncode == 0 or not stopped):
         return "done"
-    if returncode != 0 and (stopped or returncode in INTERRUPTED):
+    if returncode != 0 and stopped:
         return "interrupted"
+    if returncode in INTERRUPTED:
+        return "INTERRUPTED"
     return "FAILED"
 
 
@@ -353,6 +455,15 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
     if args.name is not None and not re.fullmatch(r"\w[\w.+-]*", args.name):
         raise SweepError(f"--name {args.name!r}: letters, digits and . _ + -, starting with "
                          "a letter or digit")
+    # Every flag in full: lamo.py's argparse would take --se for --seed, past the checks below.
+    known = lamo_flag_names()
+    for token in lamo_flags:
+        flag = token.split("=")[0]
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=3)
+            hint = (f"did you mean {' or '.join(close)}?" if close
+                    else "python lamo.py --help lists them")
+            raise SweepError(f"{flag} after --: not a lamo.py flag (give flags in full); {hint}")
     taken = [f for f in lamo_flags if f.split("=")[0] in SET_BY_SWEEP]
     if taken:
         raise SweepError(f"{taken[0]} after --: the sweep sets it per run; use sweep.py's own "
@@ -363,6 +474,35 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
             raise SweepError(f"{flag} {value} {more} after --: one value, for every run; the "
                              f"grid says which runs there are")
     return visible_gpus([g.strip() for g in gpus])
+
+
+def lamo_flag_names() -> set[str]:
+    """Every flag lamo.py's parser defines (lamo.parse_args): --field-name per Config field, and
+    --no-field-name for a bool (argparse.BooleanOptionalAction)."""
+    hints = get_type_hints(lamo.Config)
+    names = set()
+    for f in fields(lamo.Config):
+        name = f.name.replace("_", "-")
+        names.add(f"--{name}")
+        if hints[f.name] is bool or bool in getattr(hints[f.name], "__args__", ()):
+            names.add(f"--no-{name}")
+    return names
+
+
+def check_cell_flags(tables: dict[str | None, list[Entry]], lamo_flags: list[str]):
+    """A flag after -- that a cell sets itself would override it (argparse keeps the last), and
+    its column would be another's run under its name (Fig. 4's linear embeddings given --embed
+    mlp): refused, naming the first cell that sets it."""
+    given = {f.split("=")[0] for f in lamo_flags if f.startswith("--")}
+    for entries in tables.values():
+        for entry in entries:
+            for flag in entry.cell.flags[::2]:
+                if flag in given:
+                    raise SweepError(
+                        f"{flag} after --: the run {entry.cell.name} (--model {entry.variant}) "
+                        f"sets {flag} itself, and the flags after -- would override it; leave "
+                        f"{flag} out, narrow --model to variants that do not set it, or choose "
+                        "it by --model (a variant of grids.VARIANTS) under a new --name")
 
 
 def visible_gpus(indices: list[str]) -> list[str]:
@@ -399,6 +539,7 @@ def main(argv=None) -> int:
     try:
         gpus = check_input(args, lamo_flags)
         tables = grid_entries(args.grid, args.env, args.frac, args.model)
+        check_cell_flags(tables, lamo_flags)
         seeds = list(dict.fromkeys(args.seed))
         runs = make_runs(grid_cells(tables), seeds)
         if args.shard:
@@ -439,21 +580,31 @@ def main(argv=None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not (sweep_dir / "sweep.json").exists():
         (sweep_dir / "sweep.json").write_text(json.dumps({"lamo_flags": lamo_flags}))
-    failed, stopped = run_all(todo, sweep_dir, lamo_flags, args.wandb, args.jobs, gpus) \
-        if todo else ([], False)
-    if stopped:
+    try:
+        end = run_all(todo, sweep_dir, lamo_flags, args.wandb, args.jobs, gpus) if todo \
+            else Ended()
+    except SweepError as e:         # a run's lock could not be taken (lock_run)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report_failures(end.failed)
+    if end.stopped:
         print("stopped; run the same command again to resume")
         return 130
-    report_failures(failed)
     if args.shard:
         print(f"shard {args.shard} finished; gather the table with the same command, "
               "--aggregate instead of --shard")
     else:
         write_tables(tables, seeds, sweep_dir)
-    if failed:
-        print(f"\n{len(failed)} of {sum(map(len, todo))} runs failed (logs in "
+    if end.failed:
+        print(f"\n{len(end.failed)} of {sum(map(len, todo))} runs failed (logs in "
               f"{sweep_dir / 'logs'})")
-    return 1 if failed else 0
+    if end.interrupted:
+        print(f"\n{len(end.interrupted)} runs were interrupted from outside the sweep; run the "
+              "same command again to resume them")
+    if end.busy:
+        print(f"\n{len(end.busy)} runs were left to another sweep that is running them; run the "
+              "same command again after it ends")
+    return 1 if end.failed or end.interrupted or end.busy else 0
 
 
 if __name__ == "__main__":

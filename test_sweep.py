@@ -1,13 +1,18 @@
 """sweep.py's tests: offline, CPU. A tiny grid (DT preset shrunk to 1 layer, d=32, on a collected
 Hopper dataset; 2 ratios x 2 seeds, 100 steps) is run, run again, interrupted and resumed, and made
-to fail; the grids, shards, commands and the table's rule are checked without running anything."""
+to fail; the grids, shards, commands and the table's rule are checked without running anything,
+and the sweep's handling of runs stopped, interrupted from outside or held by another sweep with a
+stand-in for lamo.py that ends in a blink."""
 import csv
+import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import pytest
 import torch
 
 import grids
+import lamo
 import results
 import sweep
 from data import collect
@@ -33,7 +39,11 @@ def tiny(data: Path) -> list[str]:
 
 
 def offline_env(cwd: Path) -> dict:
-    return {**os.environ, "LAMO_CACHE": str(cwd / "cache")}   # nothing is downloaded; in case
+    """Nothing is downloaded (LAMO_CACHE, in case); the sweep splits this process's cores, as the
+    tests expect, even inside a Slurm job (whose SLURM_CPUS_PER_TASK it would take instead)."""
+    env = {**os.environ, "LAMO_CACHE": str(cwd / "cache")}
+    env.pop("SLURM_CPUS_PER_TASK", None)
+    return env
 
 
 def sweep_py(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -86,8 +96,12 @@ def test_sweep_runs_and_writes_the_table(work, sweep_a):
                      for s in (0, 1)]
         means = {t: np.mean([s["targets"][t]["last20"] for s in summaries]) for t in ("100", "50")}
         assert float(r["mean"]) == max(means.values()) and r["target"] == max(means, key=means.get)
-    assert "| hopper-medium-v2 | 1 | DT |" in (a / "results.md").read_text()
-    assert "60.9 ± 3.3 (Table 3)" in (a / "results.md").read_text()     # the paper's beside ours
+    md = (a / "results.md").read_text()
+    # trained with other settings than the paper's (the flags after --): no paper value beside
+    flags = " ".join(tiny(work / "tiny.hdf5")[1:])
+    assert f"| hopper-medium-v2 | 1 | DT | {float(rows[1]['mean']):.1f} ± " in md
+    assert f"| — | {rows[1]['target']} | 2/2 | {flags} |" in md
+    assert "60.9" not in md and "trained with other settings than the paper's" in md
     assert (a / "results.png").stat().st_size > 0
     # --jobs 2: each run got half of this machine's cores, as its log's header line records
     cores = len(os.sched_getaffinity(0))
@@ -201,13 +215,14 @@ def test_shards_cover_the_grid_exactly_once():
             sweep.parse_shard(bad)
 
 
-def test_commands_and_worker_environments(tmp_path):
+def test_commands_and_worker_environments(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)     # else the cores are Slurm's
     cell = grids.Cell("hopper-medium-v2", 0.1, "lamo", ("--pretrained", "gpt2-medium"))
     run, run_dir = grids.Run(cell, 2), tmp_path / "r"
-    args = sweep.lamo_args(run, run_dir, ["--steps", "10", "--pretrained", "gpt2"], "proj")
+    args = sweep.lamo_args(run, run_dir, ["--steps", "10"], "proj")
     assert args == ["--env", "hopper-medium-v2", "--frac", "0.1", "--seed", "2", "--model", "lamo",
                     "--out", str(run_dir), "--pretrained", "gpt2-medium", "--steps", "10",
-                    "--pretrained", "gpt2", "--wandb", "proj", "--wandb-group",
+                    "--wandb", "proj", "--wandb-group",
                     "hopper-medium-v2_f0.1_lamo+pretrained=gpt2-medium"]
     run_dir.mkdir()
     assert sweep.run_state(run_dir) == "restart"
@@ -233,6 +248,7 @@ def test_threads_split_by_hand(monkeypatch):
     """On 8 cores: --jobs 1, 2, 3, 8, 16 give each run 8, 4, 2, 1, 1 threads (whole cores, at
     least 1)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)     # else the cores are Slurm's
     for jobs, threads in {1: "8", 2: "4", 3: "2", 8: "1", 16: "1"}.items():
         env = sweep.child_env(jobs - 1, jobs, [])
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == threads, jobs
@@ -308,14 +324,203 @@ def test_table_rule_against_numbers_by_hand(tmp_path, monkeypatch, capsys):
     (["--env", "hopper-medium-v2", "--frac", "1", "--", "--seed", "5"], "--seed after --"),
     (["--grid", "table3", "--", "--lr", "1e-4", "3e-4", "--steps", "9"],
      "--lr 1e-4 3e-4 after --: one value"),
+    # a flag after -- that a cell sets itself: Fig. 4's linear embeddings would be LaMo's MLP
+    (["--grid", "fig4", "--env", "walker2d-medium-v2", "--seed", "0", "--dry-run", "--",
+      "--embed", "mlp"], "--embed after --: the run walker2d-medium-v2_f"),
+    (["--grid", "fig4", "--model", "lamo-linear", "--", "--embed=mlp"], "--embed after --: "),
+    (["--grid", "table1", "--env", "kitchen-complete-v2", "--", "--pretrained", "gpt2"],
+     "--pretrained after --: the run kitchen-complete-v2_f0.3_lamo+pretrained=gpt2-medium "
+     "(--model lamo) sets --pretrained itself"),
+    # lamo.py flags in full only: its argparse would take these for --seed, --device, --model
+    (["--env", "hopper-medium-v2", "--frac", "1", "--", "--se", "5"],
+     "--se after --: not a lamo.py flag (give flags in full); did you mean --seed"),
+    (["--grid", "table3", "--", "--dev", "cpu"], "--dev after --: not a lamo.py flag"),
+    (["--grid", "table3", "--", "--steps", "9", "--mod=lamo"], "--mod after --: not a lamo.py"),
+    (["--grid", "table3", "--", "--stepz", "9"], "--stepz after --: not a lamo.py flag (give "
+     "flags in full); did you mean --steps"),
+    # every value given selects something of the grid: none is dropped quietly
+    (["--grid", "table3", "--env", "hopper-medium-v2", "hoper-medium-v2", "--frac", "0.1", "0.3",
+      "--model", "lamo", "lamo-full"], "no cell of --grid table3 has --env hoper-medium-v2 (did "
+     "you mean hopper-medium-v2"),
+    (["--grid", "table3", "--frac", "0.1", "0.3"], "no cell of --grid table3 has --frac 0.3 (its "
+     "ratios: 0.005, 0.01, 0.1, 1)"),
+    (["--grid", "table3", "--model", "lamo", "lamo-full"], "no cell of --grid table3 has --model "
+     "lamo-full (its variants: lamo, dt)"),
+    (["--grid", "paper", "--env", "hopper-medium-v2", "--frac", "0.1", "0.02"],
+     "no cell of --grid paper has --frac 0.02"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LAMO_CACHE", str(tmp_path / "cache"))   # should a run start after all
+    monkeypatch.setattr(sweep, "run_all", lambda *a: pytest.fail("the sweep started its runs"))
     assert sweep.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_flags_after_dashes_are_lamo_flags_that_no_cell_sets(tmp_path, monkeypatch, capsys):
+    """sweep.lamo_flag_names is what lamo.py's parser defines (its --help lists each option at
+    the start of a line), so a flag in full passes and an abbreviation does not; flags the cells
+    leave alone go to every run."""
+    with pytest.raises(SystemExit):
+        lamo.parse_args(["--help"])
+    options = re.findall(r"^  (--[\w-]+)(?:, (--[\w-]+))?", capsys.readouterr().out, re.M)
+    assert sweep.lamo_flag_names() == {flag for pair in options for flag in pair if flag}
+    assert {"--no-compile", "--eval-only", "--seed", "--device"} <= sweep.lamo_flag_names()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--grid", "fig4", "--env", "walker2d-medium-v2", "--frac", "0.01", "--seed", "0",
+            "--dry-run", "--", "--steps=9", "--no-compile"]
+    assert sweep.main(argv) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "python lamo.py" in line]
+    assert len(commands) == 3 and all(c.endswith(" --steps=9 --no-compile") for c in commands)
+    assert sum("--embed linear --steps=9" in c for c in commands) == 1
+
+
+def test_a_grids_values_must_each_select_a_cell():
+    entries = grids.grid_entries("table3", ["hopper-medium-v2"], [0.1, 1], ["dt"])["table3"]
+    assert [(e.cell.task, e.cell.frac, e.variant) for e in entries] == [
+        ("hopper-medium-v2", 1.0, "dt"), ("hopper-medium-v2", 0.1, "dt")]
+    # each value is the grid's, but no cell has both: Kitchen Complete has no 1% ratio
+    with pytest.raises(grids.SweepError, match=r"^no cell of --grid table1 has --env kitchen-"
+                       r"complete-v2 \(not with the other .*; nor --frac 0.01 \(not with"):
+        grids.grid_entries("table1", ["kitchen-complete-v2"], [0.01], None)
+
+
+def test_without_a_grid_the_paper_value_is_that_of_the_same_run(tmp_path):
+    """A cell without --grid is compared with the paper's table line whose run has its model and
+    flags: GPT-2 medium on Kitchen Complete 30% is Table 1's LaMo, GPT-2 small (lamo.py's
+    default) there is no line of the paper, and a figure's ≈ values are never taken."""
+    lines = {"lamo-gpt2-medium": (45.9, 2.9, "Table 1"), "lamo": (None, None, None),
+             "dt": (31.5, 4.5, "Table 1"), "lamo-nopt": (42.4, 4.7, "Table 15")}
+    entries = grids.grid_entries(None, ["kitchen-complete-v2"], [0.3], list(lines))[None]
+    rows = results.table_rows(None, entries, [0], tmp_path)
+    assert {r["variant"]: (r["paper_mean"], r["paper_std"], r["paper_table"]) for r in rows} \
+        == lines
+    entries = grids.grid_entries(None, ["hopper-medium-v2"], [0.01], ["lamo", "lamo-full"])[None]
+    rows = results.table_rows(None, entries, [0], tmp_path)
+    assert [(r["paper_mean"], r["paper_table"]) for r in rows] == [(52.0, "Table 3"),
+                                                                   (None, None)]   # Fig. 5: ≈ 45
+
+
+def test_flags_after_dashes_take_the_paper_value_away(tmp_path, monkeypatch, capsys):
+    """Runs given flags after -- (sweep.json) were trained with other settings than the paper's:
+    their flags column says which, and the paper's column is —, with a note."""
+    made_up_runs(tmp_path / "sweeps" / "paper", "table3", skip=["_f1_"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweeps/paper/sweep.json").write_text(json.dumps({"lamo_flags": ["--steps", "9"]}))
+    assert sweep.main(["--grid", "table3", "--env", "hopper-medium-v2", "--aggregate"]) == 0
+    md = capsys.readouterr().out
+    assert "| hopper-medium-v2 | 0.1 | DT | " in md and " | — | 1 | 3/3 | --steps 9 |" in md
+    assert "| hopper-medium-v2 | 1 | LaMo | — | — | — | 0/3 | --steps 9 |" in md
+    assert "(Table 3)" not in md and "trained with other settings than the paper's" in md
+    rows = read_csv(tmp_path / "sweeps/paper/results_table3.csv")
+    assert {(r["flags"], r["paper_mean"], r["paper_table"]) for r in rows} == {("--steps 9", "",
+                                                                               "")}
+
+
+# ----------------------------------------------------------------------------- runs, faked
+def fake_lamo(tmp_path: Path, monkeypatch, body: str):
+    """The sweep starts this script instead of lamo.py: `body`, with `seed` and `out` (a Path)
+    read from a new run's arguments and os, sys, signal, time, fcntl and Path imported. It runs
+    in a blink, so the sweep's own handling of its runs is tested without training."""
+    script = tmp_path / "fake_lamo.py"
+    script.write_text("import fcntl, os, signal, sys, time\nfrom pathlib import Path\n"
+                      "argv = sys.argv[1:]\nseed = int(argv[argv.index('--seed') + 1])\n"
+                      "out = Path(argv[argv.index('--out') + 1])\n" + textwrap.dedent(body))
+    monkeypatch.setattr(sweep, "LAMO", script)
+    monkeypatch.chdir(tmp_path)
+
+
+FAKE = ["--env", "hopper-medium-v2", "--frac", "0.1", "--model", "dt", "--shard", "0/1"]
+
+
+def test_a_run_interrupted_from_outside_is_not_done(tmp_path, monkeypatch, capsys):
+    """Someone's kill -INT to one run (it checkpoints and exits 130) while the sweep runs on: the
+    run resumes next time, but the sweep is not complete, and says so."""
+    fake_lamo(tmp_path, monkeypatch, "sys.exit(130 if seed == 1 else 0)")
+    assert sweep.main([*FAKE, "--seed", "0", "1", "--name", "I"]) == 1
+    out = capsys.readouterr().out
+    assert "INTERRUPTED hopper-medium-v2_f0.1_dt_s1 (" in out
+    assert out.endswith("\n1 runs were interrupted from outside the sweep; run the same command "
+                        "again to resume them\n")
+    run = grids.Run(grids.Cell("hopper-medium-v2", 0.1, "dt"), 0)
+    for code in sweep.INTERRUPTED:
+        assert sweep.outcome_of(run, code, tmp_path, stopped=True) == "interrupted"
+        assert sweep.outcome_of(run, code, tmp_path, stopped=False) == "INTERRUPTED"
+
+
+def test_a_stopped_sweep_reports_the_failures_before_it(tmp_path, monkeypatch, capsys):
+    """Seed 0 fails; seed 1 Ctrl-Cs the sweep (its parent, this process) and exits 130 when the
+    sweep passes it on: exit status 130, after seed 0's failure and the end of its log."""
+    fake_lamo(tmp_path, monkeypatch, """\
+        if seed == 0:
+            sys.exit("error: --steps 0: must be >= 1")
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(30)
+        """)
+    assert sweep.main([*FAKE, "--seed", "0", "1", "--name", "S"]) == 130
+    out = capsys.readouterr().out
+    report = out.split("FAILED hopper-medium-v2_f0.1_dt_s0 (exit status 1); the end of ", 1)[1]
+    assert report.index("error: --steps 0: must be >= 1") < report.index("stopped; run the same")
+    assert "interrupted hopper-medium-v2_f0.1_dt_s1" in out
+
+
+def test_a_run_another_sweep_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
+    """Seed 0 is loading in another sweep (a folder, no checkpoint yet; it holds the lock): this
+    sweep leaves it alone, runs seed 1 holding its lock, and exits 1 saying what it left. Once the
+    other sweep is gone, seed 0 starts over; a run the other sweep finished meanwhile is done."""
+    fake_lamo(tmp_path, monkeypatch, """\
+        fd = os.open(out.parent / "locks" / f"{out.name}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (out.parent / f"{out.name}.held").write_text("")     # locked while it runs
+        if seed == 0:        # meanwhile another sweep finishes seed 1
+            (out.parent / out.name.replace("_s0", "_s1") / "summary.json").write_text("{}")
+        out.mkdir()
+        (out / "summary.json").write_text("{}")
+        """)
+    folder = tmp_path / "sweeps" / "L"
+    runs = grids.make_runs([grids.Cell("hopper-medium-v2", 0.1, "dt")], [0, 1])
+    (folder / runs[0].name).mkdir(parents=True)
+    (folder / runs[0].name / "config.json").write_text("{}")
+    other = sweep.lock_run(folder, runs[0])
+    assert other is not None and sweep.lock_run(folder, runs[0]) is None
+    try:
+        assert sweep.main([*FAKE, "--seed", "0", "1", "--name", "L"]) == 1
+    finally:
+        os.close(other)
+    out = capsys.readouterr().out
+    assert f"busy        {runs[0].name} (another sweep is running it)" in out
+    assert out.endswith("\n1 runs were left to another sweep that is running them; run the same "
+                        "command again after it ends\n")
+    assert [p.name for p in (folder / runs[0].name).iterdir()] == ["config.json"]   # untouched
+    assert (folder / f"{runs[1].name}.held").exists()
+    assert sorted(p.name for p in folder.glob("*.held")) == [f"{runs[1].name}.held"]
+    (folder / runs[1].name / "summary.json").unlink()       # seed 1 to do again, as a restart
+    assert sweep.main([*FAKE, "--seed", "0", "1", "--name", "L"]) == 0
+    out = capsys.readouterr().out
+    assert f"done        {runs[0].name} (" in out
+    assert f"done        {runs[1].name} (by another sweep)" in out
+    assert [p.name for p in (folder / runs[0].name).iterdir()] == ["summary.json"]  # started over
+    for run in runs:                                        # every lock given back
+        fd = sweep.lock_run(folder, run)
+        assert fd is not None
+        os.close(fd)
+
+
+def test_a_filesystem_without_flock_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    fake_lamo(tmp_path, monkeypatch, "sys.exit('a run was started')")
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(sweep.fcntl, "flock", no_flock)
+    assert sweep.main([*FAKE, "--seed", "0", "--name", "N"]) == 2
+    err = capsys.readouterr().err.splitlines()          # after the progress bar's first line
+    assert err[-1].startswith("error: cannot lock sweeps/N/locks/hopper-medium-v2_f0.1_dt_s0.lock "
+                              "(No locks available): the sweep locks each run with flock")
+    assert not (tmp_path / "sweeps/N/logs").exists()       # no run was started
 
 
 # ----------------------------------------------------------------------------- the paper's grids
