@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from difflib import get_close_matches
 
 from lamo import PRESETS
-from tasks import PAPER_FIGURES, PAPER_TABLES, TASKS
+from tasks import PAPER_FIGURES, PAPER_SETTINGS, PAPER_TABLES, TASKS
 
 MODELS = ("lamo", "dt")                    # the paper's two models; --model's default
 SEEDS = (0, 1, 2)                          # the paper's three seeds per cell
@@ -47,13 +47,12 @@ VARIANTS = {
     "lamo-gpt2": Variant("lamo", "LaMo, GPT-2 small", (("pretrained", "gpt2"),)),
     "lamo-gpt2-medium": Variant("lamo", "LaMo, GPT-2 medium", (("pretrained", "gpt2-medium"),)),
 }
-# Cells whose LaMo the paper ran on more than the defaults: GPT-2 medium for Kitchen Complete 30%
-# and Partial 100% (Table 1). In a paper grid every LaMo variant of such a cell keeps it unless the
-# variant sets --pretrained itself (Fig. 10's sizes, Table 15's w/o pre-training), so an ablation
-# changes one thing from the LaMo it is compared with (Fig. 6's λ 0 on Complete 30% is GPT-2
-# medium).
-CELL_SETTINGS = {("kitchen-complete-v2", 0.3): (("pretrained", "gpt2-medium"),),
-                 ("kitchen-partial-v2", 1.0): (("pretrained", "gpt2-medium"),)}
+# Cells whose LaMo the paper ran on more than the defaults (paper.PAPER_SETTINGS): GPT-2 medium for
+# Kitchen Complete 30% and Partial 100% (Table 1). In a paper grid every LaMo variant of such a
+# cell keeps it unless the variant sets --pretrained itself (Fig. 10's sizes, Table 15's w/o
+# pre-training), so an ablation changes one thing from the LaMo it is compared with (Fig. 6's λ 0
+# on Complete 30% is GPT-2 medium).
+CELL_SETTINGS = PAPER_SETTINGS
 
 
 @dataclass(frozen=True)
