@@ -3,7 +3,9 @@
 paper's: per return target, the mean over seeds of each seed's last-20% mean (summary.json's
 `last20`); a line is the best target's mean ± std over the seeds present (population std, ddof=0).
 A line with no finished seed is "—", never 0. Runs given lamo.py flags after -- (the sweep's
-sweep.json) were trained with other settings than the paper's: no paper value stands beside them.
+sweep.json) that change what they train (not how long, where or how they are evaluated:
+lamo.NOT_THE_METHOD, the rule of a run's own summary.json) were trained with other settings than
+the paper's: no paper value stands beside them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from grids import GRIDS, VARIANTS, Entry, Run, make_cell
+from lamo import NOT_THE_METHOD
 from tasks import PAPER_FIGURES, PAPER_TABLES
 
 
@@ -71,10 +74,19 @@ def sweep_flags(sweep_dir: Path) -> list[str]:
     return json.loads(saved.read_text())["lamo_flags"] if saved.exists() else []
 
 
+def method_flags(lamo_flags: list[str]) -> list[str]:
+    """Those of the flags after -- that change what a run trains: not --steps, --compile,
+    --eval-episodes, ... (lamo.NOT_THE_METHOD; --no-compile too)."""
+    names = [f[2:].split("=")[0] for f in lamo_flags if f.startswith("--")]
+    return [n for n in names
+            if n.replace("-", "_").removeprefix("no_") not in NOT_THE_METHOD]
+
+
 def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -> list[dict]:
-    """A row per line. Runs given flags after -- (sweep.json) are not the paper's runs: their
-    flags column says so, and they get no paper value."""
+    """A row per line. Runs given flags after -- (sweep.json) that change what they train are not
+    the paper's runs: their flags column says so, and they get no paper value."""
     lamo_flags = sweep_flags(sweep_dir)
+    other = bool(method_flags(lamo_flags))
     rows = []
     for entry in entries:
         cell = entry.cell
@@ -82,11 +94,11 @@ def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -
         present = [s for s in summaries if s is not None]
         ours = cell_result(present) or {"target": None, "mean": None, "std": None,
                                         "target_means": {}}
-        paper = None if lamo_flags else paper_value(grid, entry)
+        paper = None if other else paper_value(grid, entry)
         rows.append({"task": cell.task, "ratio": cell.frac, "variant": entry.variant,
                      "model": cell.model, "flags": shlex.join([*cell.flags, *lamo_flags]),
                      "run": cell.name, "seeds": len(present), "seeds_expected": len(seeds),
-                     **ours, "other_settings": bool(lamo_flags),
+                     **ours, "other_settings": other,
                      **dict(zip(("paper_mean", "paper_std", "paper_table", "paper_approx"),
                                 paper or (None, None, None, False)))})
     return rows
@@ -142,8 +154,9 @@ def markdown(rows: list[dict], name: str, grid: str | None) -> str:
               "lamo.py flags: what the run adds to the task's defaults (tasks.py)."]
     if any(r["other_settings"] for r in rows):
         lines += ["", "paper: — for every line: its runs were given lamo.py flags after `--` "
-                  "(sweep.json; in the flags column), so they were trained with other settings "
-                  "than the paper's and are not compared with its numbers."]
+                  "that change what they train (sweep.json; in the flags column), so they were "
+                  "trained with other settings than the paper's and are not compared with its "
+                  "numbers."]
     if any(r["paper_approx"] for r in rows):
         lines += ["", f"≈ read from the paper's figure ({GRIDS[grid]}): means read off its bars "
                   "(± 2-5 points), not printed numbers and never mixed with the tables' exact "

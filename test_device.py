@@ -48,7 +48,7 @@ def test_checkpoint_keeps_only_the_runs_gpu_rng_as_a_cpu_byte_tensor(fake_gpu, t
     calls, _ = fake_gpu
     run = tiny_run(tmp_path / "r", tiny_hdf5)
     run.device = torch.device("cuda", 1)          # the model stays on the CPU; only RNG is asked
-    runs.save_checkpoint(run)
+    runs.save_checkpoint(run, run.loss_sums)
     runs.restore(run)
     (get, got_device), (sett, state, set_device) = calls
     assert (get, got_device, sett, set_device) == ("get", run.device, "set", run.device)
@@ -75,7 +75,7 @@ def test_resume_keeps_the_live_optimizer_implementation(tiny_hdf5, tmp_path):
     assert run.optimizer.param_groups[0]["fused"] in (None, False)
     lamo.train_step(run.model, run.model, run.optimizer, run.params, run.batcher.sample(4), None,
                     run.cfg, False)
-    runs.save_checkpoint(run)
+    runs.save_checkpoint(run, run.loss_sums)
     saved = {k: v.clone() for k, v in run.optimizer.state[run.params[0]].items()}
     run.optimizer = torch.optim.AdamW(run.params, lr=run.cfg.lr, fused=True)
     runs.restore(run)
@@ -98,7 +98,7 @@ def test_precision_is_resolved_once_and_saved(fake_gpu, tiny_hdf5, tmp_path, mon
     assert lamo.resolve_precision("auto", torch.device("cpu")) == "fp32"
     run = tiny_run(tmp_path / "r", tiny_hdf5)
     assert json.loads((run.folder / "config.json").read_text())["precision"] == "fp32"
-    runs.save_checkpoint(run)
+    runs.save_checkpoint(run, run.loss_sums)
     # A run folder from an older lamo, with 'auto' saved: refused, saying what to do.
     cfg = json.loads((run.folder / "config.json").read_text())
     (run.folder / "config.json").write_text(json.dumps({**cfg, "precision": "auto"}))

@@ -487,18 +487,18 @@ def test_eval_only_rebuilds_a_random_frozen_body(tiny_hdf5, tmp_path, capsys):
 def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt):
     _, folder = hf_tiny
     common = ["--data", str(tiny_hdf5), "--env", "hopper-medium-v2", "--pretrained", str(folder),
-              "--eval-every", "20", "--eval-episodes", "2", "--lm-coef", "0.1",
-              "--lm-corpus", str(tiny_txt), "--lm-seq-len", "64", "--log-every", "10"]
+              "--eval-every", "10", "--eval-episodes", "2", "--lm-coef", "0.1",
+              "--lm-corpus", str(tiny_txt), "--lm-seq-len", "64", "--log-every", "5"]
     a, b = tmp_path / "a", tmp_path / "b"
-    r = subprocess.run([sys.executable, "lamo.py", *common, "--steps", "40", "--out", str(a)],
+    r = subprocess.run([sys.executable, "lamo.py", *common, "--steps", "20", "--out", str(a)],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     expected = {"config.json", "subset.json", "metrics.jsonl", "ckpt.pt", "summary.json",
                 "curve.png"}
     assert expected <= {p.name for p in a.iterdir()}
-    assert "headline" in r.stdout and json.loads((a / "summary.json").read_text())["step"] == 40
+    assert "headline" in r.stdout and json.loads((a / "summary.json").read_text())["step"] == 20
     evals = [m for m in read_metrics(a) if "eval" in m]
-    assert ([m["step"] for m in evals] == [20, 40] and
+    assert ([m["step"] for m in evals] == [10, 20] and
             set(evals[0]["eval"]) == {"3600", "2600", "2200", "1800"})
     # the LM batch really ran
     assert all(m["lm_loss"] > 5 for m in read_metrics(a) if "lm_loss" in m)
@@ -507,13 +507,13 @@ def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt)
         assert e["score_mean"] == pytest.approx(100 * (e["return_mean"] + 20.272305) / 3254.572305,
                                                 rel=1e-9)
         assert e["score_std"] == pytest.approx(100 * e["return_std"] / 3254.572305, rel=1e-9)
-    # --resume continues at step 40 with exactly what one 80-step run produces.
-    lamo.main(["--resume", str(a), "--steps", "80"])
-    lamo.main([*common, "--steps", "80", "--out", str(b)])
+    # --resume continues at step 20 with exactly what one 40-step run produces.
+    lamo.main(["--resume", str(a), "--steps", "40"])
+    lamo.main([*common, "--steps", "40", "--out", str(b)])
     assert timeless_metrics(a) == timeless_metrics(b)
     # --eval-only reproduces the checkpoint's last evaluation.
     ckpt = torch.load(b / "ckpt.pt", weights_only=False)
-    assert (ckpt["step"] == 80 and
+    assert (ckpt["step"] == 40 and
             lamo.main(["--eval-only", str(b / "ckpt.pt")]) == ckpt["last_eval"])
     # A run folder is never overwritten; a resumed run cannot change its recipe.
     for argv, msg in [([*common, "--out", str(a)], "exists and is not empty"),
@@ -819,8 +819,9 @@ def test_nan_stops_and_ctrl_c_saves(tiny_hdf5, monkeypatch, tmp_path):
             return out
         return f
 
-    base = ["--model", "dt", "--data", str(tiny_hdf5), "--steps", "40", "--eval-every", "20",
-            "--log-every", "5", "--eval-episodes", "1", "--targets", "100"]
+    base = ["--model", "dt", "--n-layer", "1", "--batch-size", "16", "--data", str(tiny_hdf5),
+            "--steps", "40", "--eval-every", "20", "--log-every", "5", "--eval-episodes", "1",
+            "--targets", "100", "--eval-max-steps", "100"]
     monkeypatch.setattr(lamo, "action_loss", loss_with(23, lambda out: out * float("nan")))
     with pytest.raises(SystemExit, match="NaN/inf.*is intact"):
         lamo.main([*base, "--out", str(tmp_path / "nan")])

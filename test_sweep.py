@@ -403,19 +403,25 @@ def test_without_a_grid_the_paper_value_is_that_of_the_same_run(tmp_path):
 
 
 def test_flags_after_dashes_take_the_paper_value_away(tmp_path, monkeypatch, capsys):
-    """Runs given flags after -- (sweep.json) were trained with other settings than the paper's:
-    their flags column says which, and the paper's column is —, with a note."""
+    """Runs given flags after -- (sweep.json) that change what they train were trained with other
+    settings than the paper's: their flags column says which, and the paper's column is —, with a
+    note. Flags of budget, device or evaluation (--steps, --compile) keep the paper's value."""
     made_up_runs(tmp_path / "sweeps" / "paper", "table3", skip=["_f1_"])
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "sweeps/paper/sweep.json").write_text(json.dumps({"lamo_flags": ["--steps", "9"]}))
+    saved = tmp_path / "sweeps/paper/sweep.json"
+    saved.write_text(json.dumps({"lamo_flags": ["--steps", "9", "--lora-rank", "4"]}))
     assert sweep.main(["--grid", "table3", "--env", "hopper-medium-v2", "--aggregate"]) == 0
     md = capsys.readouterr().out
-    assert "| hopper-medium-v2 | 0.1 | DT | " in md and " | — | 1 | 3/3 | --steps 9 |" in md
-    assert "| hopper-medium-v2 | 1 | LaMo | — | — | — | 0/3 | --steps 9 |" in md
+    flags = "--steps 9 --lora-rank 4"
+    assert "| hopper-medium-v2 | 0.1 | DT | " in md and f" | — | 1 | 3/3 | {flags} |" in md
+    assert f"| hopper-medium-v2 | 1 | LaMo | — | — | — | 0/3 | {flags} |" in md
     assert "(Table 3)" not in md and "trained with other settings than the paper's" in md
     rows = read_csv(tmp_path / "sweeps/paper/results_table3.csv")
-    assert {(r["flags"], r["paper_mean"], r["paper_table"]) for r in rows} == {("--steps 9", "",
-                                                                               "")}
+    assert {(r["flags"], r["paper_mean"], r["paper_table"]) for r in rows} == {(flags, "", "")}
+    saved.write_text(json.dumps({"lamo_flags": ["--steps", "9", "--compile"]}))
+    assert sweep.main(["--grid", "table3", "--env", "hopper-medium-v2", "--aggregate"]) == 0
+    md = capsys.readouterr().out
+    assert "57.3 ± 3.8 (Table 3)" in md and "other settings" not in md
 
 
 # ----------------------------------------------------------------------------- runs, faked
