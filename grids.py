@@ -43,6 +43,9 @@ VARIANTS = {
     "lamo-frozen": Variant("lamo", "LaMo, frozen (no LoRA)", (("finetune", "frozen"),)),
     "lamo-lm": Variant("lamo", "LaMo, λ 0.1", (("lm_coef", 0.1),)),
     "lamo-nolm": Variant("lamo", "LaMo, λ 0", (("lm_coef", 0.0),)),
+    # On hopper it keeps the task's linear embeddings, as LaMo there does (run_hopper.sh drops
+    # --mlp_embedding; the paper's "random GPT-2 + LoRA + MLP" is the other tasks' recipe): an
+    # ablation changes one thing from the LaMo it is compared with.
     "lamo-nopt": Variant("lamo", "LaMo w/o pre-training", (("pretrained", "none"),)),
     "lamo-gpt2": Variant("lamo", "LaMo, GPT-2 small", (("pretrained", "gpt2"),)),
     "lamo-gpt2-medium": Variant("lamo", "LaMo, GPT-2 medium", (("pretrained", "gpt2-medium"),)),

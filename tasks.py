@@ -149,7 +149,8 @@ ANT = Task(
 # ------------------------------------------------------------------------- Franka Kitchen (Minari)
 # The paper's D4RL kitchen-*-v0 needs mujoco-py; Minari's D4RL/kitchen/*-v2 holds the same
 # demonstrations re-recorded in Gymnasium-Robotics' FrankaKitchen-v1. Values: the official
-# experiment.py's kitchen branch (targets 5..1, rtg scale 1, timestep embedding of 1000) and
+# experiment.py's kitchen branch (targets 5..1, where the paper's Table 6 lists 4 and 5: the code
+# wins; rtg scale 1, timestep embedding of 1000) and
 # run_cotrain.sh (lambda 0.1; the paper's Fig. 6: Kitchen without the LM loss is worse), MLP
 # embeddings, lr 1e-4, wd 1e-5, K 20, batch 64, 100k steps, an evaluation every 2500 with 20
 # episodes.
