@@ -869,8 +869,6 @@ def resolve(cfg: Config, given=()) -> Config:
     if "compile_mode" in given and not cfg.compile:
         raise LamoError(f"--compile-mode {cfg.compile_mode} has no effect without --compile; "
                         f"add --compile")
-    if "wandb_group" in given and not cfg.wandb:
-        raise LamoError("--wandb-group has no effect without --wandb PROJECT; add it")
     if cfg.eval_max_steps is None:
         cfg.eval_max_steps = task.episode_len
     for k in ("lm_batch", "lm_seq_len", "warmup"):
@@ -880,16 +878,15 @@ def resolve(cfg: Config, given=()) -> Config:
         raise LamoError(f"--lm-coef must be >= 0, got {cfg.lm_coef}")
     if not cfg.grad_clip > 0:          # clip_grad_norm_ would flip (< 0) or zero (0) every gradient
         raise LamoError(f"--grad-clip must be > 0, got {cfg.grad_clip:g}")
-    if not 0 < cfg.frac <= 1:          # here, before any run of a pack makes its folder
-        raise LamoError(f"--frac must be in (0, 1], got {cfg.frac:g}")
     cfg.targets = cfg.targets or ",".join(f"{t:g}" for t in task.targets)
-    check_counts(cfg)
+    check_values(cfg)
     return cfg
 
 
-def check_counts(cfg: Config):
-    """The counts a run needs >= 1 (and --eval-workers >= 0): for a new run, and on --resume or
-    --eval-only, which may change some of them (a bad value must not reach config.json)."""
+def check_values(cfg: Config):
+    """What --resume and --eval-only may change, checked for a new run and again for them (a bad
+    value must not reach config.json): counts >= 1, --eval-workers >= 0, the targets, and
+    --wandb-group only with --wandb."""
     for k in ("steps", "batch_size", "context_len", "eval_every", "eval_episodes", "log_every",
               "eval_max_steps"):
         if getattr(cfg, k) < 1:
@@ -898,6 +895,8 @@ def check_counts(cfg: Config):
         raise LamoError(f"--eval-workers must be >= 0 (0: one per 10 episodes), got "
                         f"{cfg.eval_workers}")
     parse_targets(cfg.targets)
+    if cfg.wandb_group and not cfg.wandb:
+        raise LamoError("--wandb-group has no effect without --wandb PROJECT; add it")
 
 
 # Config fields that say how long, where, and how a run is evaluated or logged, not what it trains:
@@ -1002,9 +1001,7 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
     saved = {k: v for k, v in saved.items() if k in known}
     changed = {k: v for k, v in given.items() if k in allowed}
     cfg = Config(**{**saved, **changed, "resume": "", "eval_only": ""})
-    check_counts(cfg)
-    if "wandb_group" in changed and not cfg.wandb:
-        raise LamoError("--wandb-group has no effect without --wandb PROJECT; add it")
+    check_values(cfg)
     return cfg, src
 
 

@@ -633,7 +633,7 @@ def test_flags_that_would_do_harm_or_nothing(argv, message):
     batch that trains nothing, flip or zero the gradients, or drop a group of episodes."""
     with pytest.raises(LamoError, match=message):
         cfg, given = lamo.parse_args(argv)
-        lamo.resolve(cfg, given)
+        lamo.pack_runs(lamo.resolve(cfg, given), given)            # what main does first
 
 
 def test_defaults_that_do_not_apply_and_abbreviations():
