@@ -187,7 +187,7 @@ def bench_pack_attention(cfg, name, device, batcher, R, steps, warmup, kernels) 
         try:
             out[key] = R / timed(step, steps, device, warmup=warmup)
         except RuntimeError as e:
-            out[key + "_error"] = str(e).splitlines()[0][:200]
+            out[key + "_error"] = first_line(e)
         finally:
             pack.ATTENTION = default
     return out
@@ -211,13 +211,14 @@ def pack_step(cfg, device, batcher, R):
     return p, step
 
 
-def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict:
+def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup, out: dict,
+                save=lambda: None) -> dict:
     """Run-steps/s of packs of each size for LaMo (GPT-2 small's shape) and the DT preset, and
-    of LaMo with the (2, 1024) LM batch (Kitchen's lambda = 0.1; "lamo+lm") up to 4 runs; R = 1 is
-    one run alone through the pack's path, and the single-run rows above are one run per
-    process."""
+    of LaMo with the (2, 1024) LM batch (Kitchen's lambda = 0.1; "lamo+lm") up to 4 runs, into
+    out (save() after each: a section cut short by its time limit keeps the rows before it);
+    R = 1 is one run alone through the pack's path, and the single-run rows above are one run
+    per process."""
     lm_sizes = [R for R in sizes if R <= 4]      # two points of its memory line, in seconds
-    out = {}
     if device.type == "cuda":       # what bounds the biggest LaMo packs' steps (a CPU's: compute)
         out.update({f"busy_pack_{name}_{max(Rs)}": {} for name, Rs in (("lamo", sizes),
                                                                      ("lamo+lm", lm_sizes)) if Rs})
@@ -228,6 +229,7 @@ def bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup) -> dict
             out[f"pack_{name}_{R}"], out[f"pack_{name}_{R}_peak_gpu_gb"] = measured(
                 lambda: pack_run_steps_per_s(cfg, device, batcher, R, steps, warmup,
                                              out.get(f"busy_pack_{name}_{R}")), device)
+            save()
     return out
 
 
@@ -259,10 +261,15 @@ def bench_compiled(cfg, device, batcher, R, steps, out: dict, save=lambda: None)
         try:
             out[f"cudagraphs_lamo_{n}"], out[f"cudagraphs_lamo_{n}_peak_gpu_gb"] = measured(
                 rate, device)
-        except RuntimeError as e:
-            out[f"cudagraphs_lamo_{n}_error"] = str(e).splitlines()[0][:200]
+        except Exception as e:          # not only RuntimeError: CUDA graph trees also assert
+            out[f"cudagraphs_lamo_{n}_error"] = first_line(e)
         save()
     return out
+
+
+def first_line(e: Exception) -> str:
+    """An error as a bench row: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
 
 
 SECTIONS = ("train", "packs", "eval", "sampling")
@@ -612,15 +619,18 @@ def main(argv=None):
     res = {"device": name if gpu else f"cpu ({torch.get_num_threads()} threads)",
            "torch": torch.__version__, "train_steps_timed": steps, "compile": a.compile,
            "precision": lamo.resolve_precision(lamo_cfg.precision, device),
-           "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt", "eval_max_steps": max_steps}
+           "eval_model": "lamo" if eval_cfg is lamo_cfg else "dt", "eval_max_steps": max_steps,
+           "sections": list(a.sections)}
     n_seq = a.eval_sequential or (16 if gpu else a.eval_episodes)
     warmup = (2 if a.compile else 1) if gpu else 0
     sizes = a.packs if a.packs is not None else ([1, 4, 8, 16] if gpu else [])
     rows = []                               # (label, value) of the printed table, as measured
 
     def save():                             # after each section: a run cut short keeps its figures
-        with open(a.out, "w") as f:
+        tmp = a.out + ".part"               # and a stop mid-write never leaves half a file
+        with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
+        os.replace(tmp, a.out)
 
     gb = lambda k: f"{res[k]:.2f}" if res.get(k) is not None else "n/a"
     if "train" in a.sections:               # (a) training steps/s, each with its peak GPU memory
@@ -642,8 +652,7 @@ def main(argv=None):
                  *((f"training steps/s, LaMo, B={B} (x{B / 64:g} the tokens)", f"{v:.3f}")
                    for B, v in res["train_steps_per_s_by_batch"].items())]
     if "packs" in a.sections:               # run-steps/s of packs
-        res.update(bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup))
-        save()
+        bench_packs(lamo_cfg, dt_cfg, device, batcher, sizes, steps, warmup, res, save)
         for key, cfg in cfgs.items():
             if a.pack_attention and sizes:
                 res.update(measured(lambda: bench_pack_attention(
@@ -738,6 +747,14 @@ def main(argv=None):
         rows += [(f"run-steps/s, {n} LaMo training processes at once",
                   f"{res[f'procs_lamo_{n}']:.3f}")
                  for n in a.processes]
+    if gpu and "train" in a.sections:       # the first row again, after the profiles above:
+        # torch.profiler can leave CUPTI hooked in, slowing the steps timed after it by 10-20%
+        # (pytorch#144455); if it slowed this bench's later rows, the two figures part.
+        res["train_steps_per_s_again"] = measured(lambda: train_steps_per_s(
+            lamo_cfg, device, batcher, steps, warmup), device)[0]
+        save()
+        rows += [("training steps/s, LaMo, timed again after the profiles",
+                  f"{res['train_steps_per_s_again']:.3f}")]
     # what bounds the profiled steps: the device's work, or the host's launching of it
     rows += [(f"{name}: wall / device-busy ms a step", f"{wall} / {busy}")
              for name, wall, busy, _, _ in gpu_report.busy_rows(res)]

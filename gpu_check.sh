@@ -29,16 +29,20 @@
 #    and with bench.json's figures, Table 3's GPU-hours one run at a time and as packs.
 # The GPT-2 body is GPT-2 small's shape with random weights (--pretrained none): the same compute
 # as OpenAI's weights, which a machine without network cannot download.
-# REPORT_DIR gets report.md (gpu_report.py, printed last), log.txt (every step's output), gpu.csv,
-# bench.json, compare.json, profile.txt and the slice's curve.png: 7 files.
+# REPORT_DIR gets report.md (gpu_report.py, written after every step and printed last), log.txt
+# (the versions, every step's output, exit and seconds), gpu.csv, bench.json, compare.json,
+# profile.txt and the slice's curve.png: 7 files. `python3 gpu_report.py REPORT_DIR` makes
+# report.md again from them on any machine. Exit status 1 if a step failed or was skipped.
 # A GPU machine without gymnasium, mujoco and ale-py: run `bash ../shared/gpu/wheels.sh` on a
 # machine with network first; the .whl/ folder it fills is installed from here.
 set -uo pipefail
 cd "$(dirname "$0")"
 REPORT=$(realpath -m "${1:-gpu_report}")
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
+VERSIONS=$(python3 -c "import torch, sys; print(f'torch {torch.__version__}, CUDA \
+{torch.version.cuda}'); sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null) || {
     echo "gpu_check.sh: no CUDA GPU visible to torch here; run it on a GPU machine" >&2; exit 1; }
 mkdir -p "$REPORT"
+echo "=== versions: $VERSIONS" >> "$REPORT/log.txt"
 WORK=$(mktemp -d)
 if ! python3 -c "import gymnasium, mujoco, ale_py" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || {
@@ -50,27 +54,42 @@ if ! python3 -c "import gymnasium, mujoco, ale_py" 2>/dev/null; then
 fi
 export MUJOCO_GL=disable PYTHONUNBUFFERED=1   # no rendering; the image has no libEGL
 STEPS=" ${STEPS:-tests bench compare slice} "
+[[ $STEPS == *" slice "* ]] && STEPS+="collect "
+FAILED=0
 step() {   # step NAME SECONDS CMD...: run with a time limit, log it, record its status and time
     local name=$1 limit=$2; shift 2
     [[ $STEPS == *" $name "* ]] || return 0
+    if [[ -n ${DEADLINE:-} ]]; then     # no step past the deadline: report.md must come back
+        local left=$((DEADLINE - SECONDS - 25))         # its kill's 15 s and the report's 10
+        if ((left < 20)); then
+            echo "=== $name: skipped, ${left} s left before the ${DEADLINE}-s deadline" \
+                | tee -a "$REPORT/log.txt"
+            FAILED=1
+            return 0
+        fi
+        ((limit > left)) && limit=$left
+    fi
     local t0=$SECONDS
     echo "=== $name: $*" | tee -a "$REPORT/log.txt"
-    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" | tee -a "$REPORT/log.txt"
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$REPORT/log.txt"
     local rc=${PIPESTATUS[0]}
-    echo "$name $rc $((SECONDS - t0))" >> "$WORK/status"
+    ((rc == 0)) || FAILED=1
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$REPORT/log.txt"
+    python3 gpu_report.py "$REPORT" "$WORK" || FAILED=1    # a later kill keeps this one
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
     > "$REPORT/gpu.csv" 2>&1
-# QUICK=1: tests, bench and compare in one call under 10 minutes (585 s of limits), for a session
+# QUICK=1: tests, bench and compare in one call under 10 minutes (a 570-s deadline), for a session
 # whose device time is 15 minutes with the machine's start: bench leaves out what no pack changes
 # (evaluation, sampling) and the fused kernels that failed under vmap; compare, the processes
 # (4 at once: 2.5x one run on an H100), and B=1024 (measured once: 8.15 steps/s). On an H100
 # the three took 99, 160 and 223 s, with 4 processes and B=1024, a profile that failed, and
 # before the CUDA-graph pack's test and row, the LM packs and the busy profiles: these limits are
-# a guess, not yet run.
+# a guess, not yet run; the deadline cuts the last step short rather than lose the report (each
+# row of bench.py is saved as it is measured).
 if [[ ${QUICK:-0} == 1 ]]; then
-    LIMITS=(125 200 260) BENCH=(--sections train packs) PROCS=()
+    # a deadline of 570 s from the start, for a 600-s call: the last step gets what is left
+    LIMITS=(140 200 260) BENCH=(--sections train packs) PROCS=() DEADLINE=${DEADLINE:-570}
 else
     LIMITS=(150 230 420) BENCH=(--batch-sizes 256 1024 --pack-attention cudnn flash efficient)
     PROCS=(1 4 8)
@@ -81,14 +100,12 @@ step bench "${LIMITS[1]}" python3 bench.py --device cuda --train-steps 20 \
     --out "$REPORT/bench.json" --profile "$REPORT/profile.txt" "${BENCH[@]}" --pack-eval 16
 step compare "${LIMITS[2]}" python3 bench.py --device cuda --train-steps 20 --sections \
     --compiled 16 --processes "${PROCS[@]}" --out "$REPORT/compare.json"
-if [[ $STEPS == *" slice "* ]]; then
-    timeout 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
-        --max-steps 1000 --out "$WORK/hopper.hdf5" > /dev/null 2>&1 \
-        || echo "collect failed" >> "$WORK/status"
-fi
+step collect 90 python3 data.py collect --env Hopper-v4 --policy noisy --episodes 300 \
+    --max-steps 1000 --out "$WORK/hopper.hdf5"
 step slice 110 python3 lamo.py --env hopper-medium-v2 --data "$WORK/hopper.hdf5" --pretrained none \
     --device cuda --steps 2000 --eval-every 1000 --log-every 100 --out "$WORK/slice"
 cp "$WORK/slice/curve.png" "$REPORT/slice_curve.png" 2>/dev/null
 
-python3 gpu_report.py "$REPORT" "$WORK"
+python3 gpu_report.py "$REPORT" "$WORK" --print || FAILED=1
 rm -rf "$WORK"
+exit $FAILED

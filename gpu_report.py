@@ -1,29 +1,70 @@
-"""gpu_report: the GPU check's report.md, which gpu_check.sh writes and prints last.
+"""gpu_report: the GPU check's report.md, which gpu_check.sh writes after each step and prints
+last.
 
-    python3 gpu_report.py REPORT_DIR WORK_DIR
+    python3 gpu_report.py REPORT_DIR [WORK_DIR]
 
-From REPORT_DIR's bench.json and compare.json (bench.py's figures, written after each of its
-sections) and WORK_DIR's status (each step's exit and seconds), tests.log (pytest -m cuda) and
-slice/ (the hopper slice's run folder): one table of every figure, each rate beside one eager run
-alone, and Table 3's GPU-hours projected from them. A figure that a step cut short did not
-measure reads "n/a"; a row an error replaced shows the error's start.
+From REPORT_DIR alone, as the GPU machine returns it: log.txt (the versions, each step's output,
+exit and seconds; the CUDA tests' summary), gpu.csv (the card), bench.json and compare.json
+(bench.py's figures, written after each row or section); and WORK_DIR's slice/ (the hopper slice's
+run folder), if given. So report.md can be made again on any machine, without CUDA. One table of
+every figure, each rate beside one eager run alone, and Table 3's GPU-hours projected from them.
+A figure that a step cut short did not measure reads "n/a"; a row an error replaced shows the
+error's start.
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
 
+STEP_START = re.compile(r"^=== (\w+): (.*)$")            # gpu_check.sh's lines around each step
+STEP_END = re.compile(r"^=== (\w+): (exit \S+ after \d+ s|skipped.*)$")
+
+
+def read_json(path: Path) -> dict:
+    """A figures file, {} if missing or cut short (a step killed mid-write, before bench.py wrote
+    them atomically)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
 
 def figures(report: Path) -> dict:
     """bench.json's figures with the compare step's rows beside them ({} if bench never wrote)."""
-    b = json.loads((report / "bench.json").read_text()) if (report / "bench.json").exists() else {}
-    if (report / "compare.json").exists():
-        compare = json.loads((report / "compare.json").read_text())
-        b.update({k: v for k, v in compare.items()
-                  if k.startswith(("procs_", "compiled_", "cudagraphs_", "busy_"))})
+    b = read_json(report / "bench.json")
+    b.update({k: v for k, v in read_json(report / "compare.json").items()
+              if k.startswith(("procs_", "compiled_", "cudagraphs_", "busy_"))})
     return b
+
+
+def read_log(report: Path) -> tuple[str, list[tuple[str, str, str]], dict[str, list[str]]]:
+    """log.txt -> (the versions line, each step's (name, exit, seconds), each step's output)."""
+    log = report / "log.txt"
+    versions, status, output, step = "", [], {}, None
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        end, start = STEP_END.match(line), STEP_START.match(line)
+        if end:
+            words = end.group(2).split()
+            status.append((end.group(1), *((words[1], words[3]) if words[0] == "exit"
+                                           else (end.group(2), ""))))
+            step = None
+        elif start and start.group(1) == "versions":
+            versions = start.group(2)
+        elif start:
+            step = start.group(1)
+            output[step] = []
+        elif step:
+            output[step].append(line)
+    return versions, status, output
+
+
+def device_name(report: Path) -> str:
+    """The card's name from gpu.csv (nvidia-smi's), so no CUDA is needed here."""
+    lines = (report / "gpu.csv").read_text().splitlines() if (report / "gpu.csv").exists() else []
+    return lines[1].split(",")[0].strip() if len(lines) > 1 else "unknown GPU"
 
 
 BUSY = {"train_steps_per_s": "LaMo", "pack_lamo": "LaMo",
@@ -87,6 +128,8 @@ def bench_rows(b: dict) -> list[tuple[str, str, str]]:
                            and not k.endswith("_gb")]
     table = [(f"LaMo training steps/s (GPT-2 small shape, B=64 K=20, {b.get('precision', '?')})",
               val("train_steps_per_s", ".3g"), gb("train_peak_gpu_gb")),
+             ("  the same, timed again at the end of bench (after its profiles)",
+              val("train_steps_per_s_again", ".3g"), ""),
              ("  same + (2, 1024) LM batch", val("train_steps_per_s_with_lm", ".3g"),
               gb("train_peak_gpu_gb_with_lm")),
              ("DT preset training steps/s", val("train_steps_per_s_dt", ".3g"),
@@ -109,6 +152,11 @@ def bench_rows(b: dict) -> list[tuple[str, str, str]]:
     table += [(f"run-steps/s, a pack of {k.split('_')[3]} {k.split('_')[2]} runs, attention "
                f"through SDPA's {k.split('_')[1]} kernel", times(v) if isinstance(v, str)
                else f"{v:.3g}", "") for k, v in rows("packattn_")]
+    # the sections bench.py was asked for (QUICK=1 leaves evaluation and sampling out): what one
+    # of them did not measure reads n/a, the others are left out
+    asked = b.get("sections", ("train", "packs", "eval", "sampling"))
+    if "eval" not in asked:
+        return table + sampling_rows(b, asked)
     table += [(f"evaluation env-steps/s, {b.get('eval_episodes')} episodes batched "
                f"({b.get('eval_model')})", val("eval_batched_env_steps_per_s", ".0f"),
                gb("eval_peak_gpu_gb")),
@@ -122,12 +170,19 @@ def bench_rows(b: dict) -> list[tuple[str, str, str]]:
     table += [(f"evaluation env-steps/s, {b['eval_episodes']} episodes, {k.split('_')[2]} env "
                f"worker processes", f"{v:.0f}", "") for k, v in rows("eval_workers_")
               if k.endswith("_env_steps_per_s")]
-    table += [("batch sampling ms, loop / vectorised",
-               f"{val('sample_loop_ms', '.2f')} / {val('sample_vectorised_ms', '.3f')}", ""),
-              ("Atari batch sampling ms, official loop / ours",
-               f"{val('atari_sample_loop_ms', '.0f')} / "
-               f"{val('atari_sample_vectorised_ms', '.1f')}", "")]
-    return table
+    return table + sampling_rows(b, asked)
+
+
+def sampling_rows(b: dict, asked) -> list[tuple[str, str, str]]:
+    """bench.py's sampling section, if it was asked for."""
+    if "sampling" not in asked:
+        return []
+    val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
+    return [("batch sampling ms, loop / vectorised",
+             f"{val('sample_loop_ms', '.2f')} / {val('sample_vectorised_ms', '.3f')}", ""),
+            ("Atari batch sampling ms, official loop / ours",
+             f"{val('atari_sample_loop_ms', '.0f')} / "
+             f"{val('atari_sample_vectorised_ms', '.1f')}", "")]
 
 
 def slice_rows(b: dict, run: Path) -> list[tuple[str, str, str]]:
@@ -161,36 +216,48 @@ def slice_rows(b: dict, run: Path) -> list[tuple[str, str, str]]:
              ("hopper protocol extrapolated: 100k steps + 40 evaluations, hours",
               f"{hours:.2f}", ""),
              ("  same if every episode ran its 1000 steps, hours", f"{worst:.2f}", "")]
-    if "train_steps_per_s" in b and "train_steps_per_s_dt" in b:
-        evals_h = 72 * 40 * eval_s / 3600
-        alone_h = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
-        best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
-                        and not k.endswith("_gb")), default=None) for m in ("lamo", "dt")}
-        rate = [v for k, v in b.items() if k.startswith("pack_eval_")
-                and k.endswith("_env_steps_per_s")]
-        evals_h_packed = 72 * 40 * episodes * length / max(rate) / 3600 if rate else evals_h
-        table += [("Table 3 projected, one run at a time: training + evaluation, GPU-hours",
-                   f"{alone_h:.1f} + {evals_h:.1f}", "")]
-        if all(best.values()):
-            packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
-            table += [(f"Table 3 projected, packs of {best['lamo'][1]} LaMo / {best['dt'][1]} "
-                       "DT runs: training + evaluation, GPU-hours",
-                       f"{packed:.1f} + {evals_h_packed:.1f}", "")]
+    rate = [v for k, v in b.items() if k.startswith("pack_eval_")
+            and k.endswith("_env_steps_per_s")]
+    evals_h = 72 * 40 * eval_s / 3600
+    evals_h_packed = 72 * 40 * episodes * length / max(rate) / 3600 if rate else evals_h
+    return table + table3_rows(b, evals_h, evals_h_packed)
+
+
+def table3_rows(b: dict, evals_h: float | None = None, evals_h_packed: float | None = None
+                ) -> list[tuple[str, str, str]]:
+    """Table 3's GPU-hours: 36 LaMo + 36 DT runs of 100k steps, one run at a time and as packs
+    of the R with the most run-steps/s, plus their evaluations' hours where the slice measured
+    them (slice_rows; else training alone)."""
+    if not ("train_steps_per_s" in b and "train_steps_per_s_dt" in b):
+        return []
+    plus = lambda h: "" if h is None else f" + {h:.1f}"
+    what = "training + evaluation" if evals_h is not None else "training (no slice: no evaluation)"
+    alone_h = 36e5 * (1 / b["train_steps_per_s"] + 1 / b["train_steps_per_s_dt"]) / 3600
+    best = {m: max(((b[k], k.split("_")[2]) for k in b if k.startswith(f"pack_{m}_")
+                    and not k.endswith("_gb") and isinstance(b[k], (int, float))), default=None)
+            for m in ("lamo", "dt")}
+    table = [(f"Table 3 projected, one run at a time: {what}, GPU-hours",
+              f"{alone_h:.1f}{plus(evals_h)}", "")]
+    if all(best.values()):
+        packed = 36e5 * (1 / best["lamo"][0] + 1 / best["dt"][0]) / 3600
+        table += [(f"Table 3 projected, packs of {best['lamo'][1]} LaMo / {best['dt'][1]} "
+                   f"DT runs: {what}, GPU-hours", f"{packed:.1f}{plus(evals_h_packed)}", "")]
     return table
 
 
-def report(report: Path, work: Path, device: str, versions: str) -> str:
+def report(report: Path, work: Path | None = None) -> str:
     """report.md's text: each step's exit and seconds, the CUDA tests' summary, every figure."""
-    status = [line.split() for line in (work / "status").read_text().splitlines()] \
-        if (work / "status").exists() else []
-    lines = [f"# lamo GPU check: {device}", "", f"{versions}, command `bash gpu_check.sh`", "",
+    versions, status, output = read_log(report)
+    lines = [f"# lamo GPU check: {device_name(report)}", "",
+             f"{versions or 'versions not logged'}, command `bash gpu_check.sh`", "",
              "| step | exit | seconds |", "| --- | --- | --- |"]
-    lines += [f"| {s[0]} | {s[1]} | {s[2] if len(s) > 2 else ''} |" for s in status]
-    tests = (work / "tests.log").read_text().splitlines() if (work / "tests.log").exists() else []
+    lines += [f"| {name} | {rc} | {seconds} |" for name, rc, seconds in status]
+    tests = [line for line in output.get("tests", []) if line.strip()]
     lines += ["", "CUDA tests: " + (tests[-1] if tests else "no output")]
     lines += [f"    {line}" for line in tests if line.startswith(("fp32:", "bf16:"))]
     b = figures(report)
-    table = (bench_rows(b) if b else []) + slice_rows(b, work / "slice")
+    table = (bench_rows(b) if b else []) + ((work and slice_rows(b, work / "slice"))
+                                            or table3_rows(b))
     if table:
         lines += ["", "| measurement | value | peak GPU GB |", "| --- | --- | --- |"]
         lines += [f"| {a} | {v} | {g} |" for a, v, g in table]
@@ -205,12 +272,14 @@ def report(report: Path, work: Path, device: str, versions: str) -> str:
 
 
 def main(argv=None):
-    import torch
-    report_dir, work = (Path(x) for x in (argv or sys.argv[1:]))
-    versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
-    text = report(report_dir, work, torch.cuda.get_device_name(), versions)
-    (report_dir / "report.md").write_text(text)
-    print("\n" + text, end="")
+    """Write REPORT_DIR/report.md; print it with --print."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    show = "--print" in args
+    paths = [Path(x) for x in args if x != "--print"]
+    text = report(*paths)
+    (paths[0] / "report.md").write_text(text)
+    if show:
+        print("\n" + text, end="")
 
 
 if __name__ == "__main__":

@@ -263,18 +263,24 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
             ["void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>",
              10.0], ["sm90_gemm", 9.0]]},
         "busy_cudagraphs_lamo_16": {"error": "RuntimeError: CUPTI | x"}}))
-    (work / "status").write_text("tests 0 90\nbench 124 175\n")
-    (work / "tests.log").write_text("fp32: action loss 0.1\nnoise\n11 passed in 84s\n")
+    (report / "log.txt").write_text(
+        "=== versions: torch 9, CUDA 13\n=== tests: python3 -m pytest -m cuda\n"
+        "fp32: action loss 0.1\nnoise\n11 passed in 84s\n\n=== tests: exit 0 after 90 s\n"
+        "=== bench: python3 bench.py\nfp32: not a test's\n=== bench: exit 124 after 175 s\n"
+        "=== compare: skipped, 4 s left before the 570-s deadline\n")
+    (report / "gpu.csv").write_text("name, memory.total [MiB]\nNVIDIA X, 81559 MiB\n")
     rows = [{"step": s, "steps_per_s": 5.0 if s == 100 else 9.0} for s in range(100, 401, 100)]
     rows += [{"step": 200, "eval_s": 10.0, "eval": {"100": {"length_mean": 500}}}]
     (work / "slice" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (work / "slice" / "config.json").write_text(json.dumps({"eval_episodes": 20,
                                                              "targets": "1,2,3,4"}))
-    text = gpu_report.report(report, work, "NVIDIA X", "torch 9")
+    text = gpu_report.report(report, work)
     table = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()
              if line.startswith("| ") and " | " in line}
+    assert text.startswith("# lamo GPU check: NVIDIA X\n\ntorch 9, CUDA 13, command")
     assert table["bench"] == ["124", "175 |"] and "CUDA tests: 11 passed in 84s" in text
-    assert "    fp32: action loss 0.1" in text and "noise" not in text
+    assert table["compare"] == ["skipped, 4 s left before the 570-s deadline", " |"]
+    assert "    fp32: action loss 0.1" in text and "noise" not in text and "not a test" not in text
     assert table["run-steps/s, a pack of 4 lamo runs (x one run alone)"] == ["25 (2.5x)", "6.00 |"]
     assert table["run-steps/s, a pack of 4 dt runs (x one run alone)"][0] == "80 (4.0x)"
     assert table["run-steps/s, a pack of 4 lamo+lm runs (x one run alone)"][0] == "12 (2.4x)"
@@ -299,6 +305,17 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
         "sm90_gemm 9.00 |"]
     assert table["LaMo, CUDA graphs: a pack of 16"][:2] == ["n/a", "RuntimeError: CUPTI / x"]
     assert table["LaMo, eager: a pack of 4"][:3] == ["160.00", "40.00 (25%)", "10.00"]
+    # QUICK=1's bench (no evaluation or sampling asked for), cut short mid-write in compare.json,
+    # without the slice: those rows left out, Table 3's training alone; no CUDA needed here
+    bench = json.loads((report / "bench.json").read_text())
+    (report / "bench.json").write_text(json.dumps({**bench, "sections": ["train", "packs"]}))
+    (report / "compare.json").write_text('{"compiled_lamo_1": 1')
+    gpu_report.main([str(report)])
+    text = (report / "report.md").read_text()
+    assert "evaluation env-steps/s, None" not in text and "batch sampling" not in text
+    assert "compiled" not in text
+    assert ("| Table 3 projected, packs of 4 LaMo / 4 DT runs: training (no slice: no "
+            "evaluation), GPU-hours | 52.5 |") in text
 
 
 def test_the_gpu_check_stops_in_one_line_without_cuda(tmp_path):
