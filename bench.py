@@ -584,7 +584,8 @@ def main(argv=None):
                         "a LaMo step is ~20 s per run on 2 CPU cores)")
     p.add_argument("--pack-attention", nargs="*", default=[], choices=sorted(ATTENTION),
                    help="also the largest pack, without dropout, with its attention through "
-                        "each of these SDPA kernels (pack.py uses math)")
+                        "each of these SDPA kernels (a pack's own attention is written out: "
+                        "pack.RunDropout)")
     p.add_argument("--compiled", type=int, metavar="R", default=0,
                    help="also LaMo alone and a pack of R LaMo runs with --compile (a GPU compiles "
                         "each in about a minute)")

@@ -56,7 +56,7 @@ class Config:
     env: str = flag("hopper-medium-v2", "task, e.g. hopper-medium-v2, kitchen-complete-v2 "
                                         "(tasks.py lists them)")
     data: str = flag("", "local dataset instead of the download: a D4RL hdf5/DT pickle, "
-                         "a Minari id or folder")
+                         "a Minari id or folder, a folder of DQN-Replay .gz files (Atari)")
     frac: float = flag(1.0, "train on this fraction of whole trajectories (paper App. C)")
     frac_seed: int = flag(0, "seed of the --frac subset; fixed across --seed, as the paper used "
                              "one subset per ratio")
@@ -112,8 +112,8 @@ class Config:
     # run
     log_every: int = flag(100, "log losses every this many steps")
     device: str = flag("auto", "auto (cuda > mps > cpu) | cuda | mps | cpu")
-    precision: str = flag("auto", "auto (bf16 on CUDA, else fp32) | bf16 | fp32: the transformer "
-                                  "body's matmuls")
+    precision: str = flag("auto", "auto (bf16 on CUDA GPUs of compute capability 8.0 and up, else "
+                                  "fp32) | bf16 | fp32: the transformer body's matmuls")
     compile: bool = flag(False, "torch.compile the training forward")
     compile_mode: str = flag("default", "torch.compile's mode with --compile: default | "
                                         "reduce-overhead (CUDA graphs: one launch for the "

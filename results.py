@@ -3,21 +3,22 @@
 paper's: per return target, the mean over seeds of each seed's last-20% mean (summary.json's
 `last20`); a line is the best target's mean ± std over the seeds present (population std, ddof=0).
 A line with no finished seed is "—", never 0. Runs given lamo.py flags after -- (the sweep's
-sweep.json) that change what they train (not how long, where or how they are evaluated:
-lamo.NOT_THE_METHOD, the rule of a run's own summary.json) were trained with other settings than
-the paper's: no paper value stands beside them.
+sweep.json) that change what they train (a setting's value, not how long, where or how they are
+evaluated: lamo.NOT_THE_METHOD, the rule of a run's own summary.json) were trained with other
+settings than the paper's: no paper value stands beside them.
 """
 from __future__ import annotations
 
 import csv
 import json
 import shlex
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from grids import GRIDS, VARIANTS, Entry, Run, make_cell
-from lamo import NOT_THE_METHOD
+import lamo
+from grids import GRIDS, VARIANTS, Cell, Entry, Run, make_cell
 from tasks import PAPER_FIGURES, PAPER_TABLES
 
 
@@ -74,22 +75,31 @@ def sweep_flags(sweep_dir: Path) -> list[str]:
     return json.loads(saved.read_text())["lamo_flags"] if saved.exists() else []
 
 
-def method_flags(lamo_flags: list[str]) -> list[str]:
-    """Those of the flags after -- that change what a run trains: not --steps, --compile,
-    --eval-episodes, ... (lamo.NOT_THE_METHOD; --no-compile too)."""
-    names = [f[2:].split("=")[0] for f in lamo_flags if f.startswith("--")]
-    return [n for n in names
-            if n.replace("-", "_").removeprefix("no_") not in NOT_THE_METHOD]
+def changes_the_method(cell: Cell, lamo_flags: list[str]) -> bool:
+    """Whether the flags after -- change what the cell's runs train: its config resolved with
+    them differs from the one without in a field other than lamo.NOT_THE_METHOD's (how long,
+    where, how evaluated), the rule of a run's own summary.json (lamo.paper_reference). So
+    --steps or --compile keep the paper's value, and --lm-coef 0 on MuJoCo (its default) too."""
+    if not lamo_flags:
+        return False
+    argv = ["--env", cell.task, "--frac", str(cell.frac), "--model", cell.model, *cell.flags]
+    plain = lamo.resolve(*lamo.parse_args(argv))
+    try:
+        given = lamo.resolve(*lamo.parse_args(argv + lamo_flags))
+    except lamo.LamoError:          # flags this cell refuses (--lora-rank for DT): not its run
+        return True
+    return any(getattr(plain, f.name) != getattr(given, f.name) for f in fields(lamo.Config)
+               if f.name not in lamo.NOT_THE_METHOD)
 
 
 def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -> list[dict]:
     """A row per line. Runs given flags after -- (sweep.json) that change what they train are not
     the paper's runs: their flags column says so, and they get no paper value."""
     lamo_flags = sweep_flags(sweep_dir)
-    other = bool(method_flags(lamo_flags))
     rows = []
     for entry in entries:
         cell = entry.cell
+        other = changes_the_method(cell, lamo_flags)
         summaries = [read_summary(sweep_dir / Run(cell, seed).name) for seed in seeds]
         present = [s for s in summaries if s is not None]
         ours = cell_result(present) or {"target": None, "mean": None, "std": None,
@@ -153,10 +163,9 @@ def markdown(rows: list[dict], name: str, grid: str | None) -> str:
               "Shi et al., ICLR 2024, over 3 seeds. —: no finished seed (or no paper value). "
               "lamo.py flags: what the run adds to the task's defaults (tasks.py)."]
     if any(r["other_settings"] for r in rows):
-        lines += ["", "paper: — for every line: its runs were given lamo.py flags after `--` "
-                  "that change what they train (sweep.json; in the flags column), so they were "
-                  "trained with other settings than the paper's and are not compared with its "
-                  "numbers."]
+        lines += ["", "paper: — on a line whose runs the lamo.py flags after `--` (sweep.json; "
+                  "in the flags column) change what they train: they were trained with other "
+                  "settings than the paper's and are not compared with its numbers."]
     if any(r["paper_approx"] for r in rows):
         lines += ["", f"≈ read from the paper's figure ({GRIDS[grid]}): means read off its bars "
                   "(± 2-5 points), not printed numbers and never mixed with the tables' exact "

@@ -267,8 +267,8 @@ def print_eval(ev: dict, header: str):
 
 def plot_curve(run: Run, compared: bool, path: Path):
     """Score per target with a ±std band over episodes, the paper's LaMo and DT numbers for this
-    cell as dashed lines (marked "other settings" unless the run trains the paper's: compared),
-    and the training losses beside it."""
+    cell as dashed and dotted lines (marked "other settings" unless the run trains the paper's:
+    compared), and the training losses beside it."""
     import matplotlib                     # imported here: only a finished run pays for it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -37,8 +37,9 @@ results.* without --grid): for each line (task, ratio, variant) and each return 
 over seeds of each seed's last-20% mean (summary.json's `last20`); the line's value is the best
 target's mean ± std over the seeds present, with numpy's default population std (ddof=0). The
 paper's numbers stand beside ours (a figure's marked ≈, read off its plot; without --grid, a
-table's line whose run has this run's model and flags), unless the runs were given flags after --
-(then "—": other settings than the paper's); a line with no finished seed is "—", never 0.
+table's line whose run has this run's model and flags), unless flags after -- change what the
+runs train (then "—": other settings than the paper's; results.changes_the_method); a line with no
+finished seed is "—", never 0.
 """
 from __future__ import annotations
 

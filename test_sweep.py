@@ -405,7 +405,8 @@ def test_without_a_grid_the_paper_value_is_that_of_the_same_run(tmp_path):
 def test_flags_after_dashes_take_the_paper_value_away(tmp_path, monkeypatch, capsys):
     """Runs given flags after -- (sweep.json) that change what they train were trained with other
     settings than the paper's: their flags column says which, and the paper's column is —, with a
-    note. Flags of budget, device or evaluation (--steps, --compile) keep the paper's value."""
+    note. Flags of budget, device or evaluation (--steps, --compile), or a setting given its
+    own value, keep the paper's value (the rule of a run's summary.json)."""
     made_up_runs(tmp_path / "sweeps" / "paper", "table3", skip=["_f1_"])
     monkeypatch.chdir(tmp_path)
     saved = tmp_path / "sweeps/paper/sweep.json"
@@ -418,10 +419,13 @@ def test_flags_after_dashes_take_the_paper_value_away(tmp_path, monkeypatch, cap
     assert "(Table 3)" not in md and "trained with other settings than the paper's" in md
     rows = read_csv(tmp_path / "sweeps/paper/results_table3.csv")
     assert {(r["flags"], r["paper_mean"], r["paper_table"]) for r in rows} == {(flags, "", "")}
-    saved.write_text(json.dumps({"lamo_flags": ["--steps", "9", "--compile"]}))
-    assert sweep.main(["--grid", "table3", "--env", "hopper-medium-v2", "--aggregate"]) == 0
-    md = capsys.readouterr().out
-    assert "57.3 ± 3.8 (Table 3)" in md and "other settings" not in md
+    # budget and device, or a value that is the cell's own (λ 0 is MuJoCo's default): the
+    # paper's run still
+    for kept in (["--steps", "9", "--compile"], ["--lm-coef", "0"]):
+        saved.write_text(json.dumps({"lamo_flags": kept}))
+        assert sweep.main(["--grid", "table3", "--env", "hopper-medium-v2", "--aggregate"]) == 0
+        md = capsys.readouterr().out
+        assert "57.3 ± 3.8 (Table 3)" in md and "other settings" not in md
 
 
 # ----------------------------------------------------------------------------- runs, faked

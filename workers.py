@@ -12,7 +12,8 @@ comparable), every episode is reset with its own seed, and the arrays come back 
 they are, so returns with N workers equal N = 1 bit for bit.
 
 A pool lives as long as its run (or pack): starting a worker imports the task's module (torch
-included, about 2 s), which would cost more than most evaluations if done each time.
+included, about 3 s on this 2-core CPU), which would cost more than most evaluations if done
+each time.
 """
 from __future__ import annotations
 
