@@ -108,9 +108,14 @@ def short(kernel: str) -> str:
     return kernel[:60].replace("|", "/")
 
 
+def value(b: dict, key: str, spec: str) -> str:
+    """A figure formatted, or "n/a" where its step never measured it."""
+    return format(b[key], spec) if b.get(key) is not None else "n/a"
+
+
 def bench_rows(b: dict) -> list[tuple[str, str, str]]:
     """(measurement, value, peak GPU GB) of each of bench.py's figures."""
-    val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
+    val = lambda k, f: value(b, k, f)
     gb = lambda k: val(k, ".2f")
     alone = {"lamo": b.get("train_steps_per_s"), "dt": b.get("train_steps_per_s_dt"),
              "lamo+lm": b.get("train_steps_per_s_with_lm")}
@@ -177,7 +182,7 @@ def sampling_rows(b: dict, asked) -> list[tuple[str, str, str]]:
     """bench.py's sampling section, if it was asked for."""
     if "sampling" not in asked:
         return []
-    val = lambda k, f: format(b[k], f) if b.get(k) is not None else "n/a"
+    val = lambda k, f: value(b, k, f)
     return [("batch sampling ms, loop / vectorised",
              f"{val('sample_loop_ms', '.2f')} / {val('sample_vectorised_ms', '.3f')}", ""),
             ("Atari batch sampling ms, official loop / ours",
