@@ -134,6 +134,7 @@ def save_checkpoint(run: Run, loss_sums: torch.Tensor):
                  "last_eval_step": run.history[-1]["step"] if run.history else None,
                  "loss_sums": loss_sums.detach().cpu(),
                  "data_sha256": sorted(run.data_files.values()),
+                 "frozen_sums": frozen_sums(run.model),
                  "trainable": trainable,
                  "state_mean": batcher.state_mean, "state_std": batcher.state_std,
                  "optimizer": run.optimizer.state_dict(),
@@ -145,11 +146,31 @@ def save_checkpoint(run: Run, loss_sums: torch.Tensor):
                 run.folder / "ckpt.pt")
 
 
+def frozen_sums(model) -> torch.Tensor:
+    """A fingerprint of the weights a checkpoint does not hold, the frozen ones (rebuilt from the
+    seed for --pretrained none, read again from the weights file otherwise): each one's sum in
+    float64. (n_frozen,)"""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    if not frozen:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([p.detach().sum(dtype=torch.float64) for p in frozen]).cpu()
+
+
 def load_trainable(model, ckpt):
+    """The checkpoint's trainable tensors into model, whose frozen ones must be those the run
+    trained with: a random body from another torch version's initialisation, or another weights
+    file, would otherwise be evaluated or trained on without a word."""
     missing = (set(n for n, p in model.named_parameters() if p.requires_grad) -
                set(ckpt["trainable"]))
     if missing:
         raise LamoError(f"checkpoint lacks trainable parameter(s) {', '.join(sorted(missing)[:3])}")
+    saved, now = ckpt.get("frozen_sums"), frozen_sums(model)
+    # rtol: another device sums in another order; another body differs in every sum
+    if saved is not None and not (saved.shape == now.shape
+                                  and torch.allclose(saved, now, rtol=1e-6, atol=1e-6)):
+        raise LamoError("the frozen weights differ from those the checkpoint's run trained with "
+                        "(--pretrained none rebuilt by another torch version, or another weights "
+                        "file?); use the environment it trained in")
     model.load_state_dict(ckpt["trainable"], strict=False)
 
 

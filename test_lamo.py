@@ -482,6 +482,13 @@ def test_eval_only_rebuilds_a_random_frozen_body(tiny_hdf5, tmp_path, capsys):
     torch.manual_seed(123)
     lamo.main(["--eval-only", str(out / "ckpt.pt")])
     assert "identical to the evaluation stored in the checkpoint" in capsys.readouterr().out
+    # another body (another torch's initialisation): refused, for --eval-only and --resume
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert len(ckpt["frozen_sums"]) == 15          # wte, wpe, ln_f's two, one block's 11
+    torch.save({**ckpt, "frozen_sums": ckpt["frozen_sums"] * 1.01}, out / "ckpt.pt")
+    for argv in (["--eval-only", str(out / "ckpt.pt")], ["--resume", str(out), "--steps", "4"]):
+        with pytest.raises(SystemExit, match="the frozen weights differ from those the checkpoint"):
+            lamo.main(argv)
 
 
 def test_end_to_end_resume_and_eval_only(tmp_path, tiny_hdf5, hf_tiny, tiny_txt):
