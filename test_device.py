@@ -318,6 +318,43 @@ def test_the_gpu_checks_report_computes_its_rows(tmp_path):
             "evaluation), GPU-hours | 52.5 |") in text
 
 
+def test_the_gpu_check_keeps_its_report_under_a_deadline(tmp_path):
+    """gpu_check.sh under QUICK=1's deadline, on stand-ins for python3 and nvidia-smi (a CUDA
+    machine's answers; each step's command logged, not run): a step with too little time left
+    is skipped, not started, report.md is written after each step from REPORT_DIR alone, and
+    the exit status says a step did not run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f"""#!/bin/bash
+case "$*" in
+  *torch.cuda.is_available*) echo "torch 9, CUDA 13";;
+  *"import gymnasium"*) ;;
+  *"-m pytest"*) echo "fp32: action loss 1 vs 1"; sleep 3; echo "13 passed in 3s";;
+  *gpu_report.py*) exec {sys.executable} "$@";;
+  *) echo "ran $*";;
+esac
+""")
+    (shim / "nvidia-smi").write_text('#!/bin/bash\necho "name, memory.total"\n'
+                                     'echo "NVIDIA Stand-in, 80 GiB"\n')
+    for f in shim.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "QUICK": "1",
+           "STEPS": "tests bench compare", "DEADLINE": "47"}    # 3 s of tests: 19 s left
+    out = subprocess.run(["bash", str(Path(__file__).parent / "gpu_check.sh"),
+                          str(tmp_path / "r")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 1                                  # bench and compare never ran
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert report.startswith("# lamo GPU check: NVIDIA Stand-in\n\ntorch 9, CUDA 13, command")
+    assert "| tests | 0 |" in report and "CUDA tests: 13 passed in 3s" in report
+    for step in ("bench", "compare"):
+        assert f"| {step} | skipped, " in report and "ran bench.py" not in out.stdout
+
+
 def test_the_gpu_check_stops_in_one_line_without_cuda(tmp_path):
     """gpu_check.sh on a machine without CUDA: exit 1 and one line that says so, nothing run."""
     import subprocess

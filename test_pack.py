@@ -724,8 +724,11 @@ def test_bench_times_packs_of_lamo_with_its_lm_batch(tiny_hdf5, monkeypatch):
     dt, batcher = tiny_bench(tiny_hdf5)
     cfg = lamo.resolve(lamo.Config(pretrained="none", embed="mlp", n_layer=1, n_head=2,
                                    n_embd=16, batch_size=4, context_len=5, lm_seq_len=8))
-    out = bench.bench_packs(cfg, dt, torch.device("cpu"), batcher, [1, 2], 1, 0, {})
+    out, saved = {}, []                 # the rows at each save: a time limit keeps those before
+    bench.bench_packs(cfg, dt, torch.device("cpu"), batcher, [1, 2], 1, 0, out,
+                      lambda: saved.append({k for k in out if not k.endswith("_gb")}))
     assert {f"pack_{m}_{R}" for m in ("lamo", "dt", "lamo+lm") for R in (1, 2)} <= set(out)
+    assert [len(rows) for rows in saved] == [1, 2, 3, 4, 5, 6]                 # one row at a time
     calls, recomputed = [], pack.Recomputed
 
     class Counted(recomputed):
