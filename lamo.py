@@ -789,11 +789,10 @@ EVAL_OVERRIDES = {"eval_episodes", "targets", "eval_seed", "eval_max_steps", "de
                   "eval_workers"}
 
 
-def parse_args(argv=None) -> tuple[Config, dict]:
-    """The CLI is generated from Config: --field-name per field. Returns the config and the flags
-    given."""
+def make_parser() -> argparse.ArgumentParser:
+    """The CLI, generated from Config: --field-name per field (and --no-field-name for a bool)."""
     # allow_abbrev off: --se 5 is an error, not --seed 5 (sweep.py checks the flags it passes on
-    # by their full names).
+    # by their full names: flag_names).
     parser = argparse.ArgumentParser(prog="lamo.py", description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     hints = get_type_hints(Config)
@@ -808,7 +807,18 @@ def parse_args(argv=None) -> tuple[Config, dict]:
         else:
             parser.add_argument(name, type=t, help=help, metavar=t.__name__.upper(),
                                 nargs="+" if f.name in pack.PER_RUN else None)
-    given = vars(parser.parse_args(argv))   # unknown flags are an argparse error
+    return parser
+
+
+def flag_names() -> set[str]:
+    """Every flag the CLI takes, in full (--help aside)."""
+    return {s for a in make_parser()._actions for s in a.option_strings
+            if s.startswith("--") and s != "--help"}
+
+
+def parse_args(argv=None) -> tuple[Config, dict]:
+    """The config of the command line, and the flags given."""
+    given = vars(make_parser().parse_args(argv))   # unknown flags are an argparse error
     for k in pack.PER_RUN & given.keys():
         if len(given[k]) == 1:
             given[k] = given[k][0]           # several stay a list: one pack of runs (main)
@@ -907,6 +917,12 @@ NOT_THE_METHOD = {"seed", "frac_seed", "data", "lm_corpus", "steps", "eval_every
                   "wandb_group"}
 
 
+def method_differences(a: Config, b: Config) -> list[str]:
+    """The fields in which two resolved configs train differently (not NOT_THE_METHOD's)."""
+    return [f.name for f in fields(Config)
+            if f.name not in NOT_THE_METHOD and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def paper_reference(cfg: Config) -> tuple[tuple | None, str]:
     """The paper's (mean, std, table) for this run's (task, ratio, model), if the run trains what
     the paper's cell trained (the task's defaults, with PAPER_SETTINGS); else None and a note
@@ -917,8 +933,7 @@ def paper_reference(cfg: Config) -> tuple[tuple | None, str]:
         return None, ""
     settings = dict(PAPER_SETTINGS.get((task.name, cfg.frac), ())) if cfg.model == "lamo" else {}
     ref = resolve(Config(env=cfg.env, frac=cfg.frac, model=cfg.model, **settings))
-    differ = [f.name for f in fields(Config)
-              if f.name not in NOT_THE_METHOD and getattr(cfg, f.name) != getattr(ref, f.name)]
+    differ = method_differences(ref, cfg)
     if not differ:
         return paper, ""
     k = differ[0]

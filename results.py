@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import shlex
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +87,7 @@ def changes_the_method(cell: Cell, lamo_flags: list[str]) -> bool:
         given = lamo.resolve(*lamo.parse_args(argv + lamo_flags))
     except lamo.LamoError:          # flags this cell refuses (--lora-rank for DT): not its run
         return True
-    return any(getattr(plain, f.name) != getattr(given, f.name) for f in fields(lamo.Config)
-               if f.name not in lamo.NOT_THE_METHOD)
+    return bool(lamo.method_differences(plain, given))
 
 
 def table_rows(grid: str | None, entries: list[Entry], seeds, sweep_dir: Path) -> list[dict]:

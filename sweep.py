@@ -56,9 +56,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_type_hints
 
 import torch
 from tqdm import tqdm
@@ -457,7 +456,7 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
         raise SweepError(f"--name {args.name!r}: letters, digits and . _ + -, starting with "
                          "a letter or digit")
     # Every flag in full: lamo.py's argparse would take --se for --seed, past the checks below.
-    known = lamo_flag_names()
+    known = lamo.flag_names()
     for token in lamo_flags:
         flag = token.split("=")[0]
         if flag.startswith("--") and flag not in known:
@@ -475,19 +474,6 @@ def check_input(args, lamo_flags: list[str]) -> list[str]:
             raise SweepError(f"{flag} {value} {more} after --: one value, for every run; the "
                              f"grid says which runs there are")
     return visible_gpus([g.strip() for g in gpus])
-
-
-def lamo_flag_names() -> set[str]:
-    """Every flag lamo.py's parser defines (lamo.parse_args): --field-name per Config field, and
-    --no-field-name for a bool (argparse.BooleanOptionalAction)."""
-    hints = get_type_hints(lamo.Config)
-    names = set()
-    for f in fields(lamo.Config):
-        name = f.name.replace("_", "-")
-        names.add(f"--{name}")
-        if hints[f.name] is bool or bool in getattr(hints[f.name], "__args__", ()):
-            names.add(f"--no-{name}")
-    return names
 
 
 def check_cell_flags(tables: dict[str | None, list[Entry]], lamo_flags: list[str]):

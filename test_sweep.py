@@ -359,14 +359,14 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path, monkeypatch, cap
 
 
 def test_flags_after_dashes_are_lamo_flags_that_no_cell_sets(tmp_path, monkeypatch, capsys):
-    """sweep.lamo_flag_names is what lamo.py's parser defines (its --help lists each option at
+    """lamo.flag_names is what lamo.py's parser defines (its --help lists each option at
     the start of a line), so a flag in full passes and an abbreviation does not; flags the cells
     leave alone go to every run."""
     with pytest.raises(SystemExit):
         lamo.parse_args(["--help"])
     options = re.findall(r"^  (--[\w-]+)(?:, (--[\w-]+))?", capsys.readouterr().out, re.M)
-    assert sweep.lamo_flag_names() == {flag for pair in options for flag in pair if flag}
-    assert {"--no-compile", "--eval-only", "--seed", "--device"} <= sweep.lamo_flag_names()
+    assert lamo.flag_names() == {flag for pair in options for flag in pair if flag}
+    assert {"--no-compile", "--eval-only", "--seed", "--device"} <= lamo.flag_names()
     monkeypatch.chdir(tmp_path)
     argv = ["--grid", "fig4", "--env", "walker2d-medium-v2", "--frac", "0.01", "--seed", "0",
             "--dry-run", "--", "--steps=9", "--no-compile"]
