@@ -31,7 +31,8 @@ import torch
 import gpu_report
 import lamo
 import pack
-from measure import free, measured, run_steps_per_s, saved_gib, sync, timed, traffic_gib
+from measure import (first_line, free, measured, run_steps_per_s, saved_gib, sync, timed,
+                     traffic_gib)
 from data import TrajectoryBatcher, progress
 from gpt2_loader import VOCAB_SIZE
 from tasks import get_task
@@ -265,11 +266,6 @@ def bench_compiled(cfg, device, batcher, R, steps, out: dict, save=lambda: None)
             out[f"cudagraphs_lamo_{n}_error"] = first_line(e)
         save()
     return out
-
-
-def first_line(e: Exception) -> str:
-    """An error as a bench row: its type and the first line of its message."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
 
 
 SECTIONS = ("train", "packs", "eval", "sampling")

@@ -114,7 +114,12 @@ def busy_or_error(step, device) -> dict:
     try:
         return device_busy(step, device)
     except Exception as e:                       # noqa: BLE001 -- any failure is the row's
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"error": first_line(e)}
+
+
+def first_line(e: Exception) -> str:
+    """An error as a row: its type and the first line of its message (200 characters at most)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def measured(fn, device) -> tuple:
