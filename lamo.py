@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import pack
 from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
-from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable, print_eval,
-                  restore, save_checkpoint)
+from runs import (STOPPED, MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable,
+                  print_eval, restore, save_checkpoint)
 from tasks import PAPER, PAPER_SETTINGS, Recipe, Task, get_task
 from workers import Envs, default_workers
 
@@ -686,6 +686,7 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
             raise LamoError(f"--resume {folder}: the run is at step {run.step}"
                             f"{'' if run.history else ' without an evaluation yet'}; give "
                             f"--steps {'above' if not run.history else 'at least'} {run.step}")
+        (folder / STOPPED).unlink(missing_ok=True)       # a run stopped by NaN/inf: retried
     else:
         (folder / "subset.json").write_text(json.dumps({"frac": cfg.frac,
                                                         "frac_seed": cfg.frac_seed,
@@ -1022,14 +1023,21 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
 
 def pack_members(folders: list[Path], extend: bool) -> list[Path]:
     """--resume DIR... : run folders, or a pack's --out folder holding one run folder per run, of
-    which those not finished yet (all of them with extend: a new --steps)."""
+    which those not finished yet (all of them with extend: a new --steps), less those that went
+    NaN/inf: such a run is at an older step than the others, and would go NaN/inf again where
+    it did; named on its own, it is retried."""
     members = []
     for folder in folders:
         inside = sorted(p.parent for p in folder.glob("*/config.json"))
         if (folder / "ckpt.pt").exists():
             members.append(folder)
         elif inside:
-            members += [m for m in inside if extend or not (m / "summary.json").exists()]
+            for m in inside:
+                if (m / STOPPED).exists():
+                    print(f"left out {m}: it went NaN/inf ({STOPPED}); to retry it from its last "
+                          f"good checkpoint: python lamo.py --resume {m}")
+                elif extend or not (m / "summary.json").exists():
+                    members.append(m)
         else:
             raise LamoError(f"--resume {folder}: no ckpt.pt there, and no run folders of a pack")
     return members
@@ -1108,7 +1116,8 @@ def main(argv=None):
             folders = pack_members([Path(f) for f in pack.as_list(given["resume"])],
                                    extend="steps" in given)
             if not folders:
-                raise LamoError(f"--resume {cfg.resume}: every run there has finished")
+                raise LamoError(f"--resume {cfg.resume}: every run there has finished or went "
+                                f"NaN/inf")
             runs = [(load_saved_config({**given, "resume": str(f)})[0], f) for f in folders]
         else:
             runs = pack_runs(resolve(cfg, given), given)

@@ -39,7 +39,7 @@ from torch.nn.attention import sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from data import Batch, LamoError, progress, to_device
-from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, last_good,
+from runs import (MetricsLog, Run, ctrl_c_saves_checkpoint, finish, last_good, mark_stopped,
                   save_checkpoint)
 
 # What may differ between the runs of a pack; everything else is one config. On lamo.py's command
@@ -615,6 +615,7 @@ def train(runs: list[Run], lamo) -> list[dict]:
                       f"{last_good(runs[r])}; the other runs of the pack go on")
                 stopped.add(r)
                 alive[r] = False
+                mark_stopped(runs[r])
         if len(stopped) == R:
             raise LamoError("every run of the pack went NaN/inf; none goes on")
 

@@ -77,6 +77,7 @@ class MetricsLog:
 
     def check_finite(self, sums):
         if sums[3].item() > 0:
+            mark_stopped(self.run)
             raise LamoError(f"loss or gradient became NaN/inf before step {self.run.step}; "
                             f"stopped. "
                             f"{last_good(self.run)}: try a lower --lr, or check the data")
@@ -108,6 +109,17 @@ class MetricsLog:
         self.file.close()
         if self.wandb:
             self.wandb.finish()
+
+
+STOPPED = "stopped.json"          # in the folder of a run that went NaN/inf
+
+
+def mark_stopped(run: Run):
+    """Leave stopped.json in the folder of a run that went NaN/inf before run.step. Its ckpt.pt
+    is its last good one, at an older step than its pack-mates': `--resume` of a pack's folder
+    leaves it out (lamo.pack_members), and `--resume` of its own folder retries it (start_run
+    removes the mark)."""
+    (run.folder / STOPPED).write_text(json.dumps({"stopped_before_step": run.step}) + "\n")
 
 
 def last_good(run: Run) -> str:

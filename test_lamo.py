@@ -833,6 +833,8 @@ def test_nan_stops_and_ctrl_c_saves(tiny_hdf5, monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="NaN/inf.*is intact"):
         lamo.main([*base, "--out", str(tmp_path / "nan")])
     assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["step"] == 20
+    assert json.loads((tmp_path / "nan" / "stopped.json").read_text()) == {
+        "stopped_before_step": 25}
     # A finite loss with an inf gradient (NaN weights after the clip) at step 20, an evaluation
     # step: caught before it checkpoints.
     calls.clear()
@@ -854,9 +856,27 @@ def test_nan_stops_and_ctrl_c_saves(tiny_hdf5, monkeypatch, tmp_path):
         lamo.main(["--resume", str(tmp_path / "int"), "--steps", "7"])
     lamo.main(["--resume", str(tmp_path / "int")])
     assert json.loads((tmp_path / "int" / "summary.json").read_text())["step"] == 40
+    lamo.main(["--resume", str(tmp_path / "nan")])          # retried: no longer marked stopped
+    assert (tmp_path / "nan" / "summary.json").exists()
+    assert not (tmp_path / "nan" / "stopped.json").exists()
     # ... with the rows of an uninterrupted run, the one at step 10 (steps 6-10) included
     lamo.main([*base, "--out", str(tmp_path / "whole")])
     assert timeless_metrics(tmp_path / "int") == timeless_metrics(tmp_path / "whole")
+
+
+def test_resume_of_a_pack_folder_leaves_out_its_stopped_runs(tmp_path, capsys):
+    """--resume PACK_DIR: the runs not finished, less one that went NaN/inf (stopped.json), which
+    is at an older step than its pack-mates and is named with the command that retries it; with
+    a new --steps, the finished runs too."""
+    for name, files in {"a": ["ckpt.pt"], "b": ["ckpt.pt", "stopped.json"],
+                        "c": ["ckpt.pt", "summary.json"]}.items():
+        (tmp_path / name).mkdir()
+        for f in ["config.json", *files]:
+            (tmp_path / name / f).write_text("{}")
+    assert lamo.pack_members([tmp_path], extend=False) == [tmp_path / "a"]
+    assert f"left out {tmp_path / 'b'}: it went NaN/inf" in capsys.readouterr().out
+    assert lamo.pack_members([tmp_path], extend=True) == [tmp_path / "a", tmp_path / "c"]
+    assert lamo.pack_members([tmp_path / "b"], extend=False) == [tmp_path / "b"]   # named: retried
 
 
 def test_resume_cuts_what_came_after_its_checkpoint(tiny_hdf5, tmp_path, monkeypatch, capsys):
