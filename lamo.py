@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pack
-from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress
+from data import LamoError, LMBatcher, dataset_sha256, lm_tokens, progress, trajectory_batcher
 from gpt2_loader import N_POSITIONS, SIZES, VOCAB_SIZE, load_gpt2
 from runs import (STOPPED, MetricsLog, Run, ctrl_c_saves_checkpoint, finish, load_trainable,
                   print_eval, restore, save_checkpoint)
@@ -60,6 +60,8 @@ class Config:
     frac: float = flag(1.0, "train on this fraction of whole trajectories (paper App. C)")
     frac_seed: int = flag(0, "seed of the --frac subset; fixed across --seed, as the paper used "
                              "one subset per ratio")
+    skip_best_trajectory: bool = flag(False, "never draw the subset's highest-return trajectory, "
+                                             "as the official experiment.py does (a bug)")
     # model
     model: str = flag("lamo", "preset: lamo | dt (DT baseline: 3 layers, 1 head, d=128, ReLU, "
                               "linear, full training)")
@@ -671,7 +673,8 @@ def start_run(cfg: Config, folder: Path, resume: bool) -> Run:
     trajectories, files = task.load(cfg.data)
     subset = task.subset(trajectories, cfg.frac, cfg.frac_seed)
     batcher = task.batcher(trajectories, subset, cfg.context_len, task.max_timestep, task.rtg_scale,
-                           cfg.seed, device)
+                           cfg.seed, device,
+                           **({"skip_best": True} if cfg.skip_best_trajectory else {}))
     # lambda = 0: no corpus, no LM forward (the official code runs it anyway).
     lm = (LMBatcher(lm_tokens(cfg.lm_corpus), cfg.lm_batch, cfg.lm_seq_len, cfg.seed + 1, device)
           if cfg.lm_coef > 0 else None)
@@ -865,6 +868,9 @@ def resolve(cfg: Config, given=()) -> Config:
     if cfg.warmup_tokens and not task.discrete:
         raise LamoError(f"--warmup-tokens counts action tokens, which only a discrete-action task "
                         f"(Atari) counts; {task.name} would train at lr 0. Use --warmup STEPS")
+    if cfg.skip_best_trajectory and task.batcher is not trajectory_batcher:
+        raise LamoError(f"--skip-best-trajectory reproduces experiment-d4rl's sampling; {task.name}"
+                        f"'s official code samples otherwise. Drop it")
     if cfg.finetune == "lora" and cfg.lora_rank < 1:
         raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
     lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias")
@@ -911,11 +917,12 @@ def check_values(cfg: Config):
 
 
 # Config fields that say how long, where, and how a run is evaluated or logged, not what it trains:
-# a run that differs from the paper's cell in these still trains the paper's method.
+# a run that differs from the paper's cell in these still trains the paper's method. And
+# skip_best_trajectory: on, a run samples as the official code that gave the paper's numbers did.
 NOT_THE_METHOD = {"seed", "frac_seed", "data", "lm_corpus", "steps", "eval_every", "eval_episodes",
                   "targets", "eval_seed", "eval_max_steps", "eval_workers", "log_every", "device",
                   "precision", "compile", "compile_mode", "out", "resume", "eval_only", "wandb",
-                  "wandb_group"}
+                  "wandb_group", "skip_best_trajectory"}
 
 
 def method_differences(a: Config, b: Config) -> list[str]:

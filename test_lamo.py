@@ -364,6 +364,34 @@ def test_batches_match_reference(tiny_hdf5):
     assert got.mask[1].sum() == 1 and got.actions[1, 0, 0] == -10     # one real step, rest padding
 
 
+def test_skip_best_trajectory_never_draws_the_best(tiny_hdf5, tmp_path):
+    """--skip-best-trajectory, the official experiment.py's sampling: the subset's highest-return
+    trajectory is never drawn, the others still in proportion to their lengths, and the state
+    statistics unchanged; Atari's batcher refuses it."""
+    trajs = data.load_trajectories(tiny_hdf5)
+    returns = [t["rewards"].sum() for t in trajs]
+    best = int(np.argmax(returns))
+    for ts in (trajs, [trajs[best]] + trajs[:best] + trajs[best + 1:]):    # and the best first
+        b = data.TrajectoryBatcher(ts, K=5, max_ep_len=1000, rtg_scale=1000.0, seed=0,
+                                   skip_best=True)
+        first = int(np.argmax([t["rewards"].sum() for t in ts]))
+        drawn = np.minimum(np.searchsorted(b.cdf, b.rng.random(20_000), side="right"),
+                           len(ts) - 1)
+        counts = np.bincount(drawn, minlength=len(ts))
+        assert counts[first] == 0 and (np.delete(counts, first) > 0).all()
+        width = np.diff(np.r_[0, b.cdf])                # each trajectory's probability
+        lengths = np.delete(b.lengths, first)
+        np.testing.assert_allclose(np.delete(width, first), lengths / lengths.sum())
+        all_ = data.TrajectoryBatcher(ts, K=5, max_ep_len=1000, rtg_scale=1000.0, seed=0)
+        np.testing.assert_array_equal(b.state_mean, all_.state_mean)
+    cfg = lamo.resolve(lamo.Config(model="dt", data=str(tiny_hdf5), skip_best_trajectory=True))
+    run = lamo.start_run(cfg, tmp_path / "r", resume=False)             # the flag reaches it
+    assert (np.diff(np.r_[0, run.batcher.cdf]) == 0).sum() == 1
+    assert "never drawn" in run.batcher.describe()
+    with pytest.raises(LamoError, match="--skip-best-trajectory reproduces experiment-d4rl"):
+        lamo.resolve(lamo.Config(env="breakout-medium", model="dt", skip_best_trajectory=True))
+
+
 def test_batcher_normalises_draws_by_length_and_starts_uniformly():
     """Two trajectories of 10 and 90 steps whose first observation is 0 and 1, the second constant:
     states normalised over all 100 transitions (mean 0.9, std 0.3: -3 and 1/3; the constant one 0,
