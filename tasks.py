@@ -209,6 +209,10 @@ ATARI = {
 }
 
 
+# Deviation: the official Atari DT is model.py with pretrained_lm "none": GPT2Config(n_layer=3,
+# n_head=1, n_embed=128), whose misspelt n_embed leaves d at 768, GPT-2's gelu_new blocks and the
+# same Linear + Tanh head as LaMo. Ours is the dt preset (d 128, ReLU, kzl's bias-free Linear) with
+# linear embeddings (config.yaml's mlp_embedding 0; no DT script ships). README, "Where we depart".
 def atari_task(game: str) -> Task:
     n_actions, targets, lr, wd, random_score, human_score = ATARI[game]
     lamo = replace(ATARI_LAMO, lr=lr, weight_decay=wd)
