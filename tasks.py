@@ -177,10 +177,15 @@ def kitchen_task(dataset: str) -> Task:
 # ----------------------------------------------------------------------------- Atari (DQN-Replay)
 # The official experiment-atari: run.sh (Breakout 10%: lr 1e-3, wd 0.01, batch 128, K 30, MLP
 # embedding, LoRA r 32, lambda 0), cfgs/config.yaml (100k steps, an evaluation every 200 steps
-# with 5 episodes per target, warm-up over 375e6 tokens then cosine to 260e9, dropout 0.1) and
+# with 5 episodes per target, warm-up over 375e6 tokens then cosine to 260e9) and
 # cfgs/env/breakout.yaml (targets 90, 120; max_timestep 4096). PEFT's LoraConfig(r=32,
 # lora_alpha=32) leaves dropout 0 and the c_attn bias frozen; core.py clips gradients at 1.0 and
 # builds AdamW with its default eps 1e-8 for every model.
+# Deviation (both need lamo.py; README, "Atari (Table 2)"): (1) the official LaMo trains without
+# dropout: config.yaml's drop_p 0.1 is never read by model.py, GPT2LMHeadModel.from_pretrained
+# returns GPT-2 in eval mode and core.py never calls model.train(); lamo trains at --dropout 0.1.
+# (2) PEFT puts one rank-32 adapter on the fused c_attn (A 32 x 768 shared by q, k, v; B 2304 x
+# 32); lamo's LoRAQKV gives q, k and v a rank-32 pair each (1.5x the adapter weights).
 ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, context_len=30,
                     batch_size=128, eval_every=200, eval_episodes=5, lora_rank=32,
                     lora_alpha=32.0, lora_dropout=0.0, lora_bias=False, grad_clip=1.0,
@@ -204,6 +209,10 @@ ATARI = {
 }
 
 
+# Deviation: the official Atari DT is model.py with pretrained_lm "none": GPT2Config(n_layer=3,
+# n_head=1, n_embed=128), whose misspelt n_embed leaves d at 768, GPT-2's gelu_new blocks and the
+# same Linear + Tanh head as LaMo. Ours is the dt preset (d 128, ReLU, kzl's bias-free Linear) with
+# linear embeddings (config.yaml's mlp_embedding 0; no DT script ships). README, "Where we depart".
 def atari_task(game: str) -> Task:
     n_actions, targets, lr, wd, random_score, human_score = ATARI[game]
     lamo = replace(ATARI_LAMO, lr=lr, weight_decay=wd)

@@ -503,3 +503,51 @@ def test_atari_model_pieces():
             lamo.action_loss(logits, actions, mask, True))
     real = torch.nn.functional.cross_entropy(logits[mask.bool()], actions[mask.bool()])
     assert torch.allclose(lamo.action_loss(logits, actions, mask, True), real)
+
+
+def test_token_schedule_equals_the_official_scheduler():
+    """lamo.learning_rate + count_tokens against experiment-atari's CustomLRScheduler on torch's
+    _LRScheduler, stepped as core.py steps it (tokens += a batch's count; scheduler.step(tokens),
+    which adds the running total to its own count again). Small warm-up / final counts, so 60
+    steps cross the warm-up, the cosine and its turn past final_tokens."""
+    import math
+    from types import SimpleNamespace
+
+    import lamo
+
+    class Official(torch.optim.lr_scheduler._LRScheduler):
+        def __init__(self, optimizer, warmup_tokens, final_tokens):
+            self.tokens, self.warmup_tokens, self.final_tokens = 0, warmup_tokens, final_tokens
+            super().__init__(optimizer)
+
+        def get_lr(self):
+            if self.tokens < self.warmup_tokens:
+                mult = float(self.tokens) / float(max(1, self.warmup_tokens))
+            else:
+                progress = float(self.tokens - self.warmup_tokens) / float(
+                    max(1, self.final_tokens - self.warmup_tokens))
+                mult = max(0.1, 0.5 * (1.0 + math.cos(math.pi * progress)))
+            return [lr * mult for lr in self.base_lrs]
+
+        def step(self, tokens=None):
+            if tokens is not None:
+                self.tokens += tokens
+            super().step()
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = Official(opt, 2e5, 2e6)
+    cfg = lamo.Config(lr=1e-3, warmup_tokens=2e5, final_tokens=2e6)
+    run = SimpleNamespace(action_tokens=0, schedule_tokens=0)
+    counts = np.random.default_rng(0).integers(2000, 3841, 60)
+    tokens, official, ours = 0, [], []
+    for step, n in enumerate(counts):
+        official.append(opt.param_groups[0]["lr"])            # the lr optimizer.step() uses
+        ours.append(lamo.learning_rate(cfg, step, run.schedule_tokens))
+        opt.step()                                            # no gradient: a no-op
+        tokens += int(n)
+        sched.step(tokens)
+        lamo.count_tokens(run, int(n))
+    assert ours == pytest.approx(official, rel=1e-12, abs=1e-15)
+    # warm-up from 0, the cosine down to its 10% floor, then back up past final_tokens
+    floor = official.index(1e-4)
+    assert official[0] == 0 and max(official[:floor]) > 0.99e-3 and max(official[floor:]) > 9e-4
