@@ -73,13 +73,16 @@ class Config:
     lora_dropout: Optional[float] = flag(None, "dropout on the LoRA input")
     lora_bias: Optional[bool] = flag(None, "train c_attn's bias along with LoRA "
                                            "(loralib's bias='lora_only')")
+    lora_fused: Optional[bool] = flag(None, "one LoRA pair over the fused q|k|v (PEFT on c_attn: "
+                                            "official Atari) instead of a pair each (loralib)")
     embed: Optional[str] = flag(None, "mlp | linear embeddings and action head (linear adds tanh)")
     activation: Optional[str] = flag(None, "gelu_tanh (GPT-2's) | relu (kzl DT's) in the MLP "
                                            "blocks")
     n_layer: Optional[int] = flag(None, "layers, only with --pretrained none")
     n_head: Optional[int] = flag(None, "heads, only with --pretrained none")
     n_embd: Optional[int] = flag(None, "width, only with --pretrained none")
-    dropout: float = flag(0.1, "dropout of GPT-2's embeddings, attention and residual branches")
+    dropout: Optional[float] = flag(None, "dropout of GPT-2's embeddings, attention and residual "
+                                          "branches (the task's: 0.1; official Atari 0)")
     # loss
     lm_coef: Optional[float] = flag(None, "lambda, weight of the language-model loss; 0 skips the "
                                           "LM batch")
@@ -160,14 +163,18 @@ class GPTConfig:
     lora_rank: int = 0          # 0 = no adapters
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
+    lora_fused: bool = False    # one adapter over [q | k | v] (PEFT) instead of one each (loralib)
 
 
 class LoRAQKV(nn.Module):
-    """GPT-2's c_attn (x -> [q | k | v], as nn.Linear d -> 3d) plus, when r > 0, an independent
-    rank-r update per projection: q += (alpha/r) B_q A_q dropout(x), same for k and v. Same function
-    as loralib's MergedLinear(enable_lora=[True, True, True]) (Hu et al. 2021); written by hand."""
+    """GPT-2's c_attn (x -> [q | k | v], as nn.Linear d -> 3d) plus, when r > 0, a rank-r update
+    (Hu et al. 2021), written by hand. By default one per projection: q += (alpha/r) B_q A_q
+    dropout(x), same for k and v, as loralib's MergedLinear(enable_lora=[True, True, True]) in the
+    official D4RL code. fused: one over the whole output, [q | k | v] += (alpha/r) B A dropout(x)
+    with B (3d, r), as PEFT's LoraConfig(target_modules=["c_attn"]) in the official Atari code
+    (a third of the A weights, and the three projections share A's r directions)."""
 
-    def __init__(self, d: int, r: int, alpha: float, dropout: float):
+    def __init__(self, d: int, r: int, alpha: float, dropout: float, fused: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(3 * d, d))                  # frozen, from GPT-2
         self.bias = nn.Parameter(torch.zeros(3 * d))
@@ -175,21 +182,22 @@ class LoRAQKV(nn.Module):
         self.scale = alpha / max(r, 1)
         self.merged_from = None
         if r:
-            self.lora_A = nn.Parameter(torch.empty(3, r, d))                # (q|k|v, r, in)
+            n = 1 if fused else 3                # adapters: one over q|k|v, or one each
+            self.lora_A = nn.Parameter(torch.empty(n, r, d))                # (n, r, in)
             # zero: the adapted model starts as GPT-2
-            self.lora_B = nn.Parameter(torch.zeros(3, d, r))
+            self.lora_B = nn.Parameter(torch.zeros(n, 3 * d // n, r))       # (n, 3d / n, r)
             for a in self.lora_A:
-                # per projection, fan_in = d, as loralib
+                # per adapter, fan_in = d, as loralib and PEFT
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_dropout = nn.Dropout(dropout)
 
     def delta(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A).flatten(0, 1)       # (3, d, d) -> (3d, d)
+        return self.scale * (self.lora_B @ self.lora_A).flatten(0, 1)   # (n, 3d/n, d) -> (3d, d)
 
     def forward(self, x):                                                   # (B, T, d)
         y = F.linear(x, self.weight, self.bias)                             # (B, T, 3d)
         if self.r and self.merged_from is None:
-            u = F.linear(self.lora_dropout(x), self.lora_A.flatten(0, 1))    # (B, T, 3r)
+            u = F.linear(self.lora_dropout(x), self.lora_A.flatten(0, 1))    # (B, T, n r)
             y = y + self.scale * F.linear(u, torch.block_diag(*self.lora_B))   # (B, T, 3d)
         return y
 
@@ -214,7 +222,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = c.n_head
         self.p = c.dropout
-        self.c_attn = LoRAQKV(c.n_embd, c.lora_rank, c.lora_alpha, c.lora_dropout)
+        self.c_attn = LoRAQKV(c.n_embd, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_fused)
         self.c_proj = nn.Linear(c.n_embd, c.n_embd)
         self.resid_drop = nn.Dropout(c.dropout)
 
@@ -463,7 +471,7 @@ def lm_loss(gpt: GPT2, block, precision: str = "fp32"):              # (B, T+1) 
 def build_model(cfg: Config, task: Task, precision: str = "fp32") -> DecisionTransformer:
     body = dict(dropout=cfg.dropout, activation=cfg.activation, lora_alpha=cfg.lora_alpha,
                 lora_rank=cfg.lora_rank if cfg.finetune == "lora" else 0,
-                lora_dropout=cfg.lora_dropout)
+                lora_dropout=cfg.lora_dropout, lora_fused=cfg.lora_fused)
     if cfg.pretrained == "none":
         gpt = GPT2(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                              vocab_size=1 if cfg.model == "dt" else VOCAB_SIZE, **body))
@@ -873,7 +881,7 @@ def resolve(cfg: Config, given=()) -> Config:
                         f"'s official code samples otherwise. Drop it")
     if cfg.finetune == "lora" and cfg.lora_rank < 1:
         raise LamoError(f"--lora-rank {cfg.lora_rank}: must be >= 1 with --finetune lora")
-    lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias")
+    lora_flags = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias", "lora_fused")
     idle = [k for k in lora_flags if k in given and cfg.finetune != "lora"]
     idle += [k for k in ("lm_corpus", "lm_batch", "lm_seq_len") if k in given and not cfg.lm_coef]
     idle += [k for k in ("warmup",) if k in given and cfg.warmup_tokens]

@@ -41,6 +41,8 @@ class Recipe:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_bias: bool = True         # train c_attn's bias with LoRA (loralib's bias='lora_only')
+    lora_fused: bool = False       # one LoRA pair over q|k|v (PEFT's on c_attn), not one each
+    dropout: float = 0.1           # GPT-2's embeddings, attention and residual branches
     grad_clip: float = 0.25
     warmup_tokens: float = 0.0     # > 0: the official Atari schedule, counted in action tokens
     final_tokens: float = 0.0      # (warm-up, then cosine down to 10% at final_tokens)
@@ -179,17 +181,17 @@ def kitchen_task(dataset: str) -> Task:
 # embedding, LoRA r 32, lambda 0), cfgs/config.yaml (100k steps, an evaluation every 200 steps
 # with 5 episodes per target, warm-up over 375e6 tokens then cosine to 260e9) and
 # cfgs/env/breakout.yaml (targets 90, 120; max_timestep 4096). PEFT's LoraConfig(r=32,
-# lora_alpha=32) leaves dropout 0 and the c_attn bias frozen; core.py clips gradients at 1.0 and
-# builds AdamW with its default eps 1e-8 for every model.
-# Deviation (both need lamo.py; README, "Atari (Table 2)"): (1) the official LaMo trains without
-# dropout: config.yaml's drop_p 0.1 is never read by model.py, GPT2LMHeadModel.from_pretrained
-# returns GPT-2 in eval mode and core.py never calls model.train(); lamo trains at --dropout 0.1.
-# (2) PEFT puts one rank-32 adapter on the fused c_attn (A 32 x 768 shared by q, k, v; B 2304 x
-# 32); lamo's LoRAQKV gives q, k and v a rank-32 pair each (1.5x the adapter weights).
+# lora_alpha=32, target_modules=["c_attn"]) puts one rank-32 adapter on the fused q|k|v (A 32 x 768
+# shared by q, k and v; B 2304 x 32: lora_fused) with dropout 0 and the c_attn bias frozen; core.py
+# clips gradients at 1.0 and builds AdamW with its default eps 1e-8 for every model.
+# No dropout at all: config.yaml's drop_p 0.1 is never read by model.py, GPT2LMHeadModel.
+# from_pretrained returns GPT-2 in eval mode, and core.py never calls model.train() (its eval only
+# calls model.eval()). The DT below inherits dropout 0: the official DT's dropout is on only until
+# the first evaluation (step 200) turns it off for good.
 ATARI_LAMO = Recipe(embed="mlp", lm_coef=0.0, lr=1e-3, weight_decay=0.01, context_len=30,
                     batch_size=128, eval_every=200, eval_episodes=5, lora_rank=32,
-                    lora_alpha=32.0, lora_dropout=0.0, lora_bias=False, grad_clip=1.0,
-                    warmup_tokens=375e6, final_tokens=260e9)
+                    lora_alpha=32.0, lora_dropout=0.0, lora_bias=False, lora_fused=True,
+                    dropout=0.0, grad_clip=1.0, warmup_tokens=375e6, final_tokens=260e9)
 # Only breakout.yaml ships; for Qbert and Pong the targets are the paper's Table 6 and lr / wd the
 # config.yaml defaults (3e-4, 0.1: Pong's Table 6 values; Qbert's are not in the official code).
 # Freeway and Asterix (the paper's App. Table 10, 10% data) have no yaml and no Table 6 row that we
@@ -212,7 +214,8 @@ ATARI = {
 # Deviation: the official Atari DT is model.py with pretrained_lm "none": GPT2Config(n_layer=3,
 # n_head=1, n_embed=128), whose misspelt n_embed leaves d at 768, GPT-2's gelu_new blocks and the
 # same Linear + Tanh head as LaMo. Ours is the dt preset (d 128, ReLU, kzl's bias-free Linear) with
-# linear embeddings (config.yaml's mlp_embedding 0; no DT script ships). README, "Where we depart".
+# linear embeddings (config.yaml's mlp_embedding 0; no DT script ships), and dropout 0 where the
+# official DT's is 0.1 for its first 200 steps. README, "Where we depart".
 def atari_task(game: str) -> Task:
     n_actions, targets, lr, wd, random_score, human_score = ATARI[game]
     lamo = replace(ATARI_LAMO, lr=lr, weight_decay=wd)

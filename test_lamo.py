@@ -227,6 +227,41 @@ def test_lora_dropout_only_on_the_adapter_input():
     assert torch.equal(c(x), c(x)) and not torch.allclose(c(x), frozen)
 
 
+def test_fused_lora_is_one_adapter_over_qkv():
+    """--lora-fused, PEFT's LoRA on c_attn (the official Atari code): one pair, A (r, d) shared by
+    q, k and v and B (3d, r), so [q | k | v] += (alpha / r) B A x; merged and unmerged agree. It is
+    Atari's default, with dropout 0 (the official GPT-2 never leaves eval mode); D4RL tasks keep
+    a pair each and dropout 0.1."""
+    torch.manual_seed(0)
+    c = lamo.LoRAQKV(16, 4, 8.0, 0.0, fused=True).eval()
+    assert c.lora_A.shape == (1, 4, 16) and c.lora_B.shape == (1, 48, 4)
+    with torch.no_grad():
+        for t in (c.weight, c.bias, c.lora_B):
+            t.normal_(0, 0.2)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    A, B, W, b = (t.detach().double()[0] if t.dim() == 3 else t.detach().double()
+                  for t in (c.lora_A, c.lora_B, c.weight, c.bias))
+    by_hand = x @ W.T + b + 2.0 * (x @ A.T) @ B.T                    # alpha 8 / r 4 = 2
+    with torch.no_grad():
+        unmerged = c(x.float())
+        assert (unmerged.double() - by_hand).abs().max() < 1e-5
+        c.merge()
+        assert (c(x.float()) - unmerged).abs().max() < 1e-5
+    with torch.device("meta"):
+        m = lamo.GPT2(lamo.GPTConfig(lora_rank=32, lora_fused=True))
+    assert lamo.mark_trainable(m, lamo.LORA_TRAINABLE[:1], verbose=False)[0] == 12 * 98_304
+    atari, hopper = (lamo.resolve(lamo.Config(env=e)) for e in ("breakout-medium",
+                                                                 "hopper-medium-v2"))
+    assert (atari.lora_fused, atari.dropout) == (True, 0.0)
+    assert (hopper.lora_fused, hopper.dropout) == (False, 0.1)
+    assert lamo.resolve(lamo.Config(env="breakout-medium", model="dt")).dropout == 0.0
+    with torch.device("meta"):                               # and they reach the model
+        model = lamo.build_model(replace(atari, pretrained="none", n_layer=1, n_head=12,
+                                         n_embd=768), tasks.get_task("breakout-medium"))
+    attn = model.gpt.h[0].attn
+    assert attn.c_attn.lora_A.shape == (1, 32, 768) and attn.p == 0 and attn.resid_drop.p == 0
+
+
 def test_lora_count_gpt2_small():
     with torch.device("meta"):                               # shapes only: no 500 MB of random init
         m = lamo.GPT2(lamo.GPTConfig(lora_rank=16))
