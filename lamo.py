@@ -1008,6 +1008,10 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+# Fields a run saved before they existed trained as these values say.
+SAVED_BEFORE = {"lora_fused": False, "skip_best_trajectory": False}
+
+
 def load_saved_config(given: dict) -> tuple[Config, Path]:
     """--resume RUN_DIR or --eval-only CKPT: the run's saved config, plus the flags allowed to
     change."""
@@ -1029,7 +1033,7 @@ def load_saved_config(given: dict) -> tuple[Config, Path]:
                         f"allowed: "
                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(allowed))}")
     known = {f.name for f in fields(Config)}
-    saved = {k: v for k, v in saved.items() if k in known}
+    saved = {**SAVED_BEFORE, **{k: v for k, v in saved.items() if k in known}}
     changed = {k: v for k, v in given.items() if k in allowed}
     cfg = Config(**{**saved, **changed, "resume": "", "eval_only": ""})
     check_values(cfg)

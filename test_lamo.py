@@ -955,6 +955,12 @@ def test_resume_cuts_what_came_after_its_checkpoint(tiny_hdf5, tmp_path, monkeyp
     lamo.main([*base, "--log-every", "1", "--out", str(out)])
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "action_loss": 1.0}) + "\n")
+    saved = (out / "config.json").read_text()     # as saved before lora_fused etc. existed:
+    (out / "config.json").write_text(json.dumps({k: v for k, v in json.loads(saved).items()
+                                                 if k not in lamo.SAVED_BEFORE}))
+    cfg, _ = lamo.load_saved_config({"resume": str(out)})      # they trained as their defaults
+    assert all(getattr(cfg, k) is v for k, v in lamo.SAVED_BEFORE.items())
+    (out / "config.json").write_text(saved)
     run = lamo.start_run(*lamo.load_saved_config({"resume": str(out)}), resume=True)
     assert [h["step"] for h in run.history] == [2, 4]
     assert [m["step"] for m in read_metrics(out)][-1] == 4
