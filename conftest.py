@@ -132,8 +132,8 @@ class Server:
     requests."""
 
     def __init__(self):
-        # cut_after: drop the connection early
-        self.files, self.requests, self.cut_after = {}, [], None
+        # cut_after: drop the connection early; no_length: send no Content-Length
+        self.files, self.requests, self.cut_after, self.no_length = {}, [], None, False
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -144,8 +144,14 @@ class Server:
                     return self.send_error(404)
                 start = (int(self.headers["Range"].split("=")[1].rstrip("-"))
                          if "Range" in self.headers else 0)
+                if start >= len(body):              # nothing there: 416, naming the length
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body) - start))
+                if not owner.no_length:
+                    self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 self.wfile.write(body[start:][:owner.cut_after])
 

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -161,14 +162,21 @@ def _download(url: str, dest: Path, local_hint: str, size: int | None, sha256: s
     total = None
     try:
         with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-            if have and r.status_code == 416:      # the .part already holds every byte
-                pass
+            if have and r.status_code == 416:      # nothing after byte `have`: whole, or too long
+                # RFC 9110: a 416 names the file's length as "Content-Range: bytes */N"
+                m = re.fullmatch(r"bytes \*/(\d+)", r.headers.get("Content-Range", ""))
+                total = int(m.group(1)) if m else None
+                if total is not None and have > total:
+                    part.unlink()
+                    raise LamoError(f"{part} held {have} bytes where {url} has {total}; removed "
+                                    f"it: run again")
             elif r.status_code not in (200, 206):
                 raise LamoError(f"download of {url} failed with HTTP {r.status_code}; {local_hint}")
             else:
                 if r.status_code == 200:           # server ignored Range: start again from byte 0
                     have = 0
-                total = have + int(r.headers.get("Content-Length", 0)) or None
+                length = r.headers.get("Content-Length")     # none: the server did not say
+                total = have + int(length) if length is not None else None
                 with open(part, "ab" if have else "wb") as f, progress(
                         total=total, initial=have, unit="B", unit_scale=True,
                         desc=dest.name) as bar:
@@ -193,6 +201,10 @@ def _download(url: str, dest: Path, local_hint: str, size: int | None, sha256: s
         part.unlink()
         raise LamoError(f"{url} has sha256 {digest[:16]}..., expected {sha256[:16]}...; "
                         f"the file is corrupt and was removed: run again or {local_hint}")
+    if expected is None and sha256 is None:
+        print(f"note: {url} sent no length and lamo knows no size or sha256 for it, so "
+              f"{dest.name} ({got} bytes) is unchecked; if it fails to load, delete it and run "
+              f"again", file=sys.stderr)
     part.rename(dest)
     return dest
 

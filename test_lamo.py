@@ -145,6 +145,29 @@ def test_download_cache_resume_and_corruption(server, cache, capsys):
     with pytest.raises(LamoError, match="sha256.*corrupt"):
         data.download(url, dest, **kw)
     assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
+    # Without a size or sha256 to check: a .part longer than the file (the server's 416 names the
+    # file's length) is removed, a whole .part is taken, and a file sent without its length is
+    # taken with a note that it is unchecked.
+    server.files["/gpt2/model.safetensors"] = blob
+    for part, ok in ((blob + b"x", False), (blob, True)):
+        dest.unlink(missing_ok=True)
+        dest.with_name(dest.name + ".part").write_bytes(part)
+        if ok:
+            assert data.download(url, dest, local_hint="").read_bytes() == blob
+        else:
+            with pytest.raises(LamoError, match=f"held {len(blob) + 1} bytes where .* has "
+                                                f"{len(blob)}; removed it"):
+                data.download(url, dest, local_hint="")
+            assert not dest.with_name(dest.name + ".part").exists()
+    dest.unlink()
+    server.no_length = True
+    capsys.readouterr()
+    assert data.download(url, dest, local_hint="").read_bytes() == blob
+    assert "sent no length" in capsys.readouterr().err
+    dest.unlink()
+    data.download(url, dest, **kw)                   # a known size and sha256: checked, no note
+    assert "sent no length" not in capsys.readouterr().err
+    server.no_length = False
     # Offline: the error names the URL and says how to pass the file.
     with pytest.raises(LamoError, match=r"http://127\.0\.0\.1:1/.*pass it yourself"):
         data.download("http://127.0.0.1:1/nothing", cache / "y", local_hint="pass it yourself")
