@@ -265,10 +265,11 @@ def test_a_packs_dropout_applies_the_masks_it_is_given():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_lm_batchs_attention_keeps_its_inputs_and_recomputes_the_rest(dtype):
-    """pack.Recomputed (a pack's LM forward): under vmap over 3 runs, with each run's keep-mask
-    and a padding mask, the output and the gradients of q, k and v are math_attention's through
-    autograd bit for bit, fp32 and bf16 in; for the backward it keeps its inputs (q, k, v, the
-    masks), where autograd keeps the fp32 scores, their dropped copy and fp32 q, k, v too."""
+    """pack.Recomputed (a pack's LM forward): under vmap over 3 runs, with each run's keep-mask,
+    a padding mask and a scale other than 1 / sqrt(hd), the output and the gradients of q, k and
+    v are math_attention's through autograd bit for bit, fp32 and bf16 in; for the backward it
+    keeps its inputs (q, k, v, the masks), where autograd keeps the fp32 scores, their dropped
+    copy and fp32 q, k, v too."""
     from torch.func import vmap
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 4, 16, 8).to(dtype).requires_grad_() for _ in range(3))
@@ -282,7 +283,7 @@ def test_the_lm_batchs_attention_keeps_its_inputs_and_recomputes_the_rest(dtype)
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
         with torch.autograd.graph.saved_tensors_hooks(hold, lambda t: t):
-            out = vmap(lambda q, k, v, keep: fn(q, k, v, attend, False, keep, 0.1, None))(
+            out = vmap(lambda q, k, v, keep: fn(q, k, v, attend, False, keep, 0.1, 0.3))(
                 q, k, v, keep)
         kept_bytes[name] = sum(saved.values())
         grads[name] = (out, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
@@ -391,6 +392,10 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
     assert torch.load(tmp_path / "pk" / "s1" / "ckpt.pt", weights_only=False)["step"] == 25
     for seed in (0, 2):
         assert json.loads((tmp_path / "pk" / f"s{seed}" / "summary.json").read_text())["step"] == 50
+        # still stepping on its own gradient after run 1 stopped (alive masks run 1's loss only)
+        norms = [r["grad_norm"] for r in timeless_metrics(tmp_path / "pk" / f"s{seed}")
+                 if "grad_norm" in r]
+        assert len(norms) == 50 and min(norms) > 0
 
 
 def test_an_interrupted_pack_keeps_a_stopped_runs_last_good_checkpoint(tiny_hdf5, tmp_path,
@@ -670,6 +675,31 @@ def test_how_many_runs_fit_by_hand():
     assert pack.largest_pack(15 * G, 6 * G, 4, 1 * G, 0.5 * G, 1.5 * G, 2.5 * G) == 5
     assert pack.largest_pack(15 * G - 1, 6 * G, 4, 1 * G, 0.5 * G, 1.5 * G, 2.5 * G) == 4
     assert pack.largest_pack(2 * G, 6 * G, 4, 1 * G, 0.5 * G, 1.5 * G, 2.5 * G) == 0
+
+
+def test_a_packs_memory_estimate_takes_its_measurements(tiny_hdf5, tmp_path, monkeypatch):
+    """pack.out_of_memory's arithmetic (the GPU's figures stubbed): usable is the free memory
+    plus this process's cache, under the fraction cap; a run costs one run's rows of the stacks
+    and 8 bytes of AdamW state per trainable number; a pack of one assumes a second run's step
+    adds as much as the first's. Those reach largest_pack and the message."""
+    MiB, seen, real = 2 ** 20, [], pack.largest_pack
+    gpu = {"empty_cache": None, "current_device": 0, "memory_reserved": 100 * MiB,
+           "memory_allocated": 900 * MiB, "get_per_process_memory_fraction": 0.5}
+    for name, value in gpu.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, v=value: v)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (1000 * MiB, 4000 * MiB))
+    monkeypatch.setattr(pack, "step_memory", lambda *a: {1: 30 * MiB, 2: 50 * MiB}[a[-1]])
+    monkeypatch.setattr(pack, "largest_pack", lambda *a: seen.append(a) or real(*a))
+    cfg = lamo.resolve(lamo.parse_args(dt_args(tiny_hdf5, 2))[0])
+    members = [lamo.start_run(replace(cfg, seed=s), tmp_path / f"s{s}", False) for s in range(2)]
+    numbers = sum(p.numel() for p in members[0].model.parameters())     # DT: all trainable
+    for R, step2 in ((2, 50), (1, 60)):
+        message = str(pack.out_of_memory(pack.Pack(members[:R]), None, None, cfg, lamo, False))
+        assert seen[-1] == (1100 * MiB, 900 * MiB, R, 4 * numbers, 8 * numbers, 30 * MiB,
+                            step2 * MiB)
+        per_run = (12 * numbers + (step2 - 30) * MiB) / MiB
+        assert f"about {real(*seen[-1])} fit in the 1.1 GiB" in message
+        assert f"(measured: {per_run:.1f} MiB per run)" in message
 
 
 def test_a_pack_out_of_memory_is_one_line(tiny_hdf5, tmp_path, monkeypatch):
