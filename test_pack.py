@@ -396,6 +396,12 @@ def test_a_run_gone_nan_stops_and_the_others_finish(tiny_hdf5, tmp_path, monkeyp
         norms = [r["grad_norm"] for r in timeless_metrics(tmp_path / "pk" / f"s{seed}")
                  if "grad_norm" in r]
         assert len(norms) == 50 and min(norms) > 0
+    # marked stopped: --resume of the pack's folder leaves it out (here: nothing left to continue)
+    assert json.loads((tmp_path / "pk" / "s1" / "stopped.json").read_text()) == {
+        "stopped_before_step": 31}
+    with pytest.raises(SystemExit, match="every run there has finished or went NaN/inf"):
+        lamo.main(["--resume", str(tmp_path / "pk")])
+    assert f"left out {tmp_path / 'pk' / 's1'}: it went NaN/inf" in capsys.readouterr().out
 
 
 def test_an_interrupted_pack_keeps_a_stopped_runs_last_good_checkpoint(tiny_hdf5, tmp_path,
