@@ -440,9 +440,14 @@ class TrajectoryBatcher:
     probability proportional to its length, a uniform start, a K-step window left-padded with
     states 0, actions -10, rtg 0, timesteps 0, mask 0. All trajectories are concatenated once into
     flat arrays that end in one extra row holding those pad values, so a batch is one numpy gather
-    per field, padding included, with no per-sample Python loop."""
+    per field, padding included, with no per-sample Python loop. skip_best: the highest-return
+    trajectory is never drawn (its states still count in the normalisation), as in the official
+    experiment.py, whose paper numbers came with it: its trajectory list is built by a strict `<`
+    loop over the negated returns that never reaches the best one (lines 112, 135-147; a bug kzl
+    fixed in e2d82e6, so lamo's default draws every trajectory: README, "Where we depart")."""
 
-    def __init__(self, trajs, K: int, max_ep_len: int, rtg_scale: float, seed: int, device="cpu"):
+    def __init__(self, trajs, K: int, max_ep_len: int, rtg_scale: float, seed: int, device="cpu",
+                 skip_best: bool = False):
         self.K, self.device = K, torch.device(device)
         obs = np.concatenate([t["observations"] for t in trajs])            # (N, obs)
         self.state_mean = obs.mean(0)
@@ -459,9 +464,14 @@ class TrajectoryBatcher:
         self.pad_row = len(obs)
         self.lengths = np.array([len(t["rewards"]) for t in trajs])
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
-        self.cdf = np.cumsum(self.lengths) / self.lengths.sum()           # P(trajectory) ∝ length
-        self.rng = np.random.default_rng(seed)
+        weight = self.lengths.astype(np.float64)                          # P(trajectory) ∝ length
         self.summary = describe(trajs)
+        if skip_best and len(trajs) > 1:
+            best = int(np.argmax([t["rewards"].sum() for t in trajs]))
+            weight[best] = 0.0               # a zero-width step of the cdf: searchsorted skips it
+            self.summary += f"; the best (return {trajs[best]['rewards'].sum():.1f}) never drawn"
+        self.cdf = np.cumsum(weight) / weight.sum()
+        self.rng = np.random.default_rng(seed)
 
     def describe(self) -> str:
         return self.summary
@@ -486,9 +496,10 @@ class TrajectoryBatcher:
 
 
 def trajectory_batcher(trajs, subset, K: int, max_timestep: int, rtg_scale: float, seed: int,
-                       device="cpu"):
+                       device="cpu", skip_best: bool = False):
     """The task table's batcher for trajectory lists: a TrajectoryBatcher over the --frac subset."""
-    return TrajectoryBatcher([trajs[i] for i in subset], K, max_timestep, rtg_scale, seed, device)
+    return TrajectoryBatcher([trajs[i] for i in subset], K, max_timestep, rtg_scale, seed, device,
+                             skip_best)
 
 
 # ----------------------------------------------------------------------------- language corpus
