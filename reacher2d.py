@@ -140,9 +140,9 @@ class PPOConfig:
     # the first checkpoint whose mean return over eval_episodes reaches target_return. The default
     # is what this recipe reaches: on seed 0 its test return stays between 0.1 and 2.5 from 100k
     # to 3M steps (about 5 x a random policy's; the > 20 filter then makes the data). A random
-    # policy (uniform actions) returns 0.43 +- 0.05 (standard error) over 2,000 episodes (reset
-    # seeds 0-1999), 0.35% of them above 20; REFERENCE.md's about 0.8 and 1% were not reproduced
-    # (MuJoCo 3 here, mujoco-py 2.1 there?).
+    # policy (uniform actions) returns 0.41 +- 0.06 and 0.43 +- 0.05 (standard error; two draws
+    # of the actions) over 2,000 episodes (reset seeds 0-1999), 0.35% of them above 20 (README);
+    # REFERENCE.md's about 0.8 and 1% were not reproduced (MuJoCo 3 here, mujoco-py 2.1 there?).
     check_every: int = 100_000
     eval_episodes: int = 40
     target_return: float = 2.0
