@@ -588,7 +588,10 @@ def encode_chunked(tok, text: str, chunk_chars: int = 1 << 20):
 
 
 class LMBatcher:
-    """Random (B, T+1) blocks of corpus tokens: inputs are [:, :-1], targets [:, 1:]."""
+    """Random (B, T+1) blocks of corpus tokens: inputs are [:, :-1], targets [:, 1:].
+    Deviation: the official get_nlp_datasets.py cuts the tokenised text into aligned, disjoint
+    1,024-token chunks (labels = inputs, shifted inside GPT-2: 1,023 predictions a chunk) and
+    draws whole chunks; here a block starts at any token and has T = 1,024 predictions."""
 
     def __init__(self, tokens: np.ndarray, B: int, T: int, seed: int, device="cpu"):
         if len(tokens) < T + 1:
