@@ -229,6 +229,8 @@ def test_commands_and_worker_environments(tmp_path, monkeypatch):
     (run_dir / "ckpt.pt").write_bytes(b"")
     assert sweep.run_state(run_dir) == "resume"
     assert sweep.lamo_args(run, run_dir, ["--steps", "10"], "proj") == ["--resume", str(run_dir)]
+    assert sweep.lamo_args(run, run_dir, [], None, cuda=True) == [
+        "--resume", str(run_dir), "--device", "cuda"]
     (run_dir / "summary.json").write_text("{}")
     assert sweep.run_state(run_dir) == "done"
     # 3 workers on 2 GPUs: round-robin
@@ -263,11 +265,15 @@ def test_runs_are_seed_major_and_ties_go_to_the_higher_target():
     tie = results.cell_result([summary(t90=50, t120=50), summary(t90=40, t120=40)])
     assert (tie["target"], tie["mean"], tie["std"]) == ("120", 45, 5)
     assert results.cell_result([summary(t90=51, t120=50)])["target"] == "90"
+    # only the targets every seed was evaluated at
+    assert results.cell_result([summary(t90=5, t120=50), summary(t90=7)])["target_means"] == \
+        {"90": 6}
 
 
 def summary(**last20) -> dict:
-    """A made-up summary.json: {target: last-20% mean}."""
-    targets = {t.lstrip("t"): {"final": v, "best": v, "last20": v, "n_last20": 8}
+    """A made-up summary.json: {target: last-20% mean}; its final and best scores differ from it,
+    so a table of either is not the paper's rule."""
+    targets = {t.lstrip("t"): {"final": v - 3, "best": v + 7, "last20": v, "n_last20": 8}
                for t, v in last20.items()}
     best = max(targets, key=lambda t: targets[t]["last20"])
     return {"step": 100_000, "targets": targets, "headline": targets[best]["last20"],
@@ -295,6 +301,8 @@ def test_table_rule_against_numbers_by_hand(tmp_path, monkeypatch, capsys):
     assert (dt["target"], dt["seeds"], dt["seeds_expected"]) == ("3600", "3", "3")
     assert float(dt["mean"]) == pytest.approx(60) and float(dt["std"]) == pytest.approx(8.164966)
     assert (dt["paper_mean"], dt["paper_std"], dt["paper_table"]) == ("57.3", "3.8", "Table 3")
+    assert {t: float(m) for t, m in (x.split(":") for x in dt["target_means"].split(";"))} == \
+        {"3600": 60, "1800": np.mean([55, 65, 40])}               # every target's, in full
 
     def cell(r):
         return r["target"], r["seeds"], r["mean"] and float(r["mean"]), r["std"] and float(r["std"])
@@ -454,9 +462,13 @@ def test_a_run_interrupted_from_outside_is_not_done(tmp_path, monkeypatch, capsy
     assert out.endswith("\n1 runs were interrupted from outside the sweep; run the same command "
                         "again to resume them\n")
     run = grids.Run(grids.Cell("hopper-medium-v2", 0.1, "dt"), 0)
-    for code in sweep.INTERRUPTED:
+    for code in (130, -signal.SIGINT):      # lamo.py's exit after a Ctrl-C; an uncaught one
         assert sweep.outcome_of(run, code, tmp_path, stopped=True) == "interrupted"
         assert sweep.outcome_of(run, code, tmp_path, stopped=False) == "INTERRUPTED"
+    assert sweep.outcome_of(run, 0, tmp_path, stopped=False) == "FAILED"     # exit 0, no summary
+    (tmp_path / run.name).mkdir()
+    (tmp_path / run.name / "summary.json").write_text("{}")
+    assert sweep.outcome_of(run, 1, tmp_path, stopped=False) == "done"   # a pack-mate failed
 
 
 def test_a_stopped_sweep_reports_the_failures_before_it(tmp_path, monkeypatch, capsys):
@@ -486,6 +498,9 @@ def test_a_run_another_sweep_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             (out.parent / f"{out.name}.held").write_text("")     # locked while it runs
+        if any(os.path.realpath(f"/proc/self/fd/{f}") == os.path.realpath(out.parent / "locks" /
+               f"{out.name}.lock") for f in os.listdir("/proc/self/fd") if int(f) != fd):
+            (out.parent / f"{out.name}.inherited").write_text("")   # it outlives the sweep
         if seed == 0:        # meanwhile another sweep finishes seed 1
             (out.parent / out.name.replace("_s0", "_s1") / "summary.json").write_text("{}")
         out.mkdir()
@@ -508,6 +523,7 @@ def test_a_run_another_sweep_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
     assert [p.name for p in (folder / runs[0].name).iterdir()] == ["config.json"]   # untouched
     assert (folder / f"{runs[1].name}.held").exists()
     assert sorted(p.name for p in folder.glob("*.held")) == [f"{runs[1].name}.held"]
+    assert (folder / f"{runs[1].name}.inherited").exists()
     (folder / runs[1].name / "summary.json").unlink()       # seed 1 to do again, as a restart
     assert sweep.main([*FAKE, "--seed", "0", "1", "--name", "L"]) == 0
     out = capsys.readouterr().out
@@ -517,6 +533,13 @@ def test_a_run_another_sweep_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
     for run in runs:                                        # every lock given back
         fd = sweep.lock_run(folder, run)
         assert fd is not None
+        os.close(fd)
+    other = sweep.lock_run(folder, runs[1])        # a pack with a run held: none of it locked
+    assert sweep.lock_job(folder, tuple(runs)) is None
+    os.close(other)
+    locks = sweep.lock_job(folder, tuple(runs))                  # and all of it once it is free
+    assert locks is not None and list(locks) == runs
+    for fd in locks.values():
         os.close(fd)
 
 
@@ -649,8 +672,10 @@ def test_figure_and_table_grids_aggregate_beside_the_paper(tmp_path, monkeypatch
     lamo = table16["hopper-medium-v2", 0.005, "lamo"]
     assert (f"| hopper-medium-v2 | 0.005 | LaMo | {np.mean(lamo):.1f} ± {np.std(lamo):.1f} "
             "| 57.0 ± 7.1 (Table 16) | 1 | 3/3 | defaults |") in md
-    assert "| LaMo w/o pre-training | " in md
-    assert "| 43.5 (Table 16) | 1 | 3/3 | --pretrained none |" in md
+    nopt = table16["hopper-medium-v2", 0.005, "lamo-nopt"]
+    assert (f"| hopper-medium-v2 | 0.005 | LaMo w/o pre-training | {np.mean(nopt):.1f} ± "
+            f"{np.std(nopt):.1f} | 43.5 (Table 16) | 1 | 3/3 | --pretrained none |") in md
+    assert "| task | ratio | LaMo | LaMo w/o pre-training | DT |" in md      # side by side
     assert "| walker2d-medium-v2 | 1 | DT | " in md and " | 2/3 | defaults |" in md
     assert "≈" not in md
     rows = {(r["task"], r["ratio"], r["variant"]): r for r in
@@ -706,9 +731,15 @@ def test_packs_group_compatible_runs_in_the_same_state(tmp_path, monkeypatch, ca
     args = sweep.pack_args(jobs[0], folder, [], None, cuda=True)
     assert args == ["--resume", *(str(folder / r.name) for r in runs[:2]), "--device", "cuda"]
     args = sweep.pack_args(jobs[2], folder, ["--steps", "9"], "proj")
-    assert args[:4] == ["--env", "hopper-medium-v2", "--frac", "1.0"]
-    assert args[args.index("--seed"):args.index("--model")] == ["--seed", "1", "2", "2"]
-    assert args[-4:] == ["--wandb-group", *(r.cell.name for r in runs[3:])]
+    assert args == ["--env", "hopper-medium-v2", "--frac", "1.0", "0.1", "1.0", "--seed", "1", "2",
+                    "2", "--model", "lamo", "--out", *(str(folder / r.name) for r in runs[3:]),
+                    "--steps", "9", "--wandb", "proj",
+                    "--wandb-group", *(r.cell.name for r in runs[3:])]
     assert len(sweep.make_jobs(runs[3:], folder, 4, ["--compile"])) == 1
+    others = [grids.Cell("hopper-medium-v2", 0.1, "dt"), grids.Cell("walker2d-medium-v2", 0.1,
+              "lamo"), grids.Cell("hopper-medium-v2", 0.1, "lamo", ("--embed", "mlp"))]
+    mixed = grids.make_runs([cells[0], *others], [0, 1])
+    assert [{r.cell for r in job} for job in sweep.make_jobs(mixed, tmp_path / "new", 4, [])] \
+        == [{cell} for cell in [cells[0], *others]]
     atari = grids.make_runs([grids.Cell("breakout-medium", 0.1, "lamo")], [0, 1])
     assert [len(job) for job in sweep.make_jobs(atari, folder, 4, [])] == [2]
