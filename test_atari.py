@@ -78,6 +78,17 @@ def test_collect_writes_dqn_replay_layout(collected):
     assert lengths.max() <= MAX_STEPS and (lengths == MAX_STEPS).any()   # the cap is terminal
     assert (lengths < MAX_STEPS).any()                                   # and so is game over
     assert act.max() < 4 and np.abs(rew).max() <= 1 and obs.std() > 0   # 4 actions; clipped
+    # Replayed in the same env from episode e's reset seed (--seed 0 + e): row t is the frame seen
+    # before action t, with the clipped reward and the end that followed it.
+    env, t = atari.atari_env("ALE/Breakout-v5", frameskip=1), 0
+    for e, n in enumerate(lengths):
+        frame, _ = env.reset(seed=e)
+        for i in range(n):
+            assert np.array_equal(obs[t], frame), (e, i)
+            frame, r, end, _, _ = env.step(act[t])
+            assert (rew[t], term[t]) == (np.clip(r, -1, 1), end or i == MAX_STEPS - 1), (e, i)
+            t += 1
+    env.close()
 
 
 def test_download_decompress_memmap_once(collected, server, monkeypatch, cache, tmp_path):
@@ -136,6 +147,18 @@ def test_trajectories_drop_the_unterminated_tail(tmp_path, capsys):
     assert np.allclose(replay.returns, sums)
 
 
+def test_loader_refuses_the_first_action_past_the_games_set(tmp_path):
+    """Breakout plays 4 actions: data with actions 0..3 loads, one action 4 is refused."""
+    import tasks
+    breakout = tasks.get_task("breakout-medium")
+    replay = synthetic_replay(tmp_path, [5, 40])
+    folder = tmp_path / "synthetic"
+    assert replay.actions.max() == 3 and len(atari.load_atari(breakout, str(folder))[0]) == 2
+    np.save(folder / atari.replay_file("action", "npy"), np.where(replay.actions == 3, 4, 0))
+    with pytest.raises(LamoError, match=r"actions range over 0..4, but .* has 4 \(0..3\)"):
+        atari.load_atari(breakout, str(folder))
+
+
 # ----------------------------------------------------------------------------- --frac
 def test_length_weighted_subset():
     lengths = np.array([10] * 50 + [1000] * 50)
@@ -146,6 +169,14 @@ def test_length_weighted_subset():
     official = np.random.default_rng(0).choice(100, size=int(np.floor(100 * 0.1)),
                                                p=lengths / lengths.sum(), replace=False)
     assert np.array_equal(a, np.sort(official))
+    # the Atari tasks' --frac rule: this one, on the replay's lengths, with --frac-seed as given
+    from types import SimpleNamespace
+
+    import tasks
+    rule = tasks.get_task("breakout-medium").subset
+    for seed in (0, 1):
+        got = rule(SimpleNamespace(lengths=lengths), 0.1, seed)
+        assert np.array_equal(got, atari.length_weighted_subset(lengths, 0.1, seed))
     # by hand, as in test_lamo
     for (n, f), k in {(2186, 0.1): 218, (1000, 0.3): 300, (10, 0.3): 3, (1191, 0.005): 5,
                       (7, 0.01): 1, (5, 1.0): 5, (100, 0.29): 29, (3, 0.5): 1}.items():
@@ -282,11 +313,14 @@ def test_eval_env_stacks_four_frames_and_steps():
     assert env.unwrapped.ale.getFloat("repeat_action_probability") == 0.0      # no sticky actions
     assert env.unwrapped._frameskip == 1                      # the skipping is AtariPreprocessing's
     obs, _ = env.reset(seed=0)
+    frame = env.unwrapped.ale.getEpisodeFrameNumber()
+    assert 1 <= frame <= 30                                        # 1 to 30 no-ops at reset
     assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
     assert all(np.array_equal(obs[0], obs[j]) for j in range(4))     # reset repeats the first frame
     for t in range(6):
         obs, reward, term, trunc, _ = env.step(1)                  # FIRE, then FIRE again
         assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8 and not term
+        assert env.unwrapped.ale.getEpisodeFrameNumber() == frame + 4 * (t + 1)   # frame skip 4
     assert trunc                                                   # the max_steps time limit
     env.close()
 
@@ -373,7 +407,8 @@ def new_games(tmp_path_factory):
 def test_new_games_load_through_dqn_replay_and_their_envs_step(new_games, server, monkeypatch,
                                                                 cache, game, ale, n_actions):
     """Their files come from DQN-Replay's {Game} folder (the loopback server stands in for the
-    bucket); their actions fit ALE's minimal set, which the task's env plays; human-normalised
+    bucket); their actions fit ALE's minimal set, which the task's env plays; the data's rewards
+    are clipped to [-1, 1], the env's are the game's score (Asterix: 50 an item); human-normalised
     scores from get_hns.py (random / human: Freeway 0 / 29.6, Asterix 210 / 8503.3)."""
     import tasks
     task = tasks.get_task(f"{game}-medium")
@@ -386,14 +421,17 @@ def test_new_games_load_through_dqn_replay_and_their_envs_step(new_games, server
     assert files[0].parent == cache / "atari" / ale and len(server.requests) == 4
     assert np.array_equal(replay.actions, read_gz(new_games[game] / atari.replay_file("action")))
     assert len(replay) == 2 and replay.actions.max() < n_actions
-    env = task.make_env(6)
+    assert np.abs(replay.rewards).max() <= 1                 # Asterix's 50s were recorded as 1
+    env = task.make_env(12)
     assert env.unwrapped.spec.id == task.gym_id == f"{ale}NoFrameskip-v4"
     assert env.action_space.n == task.act_dim == n_actions
     obs, _ = env.reset(seed=0)
-    for t in range(6):
-        obs, _, term, trunc, _ = env.step(t % n_actions)
+    rewards = []
+    for t in range(12):
+        obs, r, term, trunc, _ = env.step(t % n_actions)
         assert obs.shape == task.obs_shape and obs.dtype == np.uint8 and not term
-    assert trunc
+        rewards.append(r)
+    assert trunc and max(rewards) == {"freeway": 0, "asterix": 50}[game]     # not clipped
     env.close()
     random_score, human_score = {"freeway": (0.0, 29.6), "asterix": (210.0, 8503.3)}[game]
     assert np.allclose(task.score([random_score, human_score]), [0, 100], rtol=0, atol=1e-9)

@@ -19,9 +19,10 @@ from data import LamoError
 
 REACHER = tasks.get_task("reacher2d-medium")
 # Tiny settings for `python reacher2d.py collect`: 2 envs x 100 steps per PPO update, 2 updates,
-# 1 epoch each; the "medium" test passes at once and every episode is kept.
+# 1 epoch each; the "medium" test passes at once (a return is >= 0; seed 0's is 0, so a test of
+# > target would train on and fail) and every episode is kept.
 TINY = ["--train-steps", "400", "--update-every", "200", "--epochs", "1", "--check-every", "200",
-        "--eval-episodes", "2", "--target-return", "-1", "--min-return", "-1", "--episodes", "3"]
+        "--eval-episodes", "2", "--target-return", "0", "--min-return", "-1", "--episodes", "3"]
 
 
 def put(env, q, qdot=(0.0, 0.0), target=None):
@@ -80,13 +81,14 @@ def test_actions_are_clipped():
 
 
 def test_reset_distribution_and_seeding():
-    env = reacher2d.Reacher2dEnv()
+    env, qpos = reacher2d.Reacher2dEnv(), []
     for seed in range(200):
         obs, _ = env.reset(seed=seed)
         goal = obs[8:10]
         assert 0.5 <= np.linalg.norm(goal) <= 1.0 and np.array_equal(goal, env.goal)  # the annulus
-        assert np.all(np.abs(env.data.qpos) <= 2.0) and np.all(env.data.qvel == 0)
-        assert np.all(obs[4:6] == 0)
+        assert np.all(env.data.qvel == 0) and np.all(obs[4:6] == 0)
+        qpos.append(env.data.qpos.copy())
+    assert np.abs(qpos).max() <= 2.0 and np.abs(qpos).max(0).min() > 1.9      # U(-2, 2) each
     first = env.reset(seed=7)[0]
     assert np.array_equal(first, env.reset(seed=7)[0])
     assert not np.array_equal(first, env.reset(seed=8)[0])
@@ -184,6 +186,10 @@ def test_generator_writes_the_official_layout_and_is_seeded(tmp_path, cache, cap
         assert np.array_equal(e["observations"][1:], e["next_observations"][:-1])
         goal = e["observations"][0, 8:10]
         assert 0.5 <= np.linalg.norm(goal) <= 1.0 and np.all(e["observations"][:, 8:10] == goal)
+    env = reacher2d.Reacher2dEnv()      # episode i: the next reset of a stream seeded 50,000 + i,
+    for i, e in enumerate(episodes):    # apart from the training envs' (seeded 0, 1, ...)
+        env.reset(seed=50_000 + i)
+        assert np.array_equal(e["observations"][0], env.reset()[0])
     assert REACHER.load("")[1] == [path]                   # lamo.py finds it without --data
     reacher2d.main(["collect", *TINY, "--out", str(tmp_path / "again.pkl")])
     with open(tmp_path / "again.pkl", "rb") as f:
@@ -200,6 +206,15 @@ def test_generator_writes_the_official_layout_and_is_seeded(tmp_path, cache, cap
                         "--out", str(tmp_path / "r.pkl")])
     assert e.value.code == 2 and not (tmp_path / "r.pkl").exists()
     assert "--train-steps has no effect with --policy random" in capsys.readouterr().err
+    # ... it takes --seed, --episodes and --min-return (a float): the same seed, the same data
+    random = []
+    for name in ("r.pkl", "r2.pkl"):
+        reacher2d.main(["collect", "--policy", "random", "--episodes", "2", "--min-return", "-0.5",
+                        "--seed", "3", "--out", str(tmp_path / name)])
+        with open(tmp_path / name, "rb") as f:
+            random.append(pickle.load(f))
+    assert len(random[0]) == 2 and np.abs(random[0][0]["actions"]).max() <= 1
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(*random, strict=True) for k in a)
 
 
 def test_generator_filters_and_stops_at_the_target(tmp_path):
