@@ -666,10 +666,29 @@ def test_eval_workers_return_what_one_process_returns(tiny_hdf5, tmp_path):
         (returns1, lengths1), (returns2, lengths2) = results
         assert returns1.tolist() == returns2.tolist() and lengths1.tolist() == lengths2.tolist()
         assert len(set(lengths1.tolist())) > 1       # episodes ended at other steps: rows dropped
+        # One episode over two workers (the second holds none), rewards as the env gives them
+        # (float64: a float32 cast would round Hopper's)
+        obs = [e.reset(10, [7]) for e in (here, two)]
+        steps = [e.step(np.array([0]), np.full((1, 3), 0.3)) for e in (here, two)]
+        assert np.array_equal(obs[0], obs[1]) and all(
+            np.array_equal(a, b) for a, b in zip(steps[0], steps[1]))
+        env = run.task.make_env(10)
+        env.reset(seed=7)
+        assert steps[1][1][0] == env.step(np.full(3, 0.3))[1] != np.float32(steps[1][1][0])
+        env.close()
         envs = two
         envs.reset(10, [0, 1, 2])
         with pytest.raises(workers.WorkerError, match="an evaluation worker failed"):
             envs.step(np.array([0, 1, 2]), np.zeros((3, 5)))      # Hopper takes 3 numbers
+
+
+def test_default_workers_follow_omp_num_threads(monkeypatch):
+    """--eval-workers 0: as many workers as OMP_NUM_THREADS says (sweep.py sets each run's
+    share), else the cores this process may use."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert workers.default_workers() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")
+    assert workers.default_workers() == len(os.sched_getaffinity(0))
 
 
 def test_how_many_runs_fit_by_hand():
