@@ -113,14 +113,17 @@ def bench_traffic(cfg, device, batcher, sizes=(2, 4)) -> dict:
     A big pack's step on a GPU is bound by this traffic: over the card's bandwidth it is the
     floor of the step's time, and so a ceiling on run-steps/s (README, "Packs")."""
     cfg = replace(cfg, compile=True, precision="bf16")
-    out = {"traffic_lamo_1_gib": traffic_gib(run_step(cfg, device, batcher))}
+    out = {}
+    out["traffic_lamo_1_gib"], out["traffic_lamo_1_matmul_gib"] = traffic_gib(
+        run_step(cfg, device, batcher))
     for R in sizes:
         free(device)
-        out[f"traffic_pack_lamo_{R}_gib"] = traffic_gib(pack_step(cfg, device, batcher, R)[1])
+        out[f"traffic_pack_lamo_{R}_gib"], out[f"traffic_pack_lamo_{R}_matmul_gib"] = (
+            traffic_gib(pack_step(cfg, device, batcher, R)[1]))
     first, last = min(sizes), max(sizes)
-    out["traffic_pack_lamo_gib_per_run"] = ((out[f"traffic_pack_lamo_{last}_gib"]
-                                             - out[f"traffic_pack_lamo_{first}_gib"])
-                                            / (last - first))
+    for part in ("", "_matmul"):       # what each run adds: the slope from the first to the last
+        gib = lambda R: out[f"traffic_pack_lamo_{R}{part}_gib"]
+        out[f"traffic_pack_lamo{part}_gib_per_run"] = (gib(last) - gib(first)) / (last - first)
     return out
 
 
@@ -719,7 +722,9 @@ def main(argv=None):
         rows += [("GiB a compiled LaMo step moves: alone / packs of 2 and 4",
                   f"{res['traffic_lamo_1_gib']:.1f} / {res['traffic_pack_lamo_2_gib']:.1f} / "
                   f"{res['traffic_pack_lamo_4_gib']:.1f}"),
-                 ("  each run of a pack adds", f"{res['traffic_pack_lamo_gib_per_run']:.2f}")]
+                 ("  each run of a pack adds", f"{res['traffic_pack_lamo_gib_per_run']:.2f}"),
+                 ("    of which matmuls (extern kernels; the rest is fused elementwise work)",
+                  f"{res['traffic_pack_lamo_matmul_gib_per_run']:.2f}")]
     if a.compiled:                          # --compile: LaMo alone and a pack
         bench_compiled(lamo_cfg, device, batcher, a.compiled, steps, res, save)
         rows += [(f"LaMo, --compile: run-steps/s, pack of {a.compiled}",

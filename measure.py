@@ -141,7 +141,7 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def traffic_gib(step) -> float:
+def traffic_gib(step) -> tuple[float, float]:
     """GiB that the kernels of step()'s compiled graphs read and write, forward and backward,
     each buffer once per kernel: inductor's own count (graph.count_bytes, which it runs when its
     "inductor_metrics" log is on) as it compiles them. A step whose kernels do fewer FLOP a byte
@@ -150,7 +150,9 @@ def traffic_gib(step) -> float:
     must compile (dynamo's and inductor's caches are bypassed here, and dynamo is reset: every
     function compiled before in this process compiles again); what runs eagerly (an optimizer,
     say) is not in it; and how much gets fused depends on the device's code generation (a CPU's
-    C++, a GPU's Triton), so another device's count is close, not equal."""
+    C++, a GPU's Triton), so another device's count is close, not equal. -> (GiB of all its
+    kernels, GiB of its extern kernels among them: the matmuls, which inductor hands to the BLAS
+    rather than generating, so the rest is what fusion decides)."""
     from torch._inductor import config, metrics
     log = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
     level = log.level
@@ -165,4 +167,5 @@ def traffic_gib(step) -> float:
         log.setLevel(level)
     if not metrics.num_bytes_accessed:
         raise RuntimeError("inductor counted no bytes: step() compiled nothing")
-    return metrics.num_bytes_accessed / 2**30
+    extern = sum(4 * n for node, n in metrics.nodes_num_elem if node.is_extern())  # bytes // 4
+    return metrics.num_bytes_accessed / 2**30, extern / 2**30

@@ -231,13 +231,20 @@ def test_measure_says_how_long_a_step_keeps_the_device_busy():
 
 def test_measure_counts_the_bytes_a_compiled_step_moves():
     """measure.traffic_gib: a compiled elementwise step over n fp32 numbers is one fused kernel
-    that reads them once and writes its result once, 2 n x 4 bytes, counted though the step was
+    that reads them once and writes its result once, 2 n x 4 bytes, none of them a matmul's; a
+    matmul's bytes are counted apart too; counted though the step was
     compiled (and cached) before (dynamo reset, the compile caches bypassed: else 0 and an
     error); a step that compiles nothing is an error, not 0."""
     x = torch.randn(1 << 20)
     step = torch.compile(lambda x: (x * 2 + 1).relu())
     step(x)                                            # compiled and cached, uncounted
-    assert measure.traffic_gib(lambda: step(x)) == 2 * x.numel() * 4 / 2**30
+    assert measure.traffic_gib(lambda: step(x)) == (2 * x.numel() * 4 / 2**30, 0.0)
+    # A matmul is an extern kernel (the BLAS's): its inputs and output, counted apart; its relu
+    # reads and writes the output again.
+    a, w = torch.randn(256, 128), torch.randn(128, 64)
+    mm = (256 * 128 + 128 * 64 + 256 * 64) * 4 / 2**30
+    assert measure.traffic_gib(torch.compile(lambda: (a @ w).relu())) == (
+        mm + 2 * 256 * 64 * 4 / 2**30, mm)
     with pytest.raises(RuntimeError, match="compiled nothing"):
         measure.traffic_gib(lambda: x * 2)
 
