@@ -166,10 +166,6 @@ def _download(url: str, dest: Path, local_hint: str, size: int | None, sha256: s
                 # RFC 9110: a 416 names the file's length as "Content-Range: bytes */N"
                 m = re.fullmatch(r"bytes \*/(\d+)", r.headers.get("Content-Range", ""))
                 total = int(m.group(1)) if m else None
-                if total is not None and have > total:
-                    part.unlink()
-                    raise LamoError(f"{part} held {have} bytes where {url} has {total}; removed "
-                                    f"it: run again")
             elif r.status_code not in (200, 206):
                 raise LamoError(f"download of {url} failed with HTTP {r.status_code}; {local_hint}")
             else:
@@ -193,10 +189,10 @@ def _download(url: str, dest: Path, local_hint: str, size: int | None, sha256: s
     if expected is not None and got < expected:           # the transfer ended early: keep the .part
         raise LamoError(f"download of {url} stopped at {got} of {expected} bytes; "
                         f"run again to resume from {part}")
-    if size is not None and got > size:
+    if expected is not None and got > expected:        # longer than the file: not worth keeping
         part.unlink()
-        raise LamoError(f"{url} gave {got} bytes, expected {size}; "
-                        f"removed it, run again or {local_hint}")
+        raise LamoError(f"{part} held {got} bytes where {url} has {expected}; removed it: run "
+                        f"again or {local_hint}")
     if sha256 is not None and (digest := sha256_of(part)) != sha256:
         part.unlink()
         raise LamoError(f"{url} has sha256 {digest[:16]}..., expected {sha256[:16]}...; "
